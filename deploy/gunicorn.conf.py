@@ -1,0 +1,20 @@
+"""gunicorn settings for the web process: `gunicorn -c deploy/gunicorn.conf.py "web:create_app()"`."""
+
+# gevent patches the standard library before anything else is imported, so
+# every socket (Redis, Postgres via psycopg's gevent support) yields.
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Each SSE stream is one greenlet; the relay holds one Redis connection per
+# process whatever this number.
+worker_connections = int(os.environ.get("WEB_WORKER_CONNECTIONS", "10000"))
+timeout = 30
+graceful_timeout = 20
+keepalive = 5
+accesslog = "-"

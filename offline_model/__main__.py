@@ -1,0 +1,39 @@
+"""Serve the offline model: python -m offline_model --port 8400 [--token-delay 0.02]."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+
+from gevent.pywsgi import WSGIServer  # noqa: E402
+
+from offline_model import Behaviour, create_app  # noqa: E402
+
+
+def main() -> None:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="python -m offline_model", description=__doc__)
+    parser.add_argument("--host", default=env("OFFLINE_MODEL_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(env("OFFLINE_MODEL_PORT", "8400")))
+    parser.add_argument("--first-token-delay", type=float, default=float(env("OFFLINE_MODEL_FIRST_TOKEN_DELAY", "0.2")))
+    parser.add_argument("--token-delay", type=float, default=float(env("OFFLINE_MODEL_TOKEN_DELAY", "0.03")))
+    parser.add_argument("--fault-rate", type=float, default=float(env("OFFLINE_MODEL_FAULT_RATE", "0")))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    behaviour = Behaviour(
+        first_token_delay=args.first_token_delay,
+        token_delay=args.token_delay,
+        fault_rate=args.fault_rate,
+        seed=args.seed,
+    )
+    logging.basicConfig(level=logging.WARNING)
+    server = WSGIServer((args.host, args.port), create_app(behaviour), log=None)
+    print(f"offline model on http://{args.host}:{args.port}/v1", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

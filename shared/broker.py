@@ -1,0 +1,36 @@
+"""The Celery app both tiers use, and the thin functions that send work.
+
+The web tier sends tasks by name through this module and never imports the
+worker's code; the worker registers its tasks on the same app (tasks/).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from celery import Celery
+
+RUN_TURN = "tasks.run_turn"
+ADVANCE_REPLAY = "tasks.advance_replay"
+
+
+@functools.cache
+def get_celery() -> Celery:
+    """Built on first use; celeryconfig.py is read lazily by Celery itself."""
+    app = Celery("turnstream")
+    app.config_from_object("celeryconfig")
+    return app
+
+
+def send_turn(turn_id: str) -> None:
+    """Send a turn to the workers. Call only after its row has committed."""
+    get_celery().send_task(RUN_TURN, args=[turn_id])
+
+
+def send_replay_advance(replay_id: str) -> None:
+    get_celery().send_task(ADVANCE_REPLAY, args=[replay_id])
+
+
+def revoke(task_ids: list[str]) -> None:
+    if task_ids:
+        get_celery().control.revoke(task_ids)

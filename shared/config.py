@@ -1,0 +1,226 @@
+"""Configuration: read the environment once, validate it, fail with a sentence.
+
+Nothing here runs at import time. `get_settings()` reads `os.environ` on first
+use and caches the result for the life of the process; `Settings.from_env()`
+takes any mapping so tests can build settings without touching the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+# The offline model server that ships with the project (offline_model/).
+OFFLINE_MODEL_NAME = "turnstream-offline"
+LOCAL_MODEL_URL = "http://127.0.0.1:8400/v1"
+LOCAL_DATABASE_URL = "postgresql://turnstream@127.0.0.1:5433/turnstream"
+LOCAL_REDIS_URL = "redis://127.0.0.1:6380/0"
+
+
+class ConfigError(SystemExit):
+    """A missing or malformed setting. Exits the process with its message."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str
+    database_url: str
+    redis_url: str
+    redis_prefix: str
+    openai_base_url: str
+    openai_api_key: str
+    openai_model: str
+    openai_max_retries: int
+    openai_timeout: float
+    mcp_servers: dict[str, Any]
+    secret_key: str
+    auth_enabled: bool
+    port: int
+    web_concurrency: int
+    worker_concurrency: int
+    flower_basic_auth: str | None
+    allowed_origins: tuple[str, ...]
+    max_body_bytes: int
+    max_message_chars: int
+    chat_wait_seconds: float
+    event_log_maxlen: int
+    event_log_ttl: int
+    sse_ping_seconds: float
+    max_attempts: int
+    stale_queued_seconds: int
+
+    @property
+    def offline_model(self) -> bool:
+        """True when the bundled offline model is the one answering."""
+        return self.openai_model == OFFLINE_MODEL_NAME
+
+    @property
+    def broker_url(self) -> str:
+        return _celery_redis_url(self.redis_url)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        r = _Reader(environ)
+        env = r.choice("TURNSTREAM_ENV", ("development", "production"), "development")
+        production = env == "production"
+        secret_key = r.str("SECRET_KEY", None if production else "")
+        if not secret_key:
+            # Development only: a per-process key means cookies do not survive
+            # a restart, which is acceptable on a laptop and never in production.
+            secret_key = secrets.token_hex(32)
+        auth = r.choice("AUTH", ("on", "off"), "on" if production else "off")
+        if production and auth == "off":
+            raise ConfigError("AUTH=off is refused when TURNSTREAM_ENV=production: API keys are required.")
+        settings = cls(
+            env=env,
+            database_url=_sqlalchemy_url(r.str("DATABASE_URL", LOCAL_DATABASE_URL), "DATABASE_URL"),
+            redis_url=_redis_url(r.str("REDIS_URL", LOCAL_REDIS_URL)),
+            redis_prefix=r.str("REDIS_PREFIX", "ts:"),
+            openai_base_url=r.str("OPENAI_BASE_URL", LOCAL_MODEL_URL).rstrip("/"),
+            openai_api_key=r.str("OPENAI_API_KEY", "offline"),
+            openai_model=r.str("OPENAI_MODEL", OFFLINE_MODEL_NAME),
+            openai_max_retries=r.int("OPENAI_MAX_RETRIES", 3, lo=0, hi=20),
+            openai_timeout=r.float("OPENAI_TIMEOUT", 60.0, lo=0.1),
+            mcp_servers=_mcp_servers(r.str("MCP_SERVERS", "")),
+            secret_key=secret_key,
+            auth_enabled=auth == "on",
+            port=r.int("PORT", 8000, lo=1, hi=65535),
+            web_concurrency=r.int("WEB_CONCURRENCY", 2, lo=1, hi=64),
+            worker_concurrency=r.int("WORKER_CONCURRENCY", 8, lo=1, hi=1000),
+            flower_basic_auth=r.str("FLOWER_BASIC_AUTH", "") or None,
+            allowed_origins=tuple(o for o in r.str("ALLOWED_ORIGINS", "").split(",") if o.strip()),
+            max_body_bytes=r.int("MAX_BODY_BYTES", 256 * 1024, lo=1024),
+            max_message_chars=r.int("MAX_MESSAGE_CHARS", 32_000, lo=1),
+            chat_wait_seconds=r.float("CHAT_WAIT_SECONDS", 30.0, lo=0.0),
+            event_log_maxlen=r.int("EVENT_LOG_MAXLEN", 10_000, lo=10),
+            event_log_ttl=r.int("EVENT_LOG_TTL", 3600, lo=1),
+            sse_ping_seconds=r.float("SSE_PING_SECONDS", 15.0, lo=0.05),
+            max_attempts=r.int("TURN_MAX_ATTEMPTS", 3, lo=1, hi=100),
+            stale_queued_seconds=r.int("STALE_QUEUED_SECONDS", 60, lo=1),
+        )
+        if production and settings.flower_basic_auth is None:
+            raise ConfigError("FLOWER_BASIC_AUTH is required when TURNSTREAM_ENV=production (user:password).")
+        return settings
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use."""
+    return Settings.from_env(os.environ)
+
+
+class _Reader:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+
+    def str(self, name: str, default: str | None) -> str:
+        value = self.environ.get(name)
+        if value is None or value == "":
+            if default is None:
+                raise ConfigError(f"{name} is required but not set.")
+            return default
+        return value.strip()
+
+    def choice(self, name: str, options: tuple[str, ...], default: str) -> str:
+        value = self.str(name, default).lower()
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}; got {value!r}.")
+        return value
+
+    def int(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+        raw = self.str(name, str(default))
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number; got {raw!r}.") from None
+        _check_range(name, value, lo, hi)
+        return value
+
+    def float(self, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
+        raw = self.str(name, str(default))
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number; got {raw!r}.") from None
+        _check_range(name, value, lo, hi)
+        return value
+
+
+def _check_range(name: str, value: float, lo: float | None, hi: float | None) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{name} must be between {lo} and {hi}; got {value}.")
+
+
+def _sqlalchemy_url(url: str, name: str) -> str:
+    """Accept the URL as platforms hand it out and pick the psycopg 3 driver."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not rest:
+        raise ConfigError(f"{name} must be a URL such as postgres://user:pass@host:5432/db; got {url!r}.")
+    if scheme in ("postgres", "postgresql", "postgresql+psycopg"):
+        return f"postgresql+psycopg://{rest}"
+    raise ConfigError(f"{name} must be a postgres:// or postgresql:// URL; got scheme {scheme!r}.")
+
+
+def _redis_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
+        raise ConfigError(f"REDIS_URL must be a redis:// or rediss:// URL; got {url!r}.")
+    return url
+
+
+def _celery_redis_url(url: str) -> str:
+    """Celery's Redis transport wants ssl_cert_reqs spelled out for rediss://.
+
+    Heroku-style rediss:// URLs carry no such parameter; default to verifying
+    certificates unless the URL says otherwise.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return url
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("ssl_cert_reqs", "required")
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _mcp_servers(raw: str) -> dict[str, Any]:
+    """MCP_SERVERS: JSON, or the path of a JSON or YAML file, in the common
+    `{"mcpServers": {...}}` shape (the outer key may be left out)."""
+    if not raw:
+        return {}
+    text = raw
+    if not raw.lstrip().startswith("{"):
+        path = Path(raw)
+        if not path.is_file():
+            raise ConfigError(f"MCP_SERVERS must be JSON or the path of a JSON or YAML file; {raw!r} is neither.")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"MCP_SERVERS file {raw} is not valid YAML: {exc}.") from None
+            return _mcp_shape(data)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"MCP_SERVERS is not valid JSON: {exc}.") from None
+    return _mcp_shape(data)
+
+
+def _mcp_shape(data: Any) -> dict[str, Any]:
+    if isinstance(data, dict) and "mcpServers" in data:
+        data = data["mcpServers"]
+    if not isinstance(data, dict):
+        raise ConfigError("MCP_SERVERS must map server names to {command, args, env} or {url, headers}.")
+    for name, server in data.items():
+        if not isinstance(server, dict) or not ({"command", "url"} & server.keys()):
+            raise ConfigError(f"MCP_SERVERS: server {name!r} needs a 'command' (stdio) or a 'url' (HTTP).")
+    return data

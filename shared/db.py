@@ -1,0 +1,64 @@
+"""Database engine and sessions, built once per process on first use."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.config import get_settings
+
+
+@functools.cache
+def get_engine() -> Engine:
+    settings = get_settings()
+    return create_engine(
+        settings.database_url,
+        pool_pre_ping=True,
+        # A worker thread holds a connection only between model calls, so a
+        # small pool serves many concurrent turns.
+        pool_size=5,
+        max_overflow=20,
+        pool_timeout=10,
+        connect_args={"connect_timeout": 5},
+    )
+
+
+@functools.cache
+def _sessionmaker() -> sessionmaker[Session]:
+    return sessionmaker(get_engine(), expire_on_commit=False)
+
+
+@contextmanager
+def db_session() -> Iterator[Session]:
+    """A session that commits on success, rolls back on error, and always
+    returns its connection to the pool on exit."""
+    session = _sessionmaker()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def after_commit(session: Session, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+    """Run fn(*args) once the session's transaction has committed, and never if
+    it rolls back. This is how tasks are sent: a worker must find the row."""
+    session.info.setdefault("after_commit", []).append((fn, args, kwargs))
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    for fn, args, kwargs in session.info.pop("after_commit", []):
+        fn(*args, **kwargs)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop("after_commit", None)

@@ -1,0 +1,150 @@
+"""Database models (SQLAlchemy 2). Postgres is the source of truth.
+
+The schema itself is made by Alembic (shared/migrations); these classes must
+match it, and tests run the migrations, never `create_all`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import DateTime, Uuid
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {
+        str: String,
+        datetime: DateTime(timezone=True),
+        dict[str, Any]: JSONB,
+    }
+
+
+def _id() -> Mapped[str]:
+    return mapped_column(Uuid(as_uuid=False), primary_key=True, default=new_id)
+
+
+def _fk(target: str, ondelete: str = "CASCADE", nullable: bool = False) -> Mapped[Any]:
+    return mapped_column(Uuid(as_uuid=False), ForeignKey(target, ondelete=ondelete), nullable=nullable, index=True)
+
+
+def _now() -> Mapped[datetime]:
+    return mapped_column(server_default=func.now())
+
+
+class Owner(Base):
+    __tablename__ = "owners"
+    id: Mapped[str] = _id()
+    name: Mapped[str] = mapped_column(unique=True)
+    created_at: Mapped[datetime] = _now()
+
+
+class ApiKey(Base):
+    """An API key. Only its SHA-256 is stored: keys are 256-bit random, so a
+    fast hash is enough (no dictionary to guard against), and lookup is one
+    indexed equality."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = _id()
+    owner_id: Mapped[str] = _fk("owners.id")
+    name: Mapped[str]
+    key_hash: Mapped[str] = mapped_column(unique=True)
+    created_at: Mapped[datetime] = _now()
+
+
+class ChatSession(Base):
+    __tablename__ = "sessions"
+    id: Mapped[str] = _id()
+    owner_id: Mapped[str] = _fk("owners.id")
+    title: Mapped[str | None]
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=text("'{}'::jsonb"))
+    # Turns accepted so far; the next turn's number. Bumped under the row lock
+    # that also serialises turn submission against turn completion.
+    turn_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (Index("ix_sessions_owner_created", "owner_id", "created_at", "id"),)
+
+
+class Turn(Base):
+    __tablename__ = "turns"
+    id: Mapped[str] = _id()
+    session_id: Mapped[str] = _fk("sessions.id")
+    owner_id: Mapped[str] = _fk("owners.id")
+    number: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(server_default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    idempotency_key: Mapped[str | None]
+    request_hash: Mapped[str | None]
+    model: Mapped[str | None]
+    answer: Mapped[str | None] = mapped_column(Text)
+    usage: Mapped[dict[str, Any] | None]
+    tools: Mapped[list[Any] | None] = mapped_column(JSONB)
+    error: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = _now()
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("session_id", "number"),
+        UniqueConstraint("owner_id", "idempotency_key"),
+        Index("ix_turns_status_created", "status", "created_at"),
+    )
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    id: Mapped[str] = _id()
+    session_id: Mapped[str] = _fk("sessions.id")
+    turn_id: Mapped[str] = _fk("turns.id")
+    role: Mapped[str]
+    content: Mapped[str] = mapped_column(Text)
+    tool_calls: Mapped[list[Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        # One question and at most one answer per turn, whatever retries do.
+        Index("uq_messages_turn_role", "turn_id", "role", unique=True),
+    )
+
+
+class Replay(Base):
+    __tablename__ = "replays"
+    id: Mapped[str] = _id()
+    owner_id: Mapped[str] = _fk("owners.id")
+    concurrency: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None]
+
+
+class ReplayItem(Base):
+    __tablename__ = "replay_items"
+    id: Mapped[str] = _id()
+    replay_id: Mapped[str] = _fk("replays.id")
+    index: Mapped[int] = mapped_column(Integer)
+    message: Mapped[str] = mapped_column(Text)
+    session_id: Mapped[str | None] = _fk("sessions.id", ondelete="SET NULL", nullable=True)
+    turn_id: Mapped[str | None] = _fk("turns.id", ondelete="SET NULL", nullable=True)
+
+    __table_args__ = (UniqueConstraint("replay_id", "index"),)

@@ -1,0 +1,17 @@
+"""The replay task: start the next questions of a batch."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from shared.broker import ADVANCE_REPLAY
+from shared.db import db_session
+from shared.replays import advance
+from tasks.turn import TurnstreamTask
+
+
+@shared_task(name=ADVANCE_REPLAY, base=TurnstreamTask)
+def advance_replay(replay_id: str) -> None:
+    """Idempotent: it starts only what the replay's concurrency allows."""
+    with db_session() as db:
+        advance(db, replay_id)

@@ -1,0 +1,144 @@
+"""Start the real services the tests (and benchmarks) run against."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not come up in {timeout}s: {last}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Proc:
+    """A child process with its output in a log file, stopped on exit."""
+
+    def __init__(self, name: str, args: list[str], logdir: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = logdir / f"{name}.log"
+        self.env = env
+        self.popen: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def stop(self, sig: int = 15, timeout: float = 15) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.popen.pid, sig)
+            self.popen.wait(timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.popen.pid, 9)
+            self.popen.wait(5)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_postgres(workdir: Path, logdir: Path) -> tuple[Proc, int]:
+    port = free_port()
+    proc = Proc(
+        "postgres",
+        [
+            "bash",
+            "deploy/postgres.sh",
+            str(workdir / "pg"),
+            str(port),
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=300",
+        ],
+        logdir,
+    )
+    wait_until(lambda: port_open(port), 60, "Postgres")
+    return proc, port
+
+
+def start_redis(workdir: Path, logdir: Path) -> tuple[Proc, int]:
+    port = free_port()
+    proc = Proc("redis", ["bash", "deploy/redis.sh", str(workdir / "redis"), str(port)], logdir)
+    wait_until(lambda: port_open(port), 30, "Redis")
+    return proc, port
+
+
+def start_model(logdir: Path, *extra: str) -> tuple[Proc, int]:
+    port = free_port()
+    proc = Proc("model", [sys.executable, "-m", "offline_model", "--port", str(port), *extra], logdir)
+    wait_until(lambda: port_open(port), 30, "offline model")
+    return proc, port
+
+
+def start_worker(logdir: Path, env: dict[str, str], name: str = "worker", concurrency: int = 8) -> Proc:
+    return Proc(
+        name,
+        [
+            str(VENV_BIN / "celery"),
+            "-A",
+            "tasks",
+            "worker",
+            "-P",
+            "threads",
+            "-c",
+            str(concurrency),
+            "-E",
+            "--without-mingle",
+            "--without-gossip",
+            "-n",
+            f"{name}@%h",
+            "--loglevel",
+            "INFO",
+        ],
+        logdir,
+        env,
+    )
+
+
+def start_gunicorn(logdir: Path, env: dict[str, str], workers: int = 1) -> tuple[Proc, int]:
+    port = free_port()
+    proc = Proc(
+        "gunicorn",
+        [str(VENV_BIN / "gunicorn"), "-c", "deploy/gunicorn.conf.py", "-w", str(workers), "web:create_app()"],
+        logdir,
+        {**env, "PORT": str(port)},
+    )
+    wait_until(lambda: port_open(port), 30, "gunicorn")
+    return proc, port

@@ -1,0 +1,150 @@
+"""One chat turn end to end: web -> Postgres -> Celery -> model -> Redis -> Postgres."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from shared.db import db_session
+from shared.events import EventLog
+from shared.models import Message
+from tests.conftest import wait_turn
+
+
+def _session(client, owner) -> str:
+    return client.post("/api/sessions", json={"title": "t"}, headers=owner).get_json()["id"]
+
+
+def test_turn_streams_deltas_that_concatenate_to_the_stored_answer(client, owner):
+    sid = _session(client, owner)
+    response = client.post(f"/api/sessions/{sid}/turns", json={"message": "hello there"}, headers=owner)
+    assert response.status_code == 202
+    turn = response.get_json()
+    assert turn["status"] == "queued" and turn["events_url"] == f"/api/turns/{turn['id']}/events"
+
+    done = wait_turn(client, owner, turn["id"])
+    assert done["status"] == "succeeded", done
+    assert done["answer"].startswith('You said: "hello there".')
+    assert done["usage"]["completion_tokens"] > 0 and done["attempts"] == 1
+
+    events = EventLog("turn", turn["id"]).read_after(0)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events[0].type == "turn.started" and events[-1].type == "turn.completed"
+    assert "".join(e.data["delta"] for e in events if e.type == "message.delta") == done["answer"]
+    assert all(e.data["turn_id"] == turn["id"] for e in events)
+
+    with db_session() as db:
+        answers = db.scalar(
+            select(func.count()).select_from(Message).where(Message.turn_id == turn["id"], Message.role == "assistant")
+        )
+    assert answers == 1
+
+
+def test_second_turn_answer_shows_the_model_saw_the_first(client, owner):
+    sid = _session(client, owner)
+    first = client.post(f"/api/sessions/{sid}/turns", json={"message": "my name is Ada"}, headers=owner).get_json()
+    second = client.post(f"/api/sessions/{sid}/turns", json={"message": "what is my name?"}, headers=owner).get_json()
+    assert wait_turn(client, owner, first["id"])["status"] == "succeeded"
+    done = wait_turn(client, owner, second["id"])
+    assert 'Before that you said: "my name is Ada".' in done["answer"]
+    assert "This is message 2 of our conversation." in done["answer"]
+
+    messages = client.get(f"/api/sessions/{sid}/messages", headers=owner).get_json()["items"]
+    assert [(m["role"], m["turn_id"]) for m in messages] == [
+        ("user", first["id"]),
+        ("assistant", first["id"]),
+        ("user", second["id"]),
+        ("assistant", second["id"]),
+    ]
+    assert client.get(f"/api/sessions/{sid}", headers=owner).get_json()["message_count"] == 4
+
+
+def test_turns_of_one_session_run_one_at_a_time_in_order(client, owner):
+    sid = _session(client, owner)
+    ids = [
+        client.post(f"/api/sessions/{sid}/turns", json={"message": f"q{i} [[delay=0.01]]"}, headers=owner).get_json()[
+            "id"
+        ]
+        for i in range(4)
+    ]
+    turns = [wait_turn(client, owner, t) for t in ids]
+    assert all(t["status"] == "succeeded" for t in turns)
+    for earlier, later in zip(turns, turns[1:], strict=False):
+        assert earlier["finished_at"] <= later["started_at"], (earlier, later)
+    # each answer quotes the question before it: the history was complete and ordered
+    for i, t in enumerate(turns[1:], 1):
+        assert f'Before that you said: "q{i - 1}".' in t["answer"]
+
+
+def test_multitask_reject_answers_409_while_a_turn_runs(client, owner):
+    sid = _session(client, owner)
+    running = client.post(f"/api/sessions/{sid}/turns", json={"message": "slow [[delay=0.05]]"}, headers=owner)
+    rejected = client.post(
+        f"/api/sessions/{sid}/turns", json={"message": "again", "multitask": "reject"}, headers=owner
+    )
+    assert rejected.status_code == 409
+    assert rejected.get_json()["error"]["code"] == "conflict"
+    wait_turn(client, owner, running.get_json()["id"])
+    messages = client.get(f"/api/sessions/{sid}/messages", headers=owner).get_json()["items"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["slow [[delay=0.05]]"]
+
+
+def test_idempotency_key_returns_the_same_turn_and_rejects_another_body(client, owner):
+    sid = _session(client, owner)
+    headers = {**owner, "Idempotency-Key": "abc-1"}
+    first = client.post(f"/api/sessions/{sid}/turns", json={"message": "once"}, headers=headers)
+    again = client.post(f"/api/sessions/{sid}/turns", json={"message": "once"}, headers=headers)
+    other = client.post(f"/api/sessions/{sid}/turns", json={"message": "twice"}, headers=headers)
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.get_json()["id"] == first.get_json()["id"]
+    assert other.status_code == 409
+    wait_turn(client, owner, first.get_json()["id"])
+    assert client.get(f"/api/sessions/{sid}", headers=owner).get_json()["message_count"] == 2
+
+
+def test_cancel_a_queued_turn_never_runs_it_and_the_next_one_still_runs(client, owner):
+    sid = _session(client, owner)
+    slow = client.post(f"/api/sessions/{sid}/turns", json={"message": "slow [[delay=0.02]]"}, headers=owner)
+    queued = client.post(f"/api/sessions/{sid}/turns", json={"message": "skip me"}, headers=owner).get_json()
+    after = client.post(f"/api/sessions/{sid}/turns", json={"message": "after"}, headers=owner).get_json()
+    response = client.post(f"/api/turns/{queued['id']}/cancel", headers=owner)
+    assert response.status_code == 202 and response.get_json()["status"] == "cancelled"
+    assert wait_turn(client, owner, slow.get_json()["id"])["status"] == "succeeded"
+    done = wait_turn(client, owner, after["id"])
+    assert done["status"] == "succeeded"
+    assert wait_turn(client, owner, queued["id"])["attempts"] == 0
+    assert [e.type for e in EventLog("turn", queued["id"]).read_after(0)] == ["turn.cancelled"]
+    # cancelling a finished turn is a no-op answering 200
+    assert client.post(f"/api/turns/{after['id']}/cancel", headers=owner).status_code == 200
+
+
+def test_cancel_a_running_turn_stops_it_and_keeps_the_partial_text(client, owner):
+    sid = _session(client, owner)
+    turn = client.post(
+        f"/api/sessions/{sid}/turns", json={"message": "long [[tokens=400]] [[delay=0.02]]"}, headers=owner
+    ).get_json()
+    log = EventLog("turn", turn["id"])
+    import time
+
+    deadline = time.monotonic() + 10
+    while not any(e.type == "message.delta" for e in log.read_after(0)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.post(f"/api/turns/{turn['id']}/cancel", headers=owner).status_code == 202
+    done = wait_turn(client, owner, turn["id"])
+    assert done["status"] == "cancelled"
+    assert 0 < done["usage"]["completion_tokens"] or done["answer"]
+    events = log.read_after(0)
+    assert events[-1].type == "turn.cancelled"
+    deltas = "".join(e.data["delta"] for e in events if e.type == "message.delta")
+    assert done["answer"] == deltas and len(deltas.split()) < 400
+
+
+def test_model_error_fails_the_turn_with_a_clear_code(client, owner):
+    sid = _session(client, owner)
+    turn = client.post(f"/api/sessions/{sid}/turns", json={"message": "boom [[fault=500]]"}, headers=owner).get_json()
+    done = wait_turn(client, owner, turn["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "model_unavailable"
+    events = EventLog("turn", turn["id"]).read_after(0)
+    assert events[-1].type == "turn.failed" and events[-1].data["error"]["code"] == "model_unavailable"
+    messages = client.get(f"/api/sessions/{sid}/messages", headers=owner).get_json()["items"]
+    assert [m["role"] for m in messages] == ["user"]

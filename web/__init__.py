@@ -1,0 +1,58 @@
+"""The web tier: `web.create_app()` (gunicorn `"web:create_app()"`, `flask --app web`)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from flask import Flask
+
+from shared.config import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the Flask app. Reads settings (and fails fast on bad ones); opens
+    no connection: engines, Redis clients and the relay start on first use."""
+    from shared.redis import get_redis
+    from web import auth, cli, health, page, replays, sessions, turns
+    from web.errors import register_error_handlers
+    from web.relay import Relay
+
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.env == "production",
+        PERMANENT_SESSION_LIFETIME=timedelta(days=7),
+        JSON_SORT_KEYS=False,
+    )
+    app.json.sort_keys = False
+    app.extensions["turnstream.settings"] = settings
+    app.extensions["turnstream.relay"] = Relay(get_redis)
+    register_error_handlers(app)
+    app.before_request(auth.authenticate)
+    for module in (auth, cli, health, page, replays, sessions, turns):
+        app.register_blueprint(module.bp)
+    if settings.allowed_origins:
+        _allow_origins(app, settings.allowed_origins)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return app
+
+
+def _allow_origins(app: Flask, origins: tuple[str, ...]) -> None:
+    from flask import request
+
+    @app.after_request
+    def _cors(response):
+        origin = request.headers.get("Origin")
+        if origin in origins:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Headers"] = (
+                "Authorization, X-API-Key, Content-Type, Idempotency-Key, Last-Event-ID"
+            )
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+            response.headers["Vary"] = "Origin"
+        return response

@@ -1,0 +1,107 @@
+"""Operator commands: `flask --app web db upgrade | keys create | replay`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from flask import Blueprint
+from tqdm import tqdm
+
+from shared.db import db_session
+from shared.models import TERMINAL, Replay
+from shared.replays import create_replay, item_rows, summary
+
+bp = Blueprint("cli", __name__, cli_group=None)
+
+
+@bp.cli.group("db")
+def db_group() -> None:
+    """Database schema."""
+
+
+@db_group.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply Alembic migrations (the Procfile's release step)."""
+    from shared.migrate import upgrade
+
+    upgrade(revision)
+    click.echo(f"database at {revision}")
+
+
+@bp.cli.group("keys")
+def keys_group() -> None:
+    """API keys."""
+
+
+@keys_group.command("create")
+@click.argument("name")
+@click.option("--label", default="default", help="A name for this key, to tell keys apart.")
+def keys_create(name: str, label: str) -> None:
+    """Create an API key for owner NAME and print it once (only a hash is kept)."""
+    from web.auth import create_key
+
+    click.echo(create_key(name, label))
+
+
+@bp.cli.command("replay")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--owner", default="local", show_default=True, help="Owner the sessions belong to.")
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 100))
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait for the whole batch.")
+def replay(file: Path, out: Path, owner: str, concurrency: int, timeout: float) -> None:
+    """Submit one turn per line of FILE (JSON: {"message", "session_id"?}),
+    show progress, write one result line per question to --out. Exits 1 if
+    any question failed, 2 if the batch did not finish in time."""
+    from web.auth import get_or_create_owner
+    from web.replays import result_line
+
+    questions = _read_questions(file)
+    with db_session() as db:
+        owner_id = get_or_create_owner(db, owner).id
+        replay_id = create_replay(db, owner_id, questions, concurrency).id
+    click.echo(f"replay {replay_id}: {len(questions)} questions", err=True)
+    deadline = time.monotonic() + timeout
+    with tqdm(total=len(questions), unit="q", file=sys.stderr) as bar:
+        while True:
+            with db_session() as db:
+                state = summary(db.get(Replay, replay_id), rows := item_rows(db, replay_id))
+            done = state["succeeded"] + state["failed"]
+            bar.update(done - bar.n)
+            bar.set_postfix(failed=state["failed"])
+            if state["status"] == "finished" or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+    with out.open("w") as fh:
+        for item, turn in rows:
+            fh.write(json.dumps(result_line(item, turn)) + "\n")
+    unfinished = sum(1 for _item, turn in rows if turn is None or turn.status not in TERMINAL)
+    click.echo(f"{state['succeeded']} succeeded, {state['failed']} failed, {unfinished} unfinished -> {out}", err=True)
+    if unfinished:
+        sys.exit(2)
+    if state["failed"]:
+        sys.exit(1)
+
+
+def _read_questions(file: Path) -> list[dict]:
+    questions = []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"line {n} is not JSON: {exc}", param_hint="FILE") from None
+        if isinstance(data, str):
+            data = {"message": data}
+        if not isinstance(data, dict) or not isinstance(data.get("message"), str) or not data["message"].strip():
+            raise click.BadParameter(f'line {n} needs a non-empty "message"', param_hint="FILE")
+        questions.append({"message": data["message"].strip(), "session_id": data.get("session_id")})
+    if not questions:
+        raise click.BadParameter("the file holds no questions", param_hint="FILE")
+    return questions

@@ -1,0 +1,80 @@
+"""Errors in the one documented shape, registered as handlers on the app."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, details: dict[str, Any] | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code or _CODES.get(status, "error")
+        self.message = message
+        self.details = details
+
+
+def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None):
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    response = jsonify({"error": body})
+    response.status_code = status
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.before_request
+    def _request_id() -> None:
+        g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+
+    @app.after_request
+    def _echo_request_id(response):
+        response.headers.setdefault("X-Request-ID", g.get("request_id", ""))
+        return response
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        status = exc.code or 500
+        message = {
+            404: "no such resource",
+            405: f"method {request.method} is not allowed here",
+            413: "request body is too large",
+        }.get(status, exc.description or exc.name)
+        return error_response(status, _CODES.get(status, "error"), message)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from sqlalchemy.exc import OperationalError
+
+        if isinstance(exc, (RedisConnectionError, OperationalError)):
+            log.warning("dependency unavailable: %s", exc)
+            return error_response(503, "unavailable", "a dependency (database or Redis) is unavailable")
+        log.exception("unhandled error (request %s)", g.get("request_id"))
+        return error_response(500, "internal_error", "unexpected error", {"request_id": g.get("request_id")})

@@ -1,0 +1,207 @@
+"""The SSE relay: one Pub/Sub connection per web process, shared by every
+stream of that process.
+
+One reader (a greenlet under gunicorn's gevent worker; a thread elsewhere)
+owns the connection. Streams register a bounded queue per channel;
+SUBSCRIBE/UNSUBSCRIBE are reference-counted. The reader never blocks: a
+stream whose queue is full is marked overflowed and ends, and its client
+resumes from the event log with Last-Event-ID.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import redis
+
+from shared.events import Event, EventLog
+from shared.models import TERMINAL
+
+# Snapshot statuses after which nothing more will come (turns; replays).
+FINISHED = frozenset(TERMINAL) | {"finished"}
+
+log = logging.getLogger(__name__)
+
+QUEUE_SIZE = 1000
+
+
+class Subscription:
+    __slots__ = ("channel", "queue", "overflowed")
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.queue: queue.Queue[bytes] = queue.Queue(maxsize=QUEUE_SIZE)
+        self.overflowed = False
+
+
+class Relay:
+    def __init__(self, client_factory: Callable[[], redis.Redis]) -> None:
+        self._client_factory = client_factory
+        self._lock = threading.Lock()
+        self._subs: dict[str, set[Subscription]] = {}
+        self._confirmed: dict[str, threading.Event] = {}
+        self._pubsub: redis.client.PubSub | None = None
+        self._reader: threading.Thread | None = None
+
+    def subscribe(self, channel: str, timeout: float = 5.0) -> Subscription:
+        """Register a stream; returns once Redis confirmed the subscription,
+        so every event published from now on reaches the queue."""
+        sub = Subscription(channel)
+        with self._lock:
+            self._ensure_reader()
+            subs = self._subs.setdefault(channel, set())
+            subs.add(sub)
+            if len(subs) == 1:
+                self._confirmed[channel] = threading.Event()
+                self._pubsub.subscribe(channel)
+            confirmed = self._confirmed[channel]
+        if not confirmed.wait(timeout):
+            self.unsubscribe(sub)
+            raise redis.exceptions.ConnectionError("Redis did not confirm the subscription")
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            subs = self._subs.get(sub.channel)
+            if subs is None:
+                return
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.channel]
+                self._confirmed.pop(sub.channel, None)
+                try:
+                    self._pubsub.unsubscribe(sub.channel)
+                except redis.exceptions.RedisError:
+                    log.warning("unsubscribe from %s failed; the reader resubscribes what is live", sub.channel)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"channels": len(self._subs), "streams": sum(len(s) for s in self._subs.values())}
+
+    def _ensure_reader(self) -> None:
+        if self._reader is not None:
+            return
+        self._pubsub = self._client_factory().pubsub()
+        self._reader = threading.Thread(target=self._run, name="relay-reader", daemon=True)
+        self._reader.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._read()
+            except redis.exceptions.RedisError as exc:
+                log.warning("relay lost Redis (%s); reconnecting", exc)
+                time.sleep(0.5)
+                self._resubscribe()
+
+    def _read(self) -> None:
+        while True:
+            message = self._pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            kind = message["type"]
+            channel = message["channel"].decode()
+            if kind == "message":
+                for sub in tuple(self._subs.get(channel, ())):
+                    try:
+                        sub.queue.put_nowait(message["data"])
+                    except queue.Full:
+                        sub.overflowed = True
+            elif kind == "subscribe":
+                confirmed = self._confirmed.get(channel)
+                if confirmed is not None:
+                    confirmed.set()
+
+    def _resubscribe(self) -> None:
+        with self._lock:
+            try:
+                self._pubsub.reset()
+            except redis.exceptions.RedisError:
+                pass
+            self._pubsub = self._client_factory().pubsub()
+            channels = list(self._subs)
+            if channels:
+                try:
+                    self._pubsub.subscribe(*channels)
+                except redis.exceptions.RedisError as exc:
+                    log.warning("resubscribe failed: %s", exc)
+            # Streams notice missed events on their next idle check (they
+            # re-read the log after their last seq), so nothing is lost.
+
+
+def frame(event: Event) -> str:
+    """One SSE message. Synthetic events (seq 0: accepted, snapshot) carry no
+    id, so they never move the client's Last-Event-ID."""
+    if event.seq == 0:
+        return f"event: {event.type}\ndata: {event.raw}\n\n"
+    return f"event: {event.type}\nid: {event.seq}\ndata: {event.raw}\n\n"
+
+
+def relay_events(
+    relay: Relay,
+    events: EventLog,
+    after: int,
+    ping_seconds: float,
+    snapshot: Callable[[], Event | None],
+) -> Iterator[str]:
+    """Yield SSE frames after `after` until the terminal event.
+
+    Subscribe first, then read the backlog from the stream, then drain live
+    events skipping any seq already sent: no gap and no duplicate. When idle
+    (every ping), re-read the stream after the last seq sent, so an event lost
+    in Pub/Sub is still delivered; if the log is gone, `snapshot()` supplies
+    the state from Postgres.
+    """
+    sub = relay.subscribe(events.channel)
+    try:
+        yield "retry: 2000\n\n"
+        last = after
+        backlog = events.read_after(last)
+        if (backlog and backlog[0].seq > last + 1) or (not backlog and events.last_seq() < max(last, 1)):
+            # Events after `last` are no longer held (trimmed, expired, lost):
+            # say so explicitly with the state from Postgres.
+            snap = snapshot()
+            finished = snap is not None and snap.data["status"] in FINISHED
+            if snap is not None and (finished or last > 0 or backlog):
+                yield frame(snap)
+            if finished:
+                return
+        for event in backlog:
+            yield frame(event)
+            last = event.seq
+            if event.terminal:
+                return
+        while True:
+            try:
+                raw = sub.queue.get(timeout=ping_seconds)
+            except queue.Empty:
+                yield ": ping\n\n"
+                missed = events.read_after(last)
+                if not missed and events.last_seq() == 0:
+                    snap = snapshot()
+                    if snap is not None and snap.data["status"] in FINISHED:
+                        yield frame(snap)
+                        return
+                for event in missed:
+                    yield frame(event)
+                    last = event.seq
+                    if event.terminal:
+                        return
+                continue
+            if sub.overflowed:
+                return  # the client reconnects and resumes from the log
+            event = Event.parse(raw)
+            if event.seq <= last:
+                continue
+            pending = [event] if event.seq == last + 1 else events.read_after(last)
+            for event in pending:
+                yield frame(event)
+                last = event.seq
+                if event.terminal:
+                    return
+    finally:
+        relay.unsubscribe(sub)

@@ -1,0 +1,108 @@
+"""Batch replays over HTTP: submit many questions, follow progress, fetch results."""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, current_app, g, jsonify
+from sqlalchemy import select
+
+from shared.db import db_session
+from shared.events import Event, EventLog
+from shared.models import ChatSession, Message, Replay, Turn
+from shared.replays import create_replay, item_rows, summary
+from web.errors import ApiError
+from web.relay import relay_events
+from web.resources import owned, valid_id
+from web.turns import SSE_HEADERS
+from web.validation import ReplayCreate, parse_body
+
+bp = Blueprint("replays", __name__)
+
+
+@bp.post("/api/replays")
+def create():
+    settings = current_app.extensions["turnstream.settings"]
+    body = parse_body(ReplayCreate, None)
+    if (body.questions is None) == (body.from_sessions is None):
+        raise ApiError(422, "give exactly one of questions or from_sessions", {"field": "questions"})
+    with db_session() as db:
+        if body.questions is not None:
+            questions = [q.model_dump() for q in body.questions]
+            for q in questions:
+                if len(q["message"]) > settings.max_message_chars:
+                    raise ApiError(422, "a question is too long", {"field": "questions.message"})
+                if q["session_id"] is not None:
+                    q["session_id"] = owned(db, ChatSession, q["session_id"]).id
+        else:
+            questions = _questions_from_sessions(db, body.from_sessions)
+        replay = create_replay(db, g.owner_id, questions, body.concurrency)
+        db.flush()
+        db.refresh(replay)
+        data = summary(replay, item_rows(db, replay.id))
+    return jsonify(data), 202
+
+
+@bp.get("/api/replays/<replay_id>")
+def get(replay_id: str):
+    with db_session() as db:
+        replay = owned(db, Replay, replay_id)
+        return jsonify(summary(replay, item_rows(db, replay.id)))
+
+
+@bp.get("/api/replays/<replay_id>/results")
+def results(replay_id: str):
+    with db_session() as db:
+        replay = owned(db, Replay, replay_id)
+        lines = [json.dumps(result_line(item, turn)) + "\n" for item, turn in item_rows(db, replay.id)]
+    return Response(lines, mimetype="application/x-ndjson")
+
+
+@bp.get("/api/replays/<replay_id>/events")
+def events(replay_id: str):
+    settings = current_app.extensions["turnstream.settings"]
+    relay = current_app.extensions["turnstream.relay"]
+    with db_session() as db:
+        replay = owned(db, Replay, replay_id)
+    log = EventLog("replay", replay.id)
+
+    def snapshot() -> Event:
+        with db_session() as db:
+            state = summary(db.get(Replay, replay.id), item_rows(db, replay.id))
+        data = {"replay_id": replay.id, "seq": 0, "type": "replay.snapshot", **state}
+        return Event(0, "replay.snapshot", data, json.dumps(data))
+
+    stream = relay_events(relay, log, 0, settings.sse_ping_seconds, snapshot)
+    return Response(stream, mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+def result_line(item, turn: Turn | None) -> dict:
+    latency = None
+    if turn is not None and turn.finished_at and turn.created_at:
+        latency = round((turn.finished_at - turn.created_at).total_seconds() * 1000)
+    return {
+        "index": item.index,
+        "message": item.message,
+        "status": turn.status if turn else "pending",
+        "answer": turn.answer if turn else None,
+        "error": turn.error if turn else None,
+        "turn_id": item.turn_id,
+        "latency_ms": latency,
+    }
+
+
+def _questions_from_sessions(db, session_ids: list[str]) -> list[dict]:
+    """Replay the user messages of earlier sessions, in order, each in a new session."""
+    questions = []
+    for sid in session_ids:
+        chat = owned(db, ChatSession, valid_id(sid))
+        rows = db.scalars(
+            select(Message.content)
+            .join(Turn, Turn.id == Message.turn_id)
+            .where(Message.session_id == chat.id, Message.role == "user")
+            .order_by(Turn.number)
+        ).all()
+        questions.extend({"message": content, "session_id": None} for content in rows)
+    if not questions:
+        raise ApiError(422, "those sessions hold no questions", {"field": "from_sessions"})
+    return questions

@@ -1,0 +1,114 @@
+// The chat page: sessions on the left, messages on the right, the answer
+// streamed over EventSource. No build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let currentSession = null;
+let stream = null;
+
+async function api(path, options = {}) {
+  const response = await fetch(path, {
+    credentials: "same-origin",
+    headers: { "Content-Type": "application/json" },
+    ...options,
+  });
+  if (response.status === 401) { showLogin(); throw new Error("sign in first"); }
+  if (response.status === 204) return null;
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
+  return body;
+}
+
+function showLogin() { $("login").hidden = false; }
+
+$("login").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  try {
+    await api("/api/login", { method: "POST", body: JSON.stringify({ key: $("api-key").value }) });
+    $("login").hidden = true;
+    loadSessions();
+  } catch (err) { $("login-error").textContent = err.message; }
+});
+
+function bubble(role, text) {
+  const div = document.createElement("div");
+  div.className = "msg " + role;
+  div.textContent = text;
+  $("messages").appendChild(div);
+  $("messages").scrollTop = $("messages").scrollHeight;
+  return div;
+}
+
+async function loadSessions() {
+  const { items } = await api("/api/sessions?limit=50");
+  const list = $("sessions");
+  list.innerHTML = "";
+  for (const s of items) {
+    const li = document.createElement("li");
+    li.textContent = s.title || "Untitled chat";
+    li.dataset.id = s.id;
+    if (s.id === currentSession) li.className = "active";
+    li.onclick = () => openSession(s.id);
+    list.appendChild(li);
+  }
+  if (!currentSession && items.length) openSession(items[0].id);
+}
+
+async function openSession(id) {
+  currentSession = id;
+  if (stream) { stream.close(); stream = null; }
+  for (const li of $("sessions").children) li.className = li.dataset.id === id ? "active" : "";
+  const { items } = await api(`/api/sessions/${id}/messages`);
+  $("messages").innerHTML = "";
+  for (const m of items) bubble(m.role, m.content);
+}
+
+$("new-session").onclick = async () => {
+  const s = await api("/api/sessions", { method: "POST", body: JSON.stringify({}) });
+  currentSession = s.id;
+  $("messages").innerHTML = "";
+  loadSessions();
+};
+
+function follow(turn) {
+  const out = bubble("assistant", "");
+  let text = "";
+  $("status").textContent = "queued…";
+  stream = new EventSource(turn.events_url);
+  const finish = (label) => { stream.close(); stream = null; $("status").textContent = label; loadSessions(); };
+  stream.addEventListener("turn.started", () => { $("status").textContent = "answering…"; });
+  stream.addEventListener("message.delta", (e) => { text += JSON.parse(e.data).delta; out.textContent = text; });
+  stream.addEventListener("turn.restarted", () => { text = ""; out.textContent = ""; });
+  stream.addEventListener("turn.snapshot", (e) => {
+    const d = JSON.parse(e.data);
+    text = d.text; out.textContent = text;
+    if (["succeeded", "failed", "cancelled"].includes(d.status)) finish(d.status);
+  });
+  stream.addEventListener("turn.completed", (e) => { out.textContent = JSON.parse(e.data).answer; finish(""); });
+  stream.addEventListener("turn.failed", (e) => {
+    out.className = "msg failed"; out.textContent = "Failed: " + JSON.parse(e.data).error.message; finish("");
+  });
+  stream.addEventListener("turn.cancelled", () => finish("cancelled"));
+}
+
+$("composer").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const message = $("message").value.trim();
+  if (!message) return;
+  if (!currentSession) {
+    const s = await api("/api/sessions", { method: "POST", body: JSON.stringify({ title: message.slice(0, 80) }) });
+    currentSession = s.id;
+  }
+  $("message").value = "";
+  bubble("user", message);
+  try {
+    const turn = await api(`/api/sessions/${currentSession}/turns`, { method: "POST", body: JSON.stringify({ message }) });
+    follow(turn);
+  } catch (err) { $("status").textContent = err.message; }
+});
+
+$("message").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
+});
+
+loadSessions().catch(() => {});

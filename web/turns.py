@@ -1,0 +1,169 @@
+"""Turns: submit, read, follow (SSE), cancel; and /api/chat for simple clients."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import time
+
+from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
+
+from shared.db import db_session
+from shared.events import Event, EventLog
+from shared.models import TERMINAL, ChatSession, Turn
+from shared.turns import TurnConflict, cancel_turn, lock_session, submit_turn
+from web.errors import ApiError
+from web.resources import owned, turn_json, valid_id
+from web.validation import ChatRequest, TurnCreate, parse_body
+
+bp = Blueprint("turns", __name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@bp.post("/api/sessions/<session_id>/turns")
+def create_turn(session_id: str):
+    settings = current_app.extensions["turnstream.settings"]
+    body = parse_body(TurnCreate, settings.max_message_chars)
+    key = request.headers.get("Idempotency-Key") or None
+    if key is not None and len(key) > 200:
+        raise ApiError(422, "Idempotency-Key must be at most 200 characters", {"field": "Idempotency-Key"})
+    request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
+    with db_session() as db:
+        chat = lock_session(db, valid_id(session_id), g.owner_id)
+        if chat is None:
+            raise ApiError(404, "no such session")
+        try:
+            turn, created = submit_turn(
+                db, chat, body.message, multitask=body.multitask, idempotency_key=key, request_hash=request_hash
+            )
+        except TurnConflict as exc:
+            raise ApiError(409, str(exc)) from None
+        db.flush()
+        db.refresh(turn)
+        data = turn_json(turn)
+    return jsonify(data), 202 if created else 200
+
+
+@bp.get("/api/turns/<turn_id>")
+def get_turn(turn_id: str):
+    with db_session() as db:
+        return jsonify(turn_json(owned(db, Turn, turn_id)))
+
+
+@bp.post("/api/turns/<turn_id>/cancel")
+def cancel(turn_id: str):
+    with db_session() as db:
+        turn = owned(db, Turn, turn_id)
+        if turn.status in TERMINAL:
+            return jsonify(turn_json(turn)), 200
+        if lock_session(db, turn.session_id, g.owner_id) is None:
+            raise ApiError(404, "no such turn")
+        db.refresh(turn)
+        cancel_turn(db, turn)
+        data = turn_json(turn)
+    return jsonify(data), 202
+
+
+@bp.get("/api/turns/<turn_id>/events")
+def turn_events(turn_id: str):
+    after = _after()
+    with db_session() as db:
+        turn = owned(db, Turn, turn_id)
+    events = EventLog("turn", turn.id)
+    if turn.status in TERMINAL:
+        last = events.last_seq()
+        if last and after >= last:
+            return "", 204  # everything was delivered: the browser stops retrying
+    return _sse(events, after, turn.id)
+
+
+@bp.post("/api/chat")
+def chat():
+    settings = current_app.extensions["turnstream.settings"]
+    body = parse_body(ChatRequest, settings.max_message_chars)
+    with db_session() as db:
+        if body.session_id is not None:
+            chat_session = lock_session(db, valid_id(body.session_id), g.owner_id)
+            if chat_session is None:
+                raise ApiError(404, "no such session")
+        else:
+            chat_session = ChatSession(owner_id=g.owner_id, title=body.message[:80], meta={})
+            db.add(chat_session)
+            db.flush()
+        turn, _ = submit_turn(db, chat_session, body.message)
+        turn_id, session_id = turn.id, chat_session.id
+    events = EventLog("turn", turn_id)
+    if body.stream:
+        accepted = json.dumps({"seq": 0, "type": "turn.accepted", "turn_id": turn_id, "session_id": session_id})
+        return _sse(events, 0, turn_id, first=f"event: turn.accepted\ndata: {accepted}\n\n")
+    relay = current_app.extensions["turnstream.relay"]
+    sub = relay.subscribe(events.channel)
+    try:
+        if not any(e.terminal for e in events.read_after(0)):
+            _wait_terminal(sub, settings.chat_wait_seconds)
+    finally:
+        relay.unsubscribe(sub)
+    with db_session() as db:
+        turn = db.get(Turn, turn_id)
+        if turn.status not in TERMINAL:
+            return jsonify(turn_json(turn)), 202
+        return jsonify(
+            {
+                "response": turn.answer,
+                "session_id": session_id,
+                "turn_id": turn_id,
+                "status": turn.status,
+                "error": turn.error,
+                "usage": turn.usage,
+                "tools": turn.tools or [],
+            }
+        )
+
+
+def _wait_terminal(sub, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            if Event.parse(sub.queue.get(timeout=left)).terminal:
+                return
+        except queue.Empty:
+            return
+
+
+def _after() -> int:
+    raw = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
+    try:
+        after = int(raw)
+    except ValueError:
+        raise ApiError(422, "Last-Event-ID (or after) must be a whole number", {"field": "after"}) from None
+    if after < 0:
+        raise ApiError(422, "Last-Event-ID (or after) must not be negative", {"field": "after"})
+    return after
+
+
+def _snapshot(turn_id: str) -> Event | None:
+    """The turn's state from Postgres, for a client whose events are gone."""
+    with db_session() as db:
+        turn = db.get(Turn, turn_id)
+        if turn is None:
+            return None
+        data = {"turn_id": turn_id, "seq": 0, "type": "turn.snapshot", "status": turn.status, "text": turn.answer or ""}
+        if turn.error:
+            data["error"] = turn.error
+    return Event(seq=0, type="turn.snapshot", data=data, raw=json.dumps(data))
+
+
+def _sse(events: EventLog, after: int, turn_id: str, first: str = "") -> Response:
+    from web.relay import relay_events
+
+    relay = current_app.extensions["turnstream.relay"]
+    settings = current_app.extensions["turnstream.settings"]
+
+    def generate():
+        if first:
+            yield first
+        yield from relay_events(relay, events, after, settings.sse_ping_seconds, lambda: _snapshot(turn_id))
+
+    return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=SSE_HEADERS)

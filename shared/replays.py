@@ -33,14 +33,13 @@ def create_replay(db: Session, owner_id: str, questions: list[dict[str, Any]], c
 
 
 def item_rows(db: Session, replay_id: str) -> list[tuple[ReplayItem, Turn | None]]:
-    return list(
-        db.execute(
-            select(ReplayItem, Turn)
-            .outerjoin(Turn, Turn.id == ReplayItem.turn_id)
-            .where(ReplayItem.replay_id == replay_id)
-            .order_by(ReplayItem.index)
-        ).tuples()
+    query = (
+        select(ReplayItem, Turn)
+        .outerjoin(Turn, Turn.id == ReplayItem.turn_id)
+        .where(ReplayItem.replay_id == replay_id)
+        .order_by(ReplayItem.index)
     )
+    return [(item, turn) for item, turn in db.execute(query)]
 
 
 def summary(replay: Replay, rows: list[tuple[ReplayItem, Turn | None]]) -> dict[str, Any]:

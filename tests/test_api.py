@@ -1,0 +1,139 @@
+"""Sessions CRUD, ownership, and every documented error in its one shape."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from web.auth import create_key
+
+
+def _error(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
+    return body["error"]
+
+
+def test_session_crud_and_cursor_pagination(client, owner):
+    ids = [
+        client.post("/api/sessions", json={"title": f"s{i}", "metadata": {"i": i}}, headers=owner).get_json()["id"]
+        for i in range(5)
+    ]
+    got = client.get(f"/api/sessions/{ids[0]}", headers=owner).get_json()
+    assert got["title"] == "s0" and got["metadata"] == {"i": 0} and got["message_count"] == 0
+    assert got["created_at"].endswith("+00:00")
+
+    seen, cursor = [], None
+    while True:
+        url = "/api/sessions?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = client.get(url, headers=owner).get_json()
+        seen += [s["id"] for s in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))  # newest first, each once
+
+    assert client.delete(f"/api/sessions/{ids[0]}", headers=owner).status_code == 204
+    _error(client.get(f"/api/sessions/{ids[0]}", headers=owner), 404, "not_found")
+
+
+def test_another_owners_session_is_404_exactly_like_a_missing_one(client, owner):
+    sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
+    other = {"X-API-Key": create_key(f"other-{uuid.uuid4().hex[:8]}")}
+    missing = _error(client.get(f"/api/sessions/{uuid.uuid4()}", headers=other), 404, "not_found")
+    foreign = _error(client.get(f"/api/sessions/{sid}", headers=other), 404, "not_found")
+    assert missing == foreign
+    _error(client.get(f"/api/sessions/{sid}/messages", headers=other), 404, "not_found")
+    _error(client.post(f"/api/sessions/{sid}/turns", json={"message": "x"}, headers=other), 404, "not_found")
+    _error(client.delete(f"/api/sessions/{sid}", headers=other), 404, "not_found")
+    assert sid not in [s["id"] for s in client.get("/api/sessions", headers=other).get_json()["items"]]
+
+
+def test_credentials_are_required_and_checked(client, owner):
+    _error(client.get("/api/sessions"), 401, "unauthorized")
+    _error(client.get("/api/sessions", headers={"Authorization": "Bearer ts_nope"}), 401, "unauthorized")
+    assert client.get("/api/sessions", headers=owner).status_code == 200
+    assert client.get("/api/health").status_code == 200  # public
+
+
+def test_login_sets_a_signed_httponly_cookie_that_authenticates(client, owner):
+    key = owner["Authorization"].split()[1]
+    _error(client.post("/api/login", json={"key": "wrong"}), 401, "unauthorized")
+    response = client.post("/api/login", json={"key": key})
+    assert response.status_code == 200
+    assert "HttpOnly" in response.headers["Set-Cookie"]
+    assert client.get("/api/sessions").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"data": "{not json", "content_type": "application/json"}, 400, "bad_request"),
+        ({"data": "[1, 2]", "content_type": "application/json"}, 400, "bad_request"),
+        ({"data": "message=hi", "content_type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+        ({"json": {}}, 422, "validation_error"),
+        ({"json": {"message": ""}}, 422, "validation_error"),
+        ({"json": {"message": "   "}}, 422, "validation_error"),
+        ({"json": {"message": 42}}, 422, "validation_error"),
+        ({"json": {"message": "hi", "multitask": "sometimes"}}, 422, "validation_error"),
+        ({"json": {"message": "hi", "surprise": 1}}, 422, "validation_error"),
+        ({"json": {"message": "x" * 300_000}}, 413, "payload_too_large"),
+    ],
+)
+def test_bad_turn_input_gets_a_clear_4xx_and_writes_nothing(client, owner, kwargs, status, code):
+    sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
+    error = _error(client.post(f"/api/sessions/{sid}/turns", headers=owner, **kwargs), status, code)
+    if status == 422:
+        assert error["details"]["field"]
+    assert client.get(f"/api/sessions/{sid}", headers=owner).get_json()["message_count"] == 0
+
+
+def test_validation_error_names_the_field(client, owner):
+    error = _error(client.post("/api/sessions", json={"title": 5}, headers=owner), 422, "validation_error")
+    assert error["details"]["field"] == "title"
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/sessions/not-a-uuid", "/api/turns/123", "/api/replays/x", "/api/turns/%00/events", "/api/nowhere"]
+)
+def test_unknown_or_malformed_ids_are_404(client, owner, path):
+    _error(client.get(path, headers=owner), 404, "not_found")
+
+
+def test_wrong_method_is_405(client, owner):
+    _error(client.put("/api/sessions", headers=owner), 405, "method_not_allowed")
+
+
+def test_bad_query_values_are_422(client, owner):
+    _error(client.get("/api/sessions?limit=0", headers=owner), 422, "validation_error")
+    _error(client.get("/api/sessions?limit=abc", headers=owner), 422, "validation_error")
+    _error(client.get("/api/sessions?cursor=garbage", headers=owner), 422, "validation_error")
+    sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
+    turn = client.post(f"/api/sessions/{sid}/turns", json={"message": "x"}, headers=owner).get_json()
+    _error(client.get(f"{turn['events_url']}?after=-1", headers=owner), 422, "validation_error")
+
+
+def test_health_reports_database_redis_and_workers(client):
+    body = client.get("/api/health").get_json()
+    assert body["status"] == "ok"
+    assert body["checks"]["database"] == "ok" and body["checks"]["redis"] == "ok"
+    assert body["checks"]["workers"] >= 1
+
+
+def test_chat_without_stream_waits_for_the_answer(client, owner):
+    response = client.post("/api/chat", json={"message": "plain client"}, headers=owner)
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert body["response"].startswith('You said: "plain client".')
+    follow = client.post("/api/chat", json={"message": "and again", "session_id": body["session_id"]}, headers=owner)
+    assert 'Before that you said: "plain client".' in follow.get_json()["response"]
+    assert follow.get_json()["session_id"] == body["session_id"]
+
+
+def test_chat_page_is_served_and_says_when_the_offline_model_answers(client):
+    page = client.get("/")
+    assert page.status_code == 200
+    assert b"offline test model is answering" in page.data
+    assert client.get("/static/chat.js").status_code == 200

@@ -1,0 +1,59 @@
+"""The offline model through the real openai client: deterministic, configurable, faulty on demand."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+from openai import OpenAI
+
+
+@pytest.fixture
+def model(stack):
+    return OpenAI(base_url=f"http://127.0.0.1:{stack['model_port']}/v1", api_key="x", max_retries=0, timeout=5)
+
+
+def _stream(model, messages):
+    chunks = list(
+        model.chat.completions.create(
+            model="turnstream-offline", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks[-1].usage
+
+
+def test_answer_is_deterministic_and_derived_from_the_conversation(model):
+    history = [
+        {"role": "user", "content": "alpha"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "beta"},
+    ]
+    text, usage = _stream(model, history)
+    assert text == 'You said: "beta". Before that you said: "alpha". This is message 2 of our conversation.'
+    assert _stream(model, history)[0] == text
+    assert usage.completion_tokens == len(text.split(" ")) and usage.prompt_tokens == 3
+    plain = model.chat.completions.create(model="m", messages=history)
+    assert plain.choices[0].message.content == text
+    assert [m.id for m in model.models.list().data] == ["turnstream-offline"]
+
+
+def test_token_count_and_delays_are_configurable(model):
+    start = time.monotonic()
+    text, usage = _stream(model, [{"role": "user", "content": "x [[tokens=20]] [[delay=0.02]] [[first=0.2]]"}])
+    elapsed = time.monotonic() - start
+    assert usage.completion_tokens == 20 and len(text.split(" ")) == 20
+    assert elapsed >= 0.2 + 19 * 0.02
+
+
+def test_faults_http_status_disconnect_and_stall(model):
+    with pytest.raises(openai.RateLimitError):
+        _stream(model, [{"role": "user", "content": "[[fault=429]]"}])
+    with pytest.raises(openai.InternalServerError):
+        _stream(model, [{"role": "user", "content": "[[fault=503]]"}])
+    with pytest.raises(openai.APIConnectionError):
+        _stream(model, [{"role": "user", "content": "[[fault=disconnect@2]]"}])
+    stalled = model.with_options(timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        _stream(stalled, [{"role": "user", "content": "[[fault=stall]]"}])

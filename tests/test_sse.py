@@ -1,0 +1,117 @@
+"""The event stream, served by a real gunicorn -k gevent and read by an SSE client."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from tests.sse import iter_sse, read_events
+
+
+def _session(http, owner) -> str:
+    return http.post("/api/sessions", json={}, headers=owner).json()["id"]
+
+
+def _turn(http, owner, sid, message) -> dict:
+    response = http.post(f"/api/sessions/{sid}/turns", json={"message": message}, headers=owner)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_stream_delivers_every_event_in_order_and_ends_after_the_terminal_one(http, owner):
+    sid = _session(http, owner)
+    turn = _turn(http, owner, sid, "stream me [[tokens=30]] [[delay=0.01]]")
+    with http.stream("GET", turn["events_url"], headers=owner) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
+        events = [e for e in iter_sse(response) if not isinstance(e, tuple)]  # the server ends the stream
+    assert [int(e.id) for e in events] == list(range(1, len(events) + 1))
+    assert [e.seq for e in events] == [int(e.id) for e in events]
+    assert events[0].event == "turn.started" and events[-1].event == "turn.completed"
+    text = "".join(e.data["delta"] for e in events if e.event == "message.delta")
+    assert len([e for e in events if e.event == "message.delta"]) == 30
+    assert text == events[-1].data["answer"] == http.get(f"/api/turns/{turn['id']}", headers=owner).json()["answer"]
+
+
+def test_reconnect_with_last_event_id_resumes_with_no_gap_and_no_duplicate(http, owner):
+    sid = _session(http, owner)
+    turn = _turn(http, owner, sid, "resume me [[tokens=60]] [[delay=0.02]]")
+    _, head = read_events(http, turn["events_url"], headers=owner, stop_after=8)  # then drop mid-stream
+    assert len(head) == 8 and head[-1].event == "message.delta"
+    _, tail = read_events(http, turn["events_url"], headers={**owner, "Last-Event-ID": head[-1].id})
+    seqs = [e.seq for e in head + tail]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert tail[-1].event == "turn.completed"
+    text = "".join(e.data["delta"] for e in head + tail if e.event == "message.delta")
+    assert text == tail[-1].data["answer"]
+    # ?after= works like the header
+    _, again = read_events(http, f"{turn['events_url']}?after={seqs[-3]}", headers=owner)
+    assert [e.seq for e in again] == seqs[-2:]
+
+
+def test_finished_turn_answers_204_once_everything_was_delivered(http, owner):
+    sid = _session(http, owner)
+    turn = _turn(http, owner, sid, "quick")
+    _, events = read_events(http, turn["events_url"], headers=owner)
+    assert events[-1].event == "turn.completed"
+    done = http.get(turn["events_url"], headers={**owner, "Last-Event-ID": events[-1].id})
+    assert done.status_code == 204
+    # a client that missed the end still gets it
+    _, rest = read_events(http, turn["events_url"], headers={**owner, "Last-Event-ID": events[-2].id})
+    assert [e.event for e in rest] == ["turn.completed"]
+
+
+def test_idle_stream_sends_ping_comments(http, owner):
+    sid = _session(http, owner)
+    # SSE_PING_SECONDS=1 in the test environment; the first token comes after 2.5 s
+    turn = _turn(http, owner, sid, "wait [[first=2.5]]")
+    comments = []
+    with http.stream("GET", turn["events_url"], headers=owner) as response:
+        for item in iter_sse(response):
+            if isinstance(item, tuple):
+                comments.append(item[1])
+            elif item.event == "turn.completed":
+                break
+    assert comments.count("ping") >= 2
+
+
+def test_chat_stream_true_starts_with_turn_accepted_and_makes_the_session(http, owner):
+    _, events = read_events(
+        http, "/api/chat", headers=owner, method="POST", json_body={"message": "hi", "stream": True}
+    )
+    assert events[0].event == "turn.accepted"
+    session_id, turn_id = events[0].data["session_id"], events[0].data["turn_id"]
+    assert events[-1].event == "turn.completed" and events[-1].data["turn_id"] == turn_id
+    messages = http.get(f"/api/sessions/{session_id}/messages", headers=owner).json()["items"]
+    assert [m["content"] for m in messages] == ["hi", events[-1].data["answer"]]
+
+
+def test_another_owner_cannot_follow_a_turn(http, owner, stack):
+    from web.auth import create_key
+
+    sid = _session(http, owner)
+    turn = _turn(http, owner, sid, "mine")
+    other = {"X-API-Key": create_key("someone-else-" + str(time.time()))}
+    response = http.get(turn["events_url"], headers=other)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_many_clients_on_one_turn_all_get_the_full_stream(web_server, owner):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with httpx.Client(base_url=web_server, timeout=30) as http:
+        sid = _session(http, owner)
+        turn = _turn(http, owner, sid, "fan out [[tokens=40]] [[delay=0.01]] [[first=0.5]]")
+
+        def follow(_):
+            with httpx.Client(base_url=web_server, timeout=30) as c:
+                return read_events(c, turn["events_url"], headers=owner)[1]
+
+        with ThreadPoolExecutor(20) as pool:
+            results = list(pool.map(follow, range(20)))
+    for events in results:
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        assert events[-1].event == "turn.completed"

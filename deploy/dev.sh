@@ -7,9 +7,10 @@ bash deploy/setup.sh
 mkdir -p .local
 export PATH="$PWD/.venv/bin:$PATH"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PORT="${PORT:-8000}"
+# honcho gives each process its own $PORT; the web port travels as WEB_PORT.
+export WEB_PORT="${PORT:-8000}"
 echo
-echo "  Turnstream chat:  http://127.0.0.1:${PORT}/"
+echo "  Turnstream chat:  http://127.0.0.1:${WEB_PORT}/"
 echo "  Flower:           http://127.0.0.1:5555/"
 echo
 exec honcho -f Procfile.dev start

@@ -2,19 +2,16 @@
 
 Delivery is at least once; tasks are idempotent (they re-read and claim their
 row), so a redelivered task is harmless and a lost one is re-sent by the
-sweeper. Results live in Postgres and the event log, not in Celery.
+sweeper. Results live in Postgres and the event log, not in Celery. Values that come
+from the environment (broker URL, key prefix) are added by
+shared.broker.get_celery(), so this module reads nothing when imported.
 """
 
-from shared.config import get_settings
-
-_settings = get_settings()
-
-broker_url = _settings.broker_url
 broker_connection_retry_on_startup = True
 # One visibility timeout for the broker and the result transport: how long an
 # unacknowledged task waits before Redis hands it to another worker. Turns
 # heartbeat and the sweeper re-sends stalled ones much sooner than this.
-broker_transport_options = {"visibility_timeout": 3600, "global_keyprefix": _settings.redis_prefix}
+broker_transport_options = {"visibility_timeout": 3600}
 task_serializer = "json"
 accept_content = ["json"]
 result_backend = None

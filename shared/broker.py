@@ -10,15 +10,23 @@ import functools
 
 from celery import Celery
 
+from shared.config import get_settings
+
 RUN_TURN = "tasks.run_turn"
 ADVANCE_REPLAY = "tasks.advance_replay"
 
 
 @functools.cache
 def get_celery() -> Celery:
-    """Built on first use; celeryconfig.py is read lazily by Celery itself."""
+    """Built on first use from celeryconfig.py plus the environment's values."""
+    settings = get_settings()
     app = Celery("turnstream")
     app.config_from_object("celeryconfig")
+    app.conf.broker_url = settings.broker_url
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "global_keyprefix": settings.redis_prefix,
+    }
     return app
 
 

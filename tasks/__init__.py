@@ -1,8 +1,13 @@
-"""The worker: `celery -A tasks worker`. Tasks register through shared_task,
-so importing this package builds a Celery object but reads no environment and
-opens no connection (celeryconfig is read when Celery first needs it)."""
+"""The worker: `celery -A tasks worker`. Tasks register through shared_task;
+the app itself is built on first access of `tasks.app` (what `-A tasks`
+looks up), so importing this package reads no environment."""
 
-from shared.broker import get_celery
 from tasks import replay, sweeper, turn  # noqa: F401  (registers the tasks)
 
-app = get_celery()
+
+def __getattr__(name: str):
+    if name in ("app", "celery"):
+        from shared.broker import get_celery
+
+        return get_celery()
+    raise AttributeError(name)

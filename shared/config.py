@@ -135,27 +135,20 @@ class _Reader:
         return value
 
     def int(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
-        raw = self.str(name, str(default))
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be a whole number; got {raw!r}.") from None
-        _check_range(name, value, lo, hi)
-        return value
+        return self._number(name, default, int, "a whole number", lo, hi)
 
     def float(self, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
+        return self._number(name, default, float, "a number", lo, hi)
+
+    def _number(self, name, default, cast, kind, lo, hi):
         raw = self.str(name, str(default))
         try:
-            value = float(raw)
+            value = cast(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be a number; got {raw!r}.") from None
-        _check_range(name, value, lo, hi)
+            raise ConfigError(f"{name} must be {kind}; got {raw!r}.") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"{name} must be between {lo} and {hi}; got {value}.")
         return value
-
-
-def _check_range(name: str, value: float, lo: float | None, hi: float | None) -> None:
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(f"{name} must be between {lo} and {hi}; got {value}.")
 
 
 def _sqlalchemy_url(url: str, name: str) -> str:

@@ -14,6 +14,7 @@ from shared.events import Event, EventLog
 from shared.models import TERMINAL, ChatSession, Turn
 from shared.turns import TurnConflict, cancel_turn, lock_session, submit_turn
 from web.errors import ApiError
+from web.relay import relay_events
 from web.resources import owned, turn_json, valid_id
 from web.validation import ChatRequest, TurnCreate, parse_body
 
@@ -156,8 +157,6 @@ def _snapshot(turn_id: str) -> Event | None:
 
 
 def _sse(events: EventLog, after: int, turn_id: str, first: str = "") -> Response:
-    from web.relay import relay_events
-
     relay = current_app.extensions["turnstream.relay"]
     settings = current_app.extensions["turnstream.settings"]
 

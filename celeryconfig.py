@@ -9,8 +9,9 @@ shared.broker.get_celery(), so this module reads nothing when imported.
 
 broker_connection_retry_on_startup = True
 # One visibility timeout for the broker and the result transport: how long an
-# unacknowledged task waits before Redis hands it to another worker. Turns
-# heartbeat and the sweeper re-sends stalled ones much sooner than this.
+# unacknowledged task waits before Redis hands it to another worker. The
+# sweeper re-sends lost queued turns much sooner than this; running turns of a
+# dead worker wait for it (heartbeats to shorten that are still to come).
 broker_transport_options = {"visibility_timeout": 3600}
 task_serializer = "json"
 accept_content = ["json"]

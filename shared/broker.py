@@ -37,8 +37,3 @@ def send_turn(turn_id: str) -> None:
 
 def send_replay_advance(replay_id: str) -> None:
     get_celery().send_task(ADVANCE_REPLAY, args=[replay_id])
-
-
-def revoke(task_ids: list[str]) -> None:
-    if task_ids:
-        get_celery().control.revoke(task_ids)

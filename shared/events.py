@@ -91,12 +91,6 @@ class EventLog:
         entries = self.redis.xrange(self.stream_key, min=f"(0-{after}", max="+")
         return [Event.parse(fields[b"d"]) for _id, fields in entries]
 
-    def first_held_seq(self) -> int | None:
-        entries = self.redis.xrange(self.stream_key, min="-", max="+", count=1)
-        if not entries:
-            return None
-        return int(entries[0][0].split(b"-")[1])
-
     def last_seq(self) -> int:
         """The last seq handed out (0 if none, or if the log has expired)."""
         value = self.redis.get(self.seq_key)
@@ -104,6 +98,3 @@ class EventLog:
 
     def request_cancel(self) -> None:
         self.redis.set(self.cancel_key, "1", ex=get_settings().event_log_ttl)
-
-    def cancel_requested(self) -> bool:
-        return bool(self.redis.exists(self.cancel_key))

@@ -78,10 +78,6 @@ class Relay:
                 except redis.exceptions.RedisError:
                     log.warning("unsubscribe from %s failed; the reader resubscribes what is live", sub.channel)
 
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {"channels": len(self._subs), "streams": sum(len(s) for s in self._subs.values())}
-
     def _ensure_reader(self) -> None:
         if self._reader is not None:
             return

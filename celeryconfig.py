@@ -8,6 +8,8 @@ shared.broker.get_celery(), so this module reads nothing when imported.
 """
 
 broker_connection_retry_on_startup = True
+# The task modules, imported by the worker when it starts (never by the web tier).
+include = ["tasks.turn", "tasks.replay", "tasks.sweeper"]
 # One visibility timeout for the broker and the result transport: how long an
 # unacknowledged task waits before Redis hands it to another worker. The
 # sweeper re-sends lost queued turns much sooner than this; running turns of a

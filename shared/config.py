@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class Settings:
     openai_max_retries: int
     openai_timeout: float
     mcp_servers: dict[str, Any]
+    tool_timeout: float
+    max_tool_rounds: int
     secret_key: str
     auth_enabled: bool
     port: int
@@ -89,6 +92,8 @@ class Settings:
             openai_max_retries=r.int("OPENAI_MAX_RETRIES", 3, lo=0, hi=20),
             openai_timeout=r.float("OPENAI_TIMEOUT", 60.0, lo=0.1),
             mcp_servers=_mcp_servers(r.str("MCP_SERVERS", "")),
+            tool_timeout=r.float("TOOL_TIMEOUT_SECONDS", 30.0, lo=0.1),
+            max_tool_rounds=r.int("MAX_TOOL_ROUNDS", 8, lo=0, hi=100),
             secret_key=secret_key,
             auth_enabled=auth == "on",
             port=r.int("PORT", 8000, lo=1, hi=65535),
@@ -216,4 +221,12 @@ def _mcp_shape(data: Any) -> dict[str, Any]:
     for name, server in data.items():
         if not isinstance(server, dict) or not ({"command", "url"} & server.keys()):
             raise ConfigError(f"MCP_SERVERS: server {name!r} needs a 'command' (stdio) or a 'url' (HTTP).")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,30}", str(name)) or "__" in str(name):
+            raise ConfigError(
+                f"MCP_SERVERS: server name {name!r} must be 1-30 letters, digits, '-' or '_' (no '__'):"
+                " tools reach the model as <server>__<tool>."
+            )
+        for key, kind in (("args", list), ("env", dict), ("headers", dict)):
+            if key in server and not isinstance(server[key], kind):
+                raise ConfigError(f"MCP_SERVERS: {key!r} of server {name!r} must be a {kind.__name__}.")
     return data

@@ -67,22 +67,15 @@ class EventLog:
         self.seq_key = key(kind, ident, "seq")
         self.channel = key(kind, ident)
         self.cancel_key = key(kind, ident, "cancel")
+        self._append = self.redis.register_script(_APPEND)  # EVALSHA, not the script's text, per event
 
     def append(self, type_: str, **fields: Any) -> tuple[int, bool]:
         """Append and publish one event; returns (seq, cancel_requested)."""
         settings = get_settings()
         body = json.dumps({f"{self.kind}_id": self.ident, "type": type_, **fields}, separators=(",", ":"))
-        seq, cancelled = self.redis.eval(
-            _APPEND,
-            4,
-            self.seq_key,
-            self.stream_key,
-            self.channel,
-            self.cancel_key,
-            body,
-            settings.event_log_maxlen,
-            "1" if type_ in TERMINAL_TYPES else "0",
-            settings.event_log_ttl,
+        seq, cancelled = self._append(
+            keys=(self.seq_key, self.stream_key, self.channel, self.cancel_key),
+            args=(body, settings.event_log_maxlen, "1" if type_ in TERMINAL_TYPES else "0", settings.event_log_ttl),
         )
         return int(seq), bool(cancelled)
 
@@ -95,6 +88,9 @@ class EventLog:
         """The last seq handed out (0 if none, or if the log has expired)."""
         value = self.redis.get(self.seq_key)
         return int(value) if value else 0
+
+    def cancel_requested(self) -> bool:
+        return bool(self.redis.exists(self.cancel_key))
 
     def request_cancel(self) -> None:
         self.redis.set(self.cancel_key, "1", ex=get_settings().event_log_ttl)

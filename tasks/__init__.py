@@ -1,8 +1,7 @@
-"""The worker: `celery -A tasks worker`. Tasks register through shared_task;
-the app itself is built on first access of `tasks.app` (what `-A tasks`
-looks up), so importing this package reads no environment."""
-
-from tasks import replay, sweeper, turn  # noqa: F401  (registers the tasks)
+"""The worker: `celery -A tasks worker`. The app is built on first access of
+`tasks.app` (what `-A tasks` looks up), so importing this package reads no
+environment and stays light (the bundled MCP server lives in tasks.mcp); the
+worker imports the task modules through celeryconfig's `include`."""
 
 
 def __getattr__(name: str):

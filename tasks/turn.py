@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Task, shared_task
+from celery.signals import worker_shutdown
 from sqlalchemy import func, select, update
 
 from shared.broker import RUN_TURN, send_replay_advance
@@ -15,7 +16,8 @@ from shared.db import after_commit, db_session
 from shared.events import EventLog
 from shared.models import ChatSession, Message, ReplayItem, Turn
 from shared.turns import is_next_in_session, schedule_next
-from tasks.model import Completion, ModelError, Stop, stream_completion
+from tasks.agent import Outcome, run_agent
+from tasks.tools import get_toolbox
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +72,11 @@ def claim_turn(turn_id: str) -> Claim | None:
     return Claim(turn_id, session_id, number, attempt, [{"role": r, "content": c} for r, c in history])
 
 
-def finish_turn(
-    claim: Claim, events: EventLog, status: str, result: Completion | None = None, error: dict | None = None
-) -> None:
+def finish_turn(claim: Claim, events: EventLog, outcome: Outcome) -> None:
     """Write the final state and the answer in one transaction, then emit the
     terminal event. The update is guarded by the attempt number, so an attempt
     that no longer owns the turn writes nothing and emits nothing."""
-    text = result.text if result else ""
+    status, text = outcome.status, outcome.text
     with db_session() as db:
         chat = db.get(ChatSession, claim.session_id, with_for_update=True)
         if chat is None:  # the session was deleted while the turn ran
@@ -87,26 +87,34 @@ def finish_turn(
             .where(Turn.id == claim.turn_id, Turn.status == "running", Turn.attempts == claim.attempt)
             .values(
                 status=status,
-                answer=text if result else None,
-                usage=result.usage if result else None,
-                tools=[],
-                error=error,
+                answer=text if status != "failed" else None,
+                usage=outcome.usage,
+                tools=outcome.tools,
+                error=outcome.error,
                 finished_at=func.now(),
             )
         ).rowcount
         if not done:
             return
-        if text:
-            db.add(Message(session_id=claim.session_id, turn_id=claim.turn_id, role="assistant", content=text))
+        if text and status != "failed":
+            db.add(
+                Message(
+                    session_id=claim.session_id,
+                    turn_id=claim.turn_id,
+                    role="assistant",
+                    content=text,
+                    tool_calls=outcome.tools or None,
+                )
+            )
         chat.updated_at = func.now()
         schedule_next(db, claim.session_id)
         replay_id = db.scalar(select(ReplayItem.replay_id).where(ReplayItem.turn_id == claim.turn_id))
         if replay_id is not None:
             after_commit(db, send_replay_advance, replay_id)
         if status == "succeeded":
-            after_commit(db, events.append, "turn.completed", answer=text, usage=result.usage, tools=[])
+            after_commit(db, events.append, "turn.completed", answer=text, usage=outcome.usage, tools=outcome.tools)
         elif status == "failed":
-            after_commit(db, events.append, "turn.failed", error=error)
+            after_commit(db, events.append, "turn.failed", error=outcome.error)
         else:
             after_commit(db, events.append, "turn.cancelled")
 
@@ -122,20 +130,17 @@ def run_turn(self: Task, turn_id: str) -> None:
     if claim.attempt > 1:
         events.append("turn.restarted", attempt=claim.attempt, reason="redelivered")
     events.append("turn.started", attempt=claim.attempt)
-
-    def on_delta(text: str) -> None:
-        _seq, cancelled = events.append("message.delta", delta=text)
-        if cancelled:
-            raise Stop
-
     try:
-        result = stream_completion(claim.history, on_delta)
-    except ModelError as exc:
-        finish_turn(claim, events, "failed", error={"code": exc.code, "message": exc.message})
-        return
+        outcome = run_agent(claim.history, events, get_toolbox(), get_settings(), claim.attempt)
     except Exception:
         log.exception("turn %s failed unexpectedly", turn_id)
         error = {"code": "internal_error", "message": "the worker failed while running this turn"}
-        finish_turn(claim, events, "failed", error=error)
-        return
-    finish_turn(claim, events, "cancelled" if result.stopped else "succeeded", result)
+        outcome = Outcome("failed", error=error)
+    finish_turn(claim, events, outcome)
+
+
+@worker_shutdown.connect
+def close_tools(**_: Any) -> None:
+    """Close the MCP servers this process opened (stdio servers exit)."""
+    if get_toolbox.cache_info().currsize:
+        get_toolbox().close()

@@ -24,11 +24,13 @@ _ENV_DEFAULTS = {
     "AUTH": "on",
     "REDIS_PREFIX": "test:",
     "OPENAI_API_KEY": "offline",
-    "OPENAI_MAX_RETRIES": "1",
+    "OPENAI_MAX_RETRIES": "2",
     "OPENAI_TIMEOUT": "10",
     "SSE_PING_SECONDS": "1",
     "CHAT_WAIT_SECONDS": "20",
     "SECRET_KEY": "test-secret",
+    "TOOL_TIMEOUT_SECONDS": "2",
+    "MAX_TOOL_ROUNDS": "3",
 }
 
 
@@ -47,10 +49,20 @@ def stack():
         procs.append(rd)
         model, model_port = services.start_model(logdir, "--first-token-delay", "0", "--token-delay", "0.002")
         procs.append(model)
+        mcp_http, mcp_port = services.start_mcp_http(logdir)
+        procs.append(mcp_http)
+        database_url = f"postgres://turnstream@127.0.0.1:{pg_port}/turnstream"
+        services.wait_until(lambda: services.port_open(pg_port), 30, "Postgres")
+        from tasks.mcp.sql import make_demo
+
+        demo_url = services.wait_until(
+            lambda: make_demo(f"postgresql://turnstream@127.0.0.1:{pg_port}/turnstream_demo"), 30, "demo database"
+        )
         env = {
             **os.environ,
             **_ENV_DEFAULTS,
-            "DATABASE_URL": f"postgres://turnstream@127.0.0.1:{pg_port}/turnstream",
+            "DATABASE_URL": database_url,
+            "MCP_SERVERS": services.mcp_servers(demo_url, mcp_port),
             "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
             "OPENAI_BASE_URL": f"http://127.0.0.1:{model_port}/v1",
             "PYTHONPATH": str(services.ROOT),
@@ -72,6 +84,8 @@ def stack():
             "model_port": model_port,
             "redis_port": redis_port,
             "worker": worker,
+            "pg_port": pg_port,
+            "demo_url": demo_url,
         }
     finally:
         for proc in reversed(procs):
@@ -80,7 +94,7 @@ def stack():
 
 def _reset_process_singletons() -> None:
     from shared import broker, config, db, redis
-    from tasks import model
+    from tasks import model, tools
 
     for fn in (
         config.get_settings,
@@ -89,6 +103,7 @@ def _reset_process_singletons() -> None:
         redis.get_redis,
         broker.get_celery,
         model.get_client,
+        tools.get_toolbox,
     ):
         fn.cache_clear()
 

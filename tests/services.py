@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -9,9 +10,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -20,13 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:
+def wait_until(check: Callable[[], T], timeout: float, what: str) -> T:
+    """Call check until it returns something true, and return that."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            if check():
-                return
+            value = check()
+            if value:
+                return value
         except Exception as exc:  # not up yet
             last = exc
         time.sleep(0.1)
@@ -105,6 +112,28 @@ def start_model(logdir: Path, *extra: str) -> tuple[Proc, int]:
     proc = Proc("model", [sys.executable, "-m", "offline_model", "--port", str(port), *extra], logdir)
     wait_until(lambda: port_open(port), 30, "offline model")
     return proc, port
+
+
+def start_mcp_http(logdir: Path) -> tuple[Proc, int]:
+    """The test kit MCP server over streamable HTTP; its URL ends in /mcp."""
+    port = free_port()
+    proc = Proc("mcp-http", [sys.executable, "-m", "tests.mcp_tools", "--port", str(port)], logdir)
+    wait_until(lambda: port_open(port), 30, "MCP HTTP server")
+    return proc, port
+
+
+def mcp_servers(demo_url: str, http_port: int) -> str:
+    """MCP_SERVERS for the tests: the bundled SQL server on the demo data, and
+    the test kit both over stdio and over HTTP."""
+    return json.dumps(
+        {
+            "mcpServers": {
+                "sql": {"command": sys.executable, "args": ["-m", "tasks.mcp.sql"], "env": {"DATABASE_URL": demo_url}},
+                "kit": {"command": sys.executable, "args": ["-m", "tests.mcp_tools"], "cwd": str(ROOT)},
+                "web": {"url": f"http://127.0.0.1:{http_port}/mcp", "headers": {"X-Test": "1"}},
+            }
+        }
+    )
 
 
 def start_worker(logdir: Path, env: dict[str, str], name: str = "worker", concurrency: int = 8) -> Proc:

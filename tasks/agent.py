@@ -1,0 +1,155 @@
+"""The agent loop: stream the model, run the tools it calls, feed the results
+back, until it answers without tools or runs out of tool rounds.
+
+Every piece of progress is an event of the turn: `message.delta` for text,
+`tool.started` and `tool.finished` for each call. Appending an event also
+reports whether the turn was cancelled, so the loop stops between deltas and
+between tool calls; while tools run, the flag is polled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.config import Settings
+from shared.events import EventLog
+from tasks.model import Completion, ModelError, Stop, StreamBroken, stream_completion
+from tasks.tools import Cancelled, Toolbox
+
+log = logging.getLogger(__name__)
+
+EVENT_OUTPUT_CHARS = 2_000  # tool output in events and in the turn's record
+
+
+@dataclass
+class Outcome:
+    status: str  # succeeded | failed | cancelled
+    text: str = ""
+    usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, str] | None = None
+
+    def add_usage(self, completion: Completion) -> None:
+        for k in self.usage:
+            self.usage[k] += completion.usage.get(k, 0)
+
+
+def backoff(retry: int) -> float:
+    """Seconds before retry n (1, 2, …): exponential, capped, with jitter."""
+    return min(0.5 * 2 ** (retry - 1), 8.0) * (1 - 0.25 * random.random())
+
+
+def run_agent(
+    history: list[dict[str, Any]], events: EventLog, toolbox: Toolbox, settings: Settings, attempt: int
+) -> Outcome:
+    """Run the turn; a stream that breaks off midway is run again from the
+    start (after `turn.restarted`), at most OPENAI_MAX_RETRIES times."""
+    restarts = 0
+    while True:
+        try:
+            return _Run(history, events, toolbox, settings).run()
+        except StreamBroken as exc:
+            if restarts >= settings.openai_max_retries:
+                return Outcome("failed", error={"code": exc.code, "message": exc.message})
+            restarts += 1
+            log.warning("turn %s: %s; restart %d", events.ident, exc.message, restarts)
+            time.sleep(backoff(restarts))
+            _seq, cancelled = events.append("turn.restarted", attempt=attempt, reason="model_stream_broke")
+            if cancelled:
+                return Outcome("cancelled")
+        except ModelError as exc:
+            return Outcome("failed", error={"code": exc.code, "message": exc.message})
+
+
+class _Run:
+    def __init__(self, history: list[dict[str, Any]], events: EventLog, toolbox: Toolbox, settings: Settings) -> None:
+        self.messages = list(history)
+        self.events = events
+        self.toolbox = toolbox
+        self.settings = settings
+        self.outcome = Outcome("succeeded")
+        self.cancelled = False
+
+    def emit(self, type_: str, **fields: Any) -> None:
+        _seq, cancelled = self.events.append(type_, **fields)
+        self.cancelled = self.cancelled or cancelled
+
+    def on_delta(self, text: str) -> None:
+        self.emit("message.delta", delta=text)
+        if self.cancelled:
+            raise Stop
+
+    def run(self) -> Outcome:
+        out = self.outcome
+        specs = self.toolbox.specs()
+        for round_ in range(self.settings.max_tool_rounds + 1):
+            completion = stream_completion(self.messages, self.on_delta, specs)
+            out.add_usage(completion)
+            out.text += completion.text
+            if completion.stopped or self.cancelled:
+                out.status = "cancelled"
+                return out
+            if not completion.tool_calls:
+                return out
+            if round_ == self.settings.max_tool_rounds:
+                break
+            self.messages.append(
+                {
+                    "role": "assistant",
+                    "content": completion.text or None,
+                    "tool_calls": [c.as_message() for c in completion.tool_calls],
+                }
+            )
+            if not self.run_tools(completion):
+                out.status = "cancelled"
+                return out
+        out.status = "failed"
+        out.error = {
+            "code": "tool_rounds_exceeded",
+            "message": f"the model still called tools after {self.settings.max_tool_rounds} rounds (MAX_TOOL_ROUNDS)",
+        }
+        return out
+
+    def run_tools(self, completion: Completion) -> bool:
+        """Run one round of tool calls at once; False if the turn was cancelled."""
+        calls = completion.tool_calls
+        for call in calls:
+            self.emit("tool.started", call_id=call.id, name=call.name, arguments=_arguments(call.arguments))
+        if self.cancelled:
+            return False
+        try:
+            results = self.toolbox.call_all([(c.name, c.arguments) for c in calls], self.events.cancel_requested)
+        except Cancelled:
+            return False
+        for call, result in zip(calls, results, strict=True):
+            short = _shorten(result.output)
+            self.emit("tool.finished", call_id=call.id, name=call.name, ok=result.ok, output=short)
+            self.outcome.tools.append(
+                {
+                    "call_id": call.id,
+                    "name": call.name,
+                    "arguments": _arguments(call.arguments),
+                    "ok": result.ok,
+                    "output": short,
+                    "duration_ms": result.duration_ms,
+                }
+            )
+            self.messages.append({"role": "tool", "tool_call_id": call.id, "content": result.output})
+        return not self.cancelled
+
+
+def _arguments(text: str) -> Any:
+    """Arguments as JSON when they parse, else the text the model wrote."""
+    try:
+        return json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return text
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= EVENT_OUTPUT_CHARS else text[: EVENT_OUTPUT_CHARS - 1] + "…"

@@ -1,0 +1,1 @@
+"""MCP servers that ship with Turnstream (run as subprocesses of the worker)."""

@@ -1,0 +1,231 @@
+"""Read-only SQL over a database URL, as an MCP server on stdio.
+
+    python -m tasks.mcp.sql [--database-url URL] [--max-rows N] [--timeout-ms N]
+    python -m tasks.mcp.sql demo URL     create (or refill) the demo database at URL
+
+Tools: `list_tables`, `describe_table`, `query`. The database enforces
+read-only: every call runs in a transaction started READ ONLY (with
+`default_transaction_read_only` on for the connection), the statement is sent
+as one prepared statement (so "…; COMMIT; INSERT …" is refused), a statement
+timeout bounds it and at most --max-rows rows come back. For more, connect as
+a role that can only SELECT; the demo creates one (`turnstream_reader`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import decimal
+import json
+import os
+import random
+import sys
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from psycopg import sql as pgsql
+
+READER_ROLE = "turnstream_reader"
+
+
+def _libpq_url(url: str) -> str:
+    """postgres://, postgresql:// and postgresql+psycopg:// all name the same database."""
+    for prefix in ("postgresql+psycopg://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql://" + url[len(prefix) :]
+    return url
+
+
+class ReadOnlySQL:
+    def __init__(self, url: str, max_rows: int, timeout_ms: int) -> None:
+        self.url = _libpq_url(url)
+        self.max_rows = max_rows
+        self.timeout_ms = timeout_ms
+
+    async def run(self, statement: str, params: tuple[Any, ...] = (), max_rows: int | None = None) -> dict[str, Any]:
+        max_rows = max_rows or self.max_rows
+        options = f"-c default_transaction_read_only=on -c statement_timeout={self.timeout_ms}"
+        try:
+            async with await psycopg.AsyncConnection.connect(self.url, options=options, connect_timeout=10) as conn:
+                await conn.execute("SET TRANSACTION READ ONLY")
+                # A query now, so the transaction can no longer be switched to READ WRITE.
+                await conn.execute("SELECT 1")
+                cur = await conn.execute(statement, params or None, prepare=True)
+                if cur.description is None:
+                    return {"columns": [], "rows": [], "truncated": False, "status": cur.statusmessage}
+                rows = await cur.fetchmany(max_rows + 1)
+                await conn.rollback()
+        except psycopg.Error as exc:
+            raise ToolError(str(exc).strip()) from None
+        return {
+            "columns": [d.name for d in cur.description],
+            "rows": [[_plain(v) for v in row] for row in rows[:max_rows]],
+            "truncated": len(rows) > max_rows,
+        }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (dt.date, dt.datetime, dt.time, dt.timedelta)):
+        return str(value)
+    if isinstance(value, (str, int, float, bool, type(None), list, dict)):
+        return value
+    return str(value)
+
+
+def build_server(db: ReadOnlySQL) -> MCPServer:
+    server = MCPServer("turnstream-sql", instructions="Read-only SQL over one database.")
+
+    @server.tool()
+    async def list_tables() -> str:
+        """List the tables and views you can read, with their approximate row counts."""
+        result = await db.run(
+            "SELECT table_schema || '.' || table_name AS table, table_type AS kind,"
+            " coalesce((SELECT greatest(reltuples, 0)::bigint FROM pg_class"
+            "   WHERE oid = (quote_ident(table_schema) || '.' || quote_ident(table_name))::regclass), 0) AS rows"
+            " FROM information_schema.tables"
+            " WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
+            " ORDER BY 1",
+            max_rows=10_000,
+        )
+        return json.dumps(result["rows"])
+
+    @server.tool()
+    async def describe_table(table: str) -> str:
+        """Describe a table's columns: name, type, nullable. `table` is `name` or `schema.name`."""
+        schema, _, name = table.rpartition(".")
+        result = await db.run(
+            "SELECT column_name, data_type, is_nullable = 'YES' AS nullable FROM information_schema.columns"
+            " WHERE table_name = %s AND (%s = '' OR table_schema = %s)"
+            " AND table_schema NOT IN ('pg_catalog', 'information_schema')"
+            " ORDER BY table_schema, ordinal_position",
+            (name, schema, schema),
+            max_rows=10_000,
+        )
+        if not result["rows"]:
+            raise ToolError(f"there is no table named {table!r}; list_tables shows what exists")
+        return json.dumps(result["rows"])
+
+    @server.tool()
+    async def query(sql: str) -> str:
+        """Run one read-only SQL statement (PostgreSQL) and return its columns and rows as JSON."""
+        return json.dumps(await db.run(sql), default=str)
+
+    return server
+
+
+# The demo dataset: a small shop. Dates are relative to the day it is made,
+# so "last week" always means something; everything else is fixed by the seed.
+_DEMO_SCHEMA = """
+DROP TABLE IF EXISTS orders, products, customers;
+CREATE TABLE customers (
+    id integer PRIMARY KEY, name text NOT NULL, email text NOT NULL UNIQUE,
+    country text NOT NULL, signed_up_at date NOT NULL);
+CREATE TABLE products (
+    id integer PRIMARY KEY, name text NOT NULL, category text NOT NULL, price numeric(10, 2) NOT NULL);
+CREATE TABLE orders (
+    id integer PRIMARY KEY, customer_id integer NOT NULL REFERENCES customers,
+    product_id integer NOT NULL REFERENCES products, quantity integer NOT NULL,
+    status text NOT NULL, ordered_at date NOT NULL);
+"""
+_FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "John", "Radia", "Ken", "Sophie", "Linus"]
+_LAST = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Backus", "Perlman", "Thompson"]
+_COUNTRIES = ["UK", "US", "NL", "FR", "DE", "IN", "BR", "JP"]
+_PRODUCTS = [
+    ("Notebook", "stationery", 4.5),
+    ("Fountain pen", "stationery", 32.0),
+    ("Desk lamp", "home", 45.0),
+    ("Mug", "home", 9.5),
+    ("Keyboard", "electronics", 79.0),
+    ("Mouse", "electronics", 25.0),
+    ("Monitor", "electronics", 219.0),
+    ("Backpack", "travel", 65.0),
+    ("Water bottle", "travel", 18.0),
+    ("Headphones", "electronics", 129.0),
+    ("Plant pot", "home", 14.0),
+    ("Sketchbook", "stationery", 12.0),
+]
+
+
+def make_demo(url: str, customers: int = 60, orders: int = 400) -> str:
+    """Create the demo database (if missing) and fill it; returns a read-only URL for it."""
+    url = _libpq_url(url)
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    name = info.get("dbname")
+    if not name:
+        raise SystemExit("the demo database URL must name a database")
+    with psycopg.connect(psycopg.conninfo.make_conninfo(url, dbname="postgres"), autocommit=True) as admin:
+        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            admin.execute(pgsql.SQL("CREATE DATABASE {}").format(pgsql.Identifier(name)))
+        if not admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (READER_ROLE,)).fetchone():
+            admin.execute(pgsql.SQL("CREATE ROLE {} LOGIN").format(pgsql.Identifier(READER_ROLE)))
+    rng = random.Random(7)
+    today = dt.date.today()
+    with psycopg.connect(url) as conn:
+        conn.execute(_DEMO_SCHEMA)
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO customers VALUES (%s, %s, %s, %s, %s)",
+                [
+                    (
+                        i,
+                        f"{rng.choice(_FIRST)} {rng.choice(_LAST)}",
+                        f"customer{i}@example.com",
+                        rng.choice(_COUNTRIES),
+                        today - dt.timedelta(days=rng.randrange(0, 365)),
+                    )
+                    for i in range(1, customers + 1)
+                ],
+            )
+            cur.executemany(
+                "INSERT INTO products VALUES (%s, %s, %s, %s)",
+                [(i, n, c, p) for i, (n, c, p) in enumerate(_PRODUCTS, 1)],
+            )
+            cur.executemany(
+                "INSERT INTO orders VALUES (%s, %s, %s, %s, %s, %s)",
+                [
+                    (
+                        i,
+                        rng.randrange(1, customers + 1),
+                        rng.randrange(1, len(_PRODUCTS) + 1),
+                        rng.choice([1, 1, 1, 2, 3]),
+                        rng.choice(["paid", "paid", "paid", "shipped", "refunded"]),
+                        today - dt.timedelta(days=rng.randrange(0, 180)),
+                    )
+                    for i in range(1, orders + 1)
+                ],
+            )
+        role = pgsql.Identifier(READER_ROLE)
+        conn.execute(pgsql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(pgsql.Identifier(name), role))
+        conn.execute(pgsql.SQL("GRANT SELECT ON customers, products, orders TO {}").format(role))
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ANALYZE customers, products, orders")  # so list_tables shows row counts
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{READER_ROLE}@{parts.netloc.rpartition('@')[2]}"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        parser = argparse.ArgumentParser(prog="python -m tasks.mcp.sql demo")
+        parser.add_argument("url", help="database URL; the database is created if missing")
+        args = parser.parse_args(argv[1:])
+        print(make_demo(args.url))
+        return
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="python -m tasks.mcp.sql", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database-url", default=env("DATABASE_URL"))
+    parser.add_argument("--max-rows", type=int, default=int(env("SQL_MAX_ROWS", "200")))
+    parser.add_argument("--timeout-ms", type=int, default=int(env("SQL_TIMEOUT_MS", "5000")))
+    args = parser.parse_args(argv)
+    if not args.database_url:
+        parser.error("--database-url or DATABASE_URL is required")
+    build_server(ReadOnlySQL(args.database_url, args.max_rows, args.timeout_ms)).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""MCP tools for the agent.
+
+The MCP SDK is asyncio while the worker's turns run in pool threads, so each
+worker process keeps one asyncio loop in a background thread. Every configured
+server gets one long-lived `mcp.Client` there, opened on first use and reused
+by every turn of the process; turns call into the loop and wait for results.
+
+Each client lives inside one asyncio task from open to close, because the
+SDK's transports (anyio task groups) must be entered and left by the same
+task. A server whose connection closes (a stdio server that crashed, an HTTP
+server that went away) is marked closed and opened again on its next use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import mcp_types
+from mcp import Client, MCPError, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+
+from shared.config import get_settings
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 20.0  # seconds to start a server and list its tools
+RETRY_AFTER_FAILURE = 15.0  # a server that failed to open is not retried sooner
+MODEL_OUTPUT_CHARS = 20_000  # tool output beyond this is cut before it reaches the model
+_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+class Cancelled(Exception):
+    """The turn was cancelled while its tools ran."""
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    ok: bool
+    output: str
+    duration_ms: int
+
+
+def tool_name(server: str, tool: str) -> str:
+    """The name the model sees: `<server>__<tool>`, in OpenAI's alphabet."""
+    return _NAME_CHARS.sub("_", f"{server}__{tool}")[:64]
+
+
+class _Server:
+    """One configured MCP server and its open client, owned by the loop thread."""
+
+    def __init__(self, name: str, config: dict[str, Any]) -> None:
+        self.name = name
+        self.config = config
+        self.client: Client | None = None
+        self.tools: list[mcp_types.Tool] = []
+        self.failed_at = 0.0
+        self._closing: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> bool:
+        """Open the client unless it is open; False when the server is unavailable."""
+        async with self._lock:
+            if self.client is not None:
+                return True
+            if time.monotonic() - self.failed_at < RETRY_AFTER_FAILURE:
+                return False
+            ready = asyncio.get_running_loop().create_future()
+            self._task = asyncio.create_task(self._hold(ready), name=f"mcp:{self.name}")
+            try:
+                await asyncio.wait_for(asyncio.shield(ready), CONNECT_TIMEOUT)
+                return True
+            except Exception as exc:  # noqa: BLE001 - any failure leaves the server out for now
+                log.warning("MCP server %r is unavailable: %s", self.name, exc or type(exc).__name__)
+                self.failed_at = time.monotonic()
+                self._task.cancel()
+                return False
+
+    async def _hold(self, ready: asyncio.Future) -> None:
+        """Open the client, publish it, and keep it open until closed."""
+        self._closing = closing = asyncio.Event()
+        try:
+            async with AsyncExitStack() as stack:
+                client = await stack.enter_async_context(Client(await self._transport(stack), mode="auto"))
+                tools, cursor = [], None
+                while True:
+                    page = await client.list_tools(cursor=cursor)
+                    tools.extend(page.tools)
+                    cursor = page.next_cursor
+                    if not cursor:
+                        break
+                self.tools, self.client = tools, client
+                log.info("MCP server %r open with %d tools", self.name, len(tools))
+                ready.set_result(None)
+                await closing.wait()
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc if isinstance(exc, Exception) else ConnectionError("cancelled"))
+            if not isinstance(exc, (Exception, asyncio.CancelledError)):
+                raise
+        finally:
+            self.client = None
+
+    async def _transport(self, stack: AsyncExitStack) -> Any:
+        cfg = self.config
+        if "command" in cfg:
+            return StdioServerParameters(
+                command=cfg["command"], args=list(cfg.get("args") or []), env=cfg.get("env"), cwd=cfg.get("cwd")
+            )
+        http = await stack.enter_async_context(
+            httpx2.AsyncClient(headers=cfg.get("headers") or {}, timeout=httpx2.Timeout(30.0, read=300.0))
+        )
+        return streamable_http_client(cfg["url"], http_client=http)
+
+    def close(self) -> None:
+        if self._closing is not None:
+            self._closing.set()
+        self.client = None
+
+    async def call(self, tool: str, arguments: dict[str, Any], timeout: float) -> ToolResult:
+        start = time.monotonic()
+
+        def done(ok: bool, output: str) -> ToolResult:
+            return ToolResult(ok, output, int((time.monotonic() - start) * 1000))
+
+        if not await self.open():
+            return done(False, f"the tool server {self.name!r} is unavailable")
+        client = self.client
+        try:
+            # The SDK's own timeout sends the server a cancellation; wait_for
+            # is the backstop should a transport hang outside a request.
+            result = await asyncio.wait_for(
+                client.call_tool(tool, arguments, read_timeout_seconds=timeout), timeout + 5
+            )
+        except (MCPError, TimeoutError) as exc:
+            code = getattr(exc, "code", mcp_types.REQUEST_TIMEOUT)
+            if code == mcp_types.REQUEST_TIMEOUT:
+                return done(False, f"the tool did not answer within {timeout:g} seconds")
+            if code == mcp_types.CONNECTION_CLOSED:
+                self.close()  # opened again on next use
+                return done(False, f"the tool server {self.name!r} closed the connection; it restarts on next use")
+            return done(False, f"the tool failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a tool's failure goes back to the model, never fails the turn
+            self.close()
+            return done(False, f"the tool server {self.name!r} failed: {exc}")
+        return done(not result.is_error, _output_text(result))
+
+
+def _output_text(result: mcp_types.CallToolResult) -> str:
+    parts = []
+    for block in result.content:
+        text = getattr(block, "text", None)
+        parts.append(text if text is not None else f"[{block.type}]")
+    if not parts and result.structured_content is not None:
+        parts.append(json.dumps(result.structured_content, default=str))
+    text = "\n".join(parts)
+    return text if len(text) <= MODEL_OUTPUT_CHARS else text[:MODEL_OUTPUT_CHARS] + "\n[output cut]"
+
+
+class Toolbox:
+    """The worker process's MCP servers, callable from any thread."""
+
+    def __init__(self, servers: dict[str, dict[str, Any]], timeout: float) -> None:
+        self.timeout = timeout
+        self._configs = servers
+        self._servers: dict[str, _Server] = {}
+        self._names: dict[str, tuple[_Server, str]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._start = threading.Lock()
+
+    def _run(self, coro: Any) -> Any:
+        """Run a coroutine on the loop thread and return its future."""
+        with self._start:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="mcp-loop", daemon=True).start()
+                self._servers = {n: _Server(n, c) for n, c in self._configs.items()}
+                self._loop = loop
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def specs(self) -> list[dict[str, Any]]:
+        """The tools to offer the model, as OpenAI function tools."""
+        if not self._configs:
+            return []
+        return self._run(self._specs()).result()
+
+    async def _specs(self) -> list[dict[str, Any]]:
+        servers = list(self._servers.values())
+        await asyncio.gather(*(s.open() for s in servers))
+        specs, names = [], {}
+        for server in servers:
+            if server.client is None:
+                continue
+            for tool in server.tools:
+                name = tool_name(server.name, tool.name)
+                names[name] = (server, tool.name)
+                specs.append(
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": name,
+                            "description": tool.description or "",
+                            "parameters": tool.input_schema,
+                        },
+                    }
+                )
+        self._names = names
+        return specs
+
+    def call_all(self, calls: list[tuple[str, str]], cancelled: Callable[[], bool]) -> list[ToolResult]:
+        """Run (name, JSON arguments) calls at once; raise Cancelled as soon
+        as `cancelled()` turns true, stopping the calls still running."""
+        future = self._run(self._call_all(calls))
+        while True:
+            try:
+                return future.result(timeout=0.2)
+            except TimeoutError:
+                if cancelled():
+                    future.cancel()
+                    raise Cancelled from None
+
+    async def _call_all(self, calls: list[tuple[str, str]]) -> list[ToolResult]:
+        return list(await asyncio.gather(*(self._call(name, args) for name, args in calls)))
+
+    async def _call(self, name: str, arguments: str) -> ToolResult:
+        target = self._names.get(name)
+        if target is None:
+            return ToolResult(False, f"there is no tool named {name!r}", 0)
+        try:
+            args = json.loads(arguments or "{}")
+        except json.JSONDecodeError as exc:
+            return ToolResult(False, f"the arguments are not valid JSON: {exc}", 0)
+        if not isinstance(args, dict):
+            return ToolResult(False, "the arguments must be a JSON object", 0)
+        server, tool = target
+        return await server.call(tool, args, self.timeout)
+
+    def close(self) -> None:
+        """Close every server (stdio servers exit), at worker shutdown."""
+        if self._loop is None:
+            return
+
+        async def close_all() -> None:
+            tasks = [s._task for s in self._servers.values() if s._task is not None]
+            for server in self._servers.values():
+                server.close()
+            await asyncio.wait(tasks, timeout=5) if tasks else None
+
+        self._run(close_all()).result(timeout=10)
+
+
+@functools.cache
+def get_toolbox() -> Toolbox:
+    s = get_settings()
+    return Toolbox(s.mcp_servers, s.tool_timeout)

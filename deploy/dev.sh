@@ -7,6 +7,15 @@ bash deploy/setup.sh
 mkdir -p .local
 export PATH="$PWD/.venv/bin:$PATH"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Tools: the bundled read-only SQL server over the demo shop database (the
+# worker's start creates it), unless MCP_SERVERS says otherwise.
+export DEMO_DATABASE_URL="${DEMO_DATABASE_URL:-postgresql://turnstream@127.0.0.1:5433/turnstream_demo}"
+if [ -z "${MCP_SERVERS:-}" ]; then
+  MCP_SERVERS=$(python -c 'import json, os, sys; print(json.dumps({"sql": {
+    "command": sys.executable, "args": ["-m", "tasks.mcp.sql"], "cwd": os.getcwd(),
+    "env": {"DATABASE_URL": "postgresql://turnstream_reader@127.0.0.1:5433/turnstream_demo"}}}))')
+  export MCP_SERVERS
+fi
 # honcho gives each process its own $PORT; the web port travels as WEB_PORT.
 export WEB_PORT="${PORT:-8000}"
 echo

@@ -33,6 +33,10 @@ def test_platform_urls_are_accepted_as_handed_out():
         ({"AUTH": "maybe"}, "AUTH"),
         ({"MCP_SERVERS": "{bad json"}, "MCP_SERVERS"),
         ({"MCP_SERVERS": json.dumps({"mcpServers": {"x": {"args": []}}})}, "MCP_SERVERS"),
+        ({"MCP_SERVERS": json.dumps({"a__b": {"command": "python"}})}, "MCP_SERVERS"),
+        ({"MCP_SERVERS": json.dumps({"sql": {"command": "python", "args": "-m x"}})}, "MCP_SERVERS"),
+        ({"TOOL_TIMEOUT_SECONDS": "0"}, "TOOL_TIMEOUT_SECONDS"),
+        ({"MAX_TOOL_ROUNDS": "many"}, "MAX_TOOL_ROUNDS"),
         ({"TURNSTREAM_ENV": "production", "FLOWER_BASIC_AUTH": "a:b"}, "SECRET_KEY"),
     ],
 )

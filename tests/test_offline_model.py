@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import openai
@@ -57,3 +58,78 @@ def test_faults_http_status_disconnect_and_stall(model):
     stalled = model.with_options(timeout=1.0)
     with pytest.raises(openai.APITimeoutError):
         _stream(stalled, [{"role": "user", "content": "[[fault=stall]]"}])
+
+
+_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "db__query",
+            "parameters": {"type": "object", "properties": {"sql": {"type": "string"}}, "required": ["sql"]},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "kit__shout",
+            "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+        },
+    },
+]
+
+
+def _tool_calls(model, messages):
+    """Stream with tools offered; reassemble the tool calls from their pieces."""
+    calls, finish = {}, None
+    stream = model.chat.completions.create(model="m", messages=messages, tools=_TOOLS, stream=True)
+    for chunk in stream:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for piece in choice.delta.tool_calls or []:
+                call = calls.setdefault(piece.index, {"id": piece.id, "name": "", "arguments": ""})
+                call["name"] += piece.function.name or ""
+                call["arguments"] += piece.function.arguments or ""
+    return [calls[i] for i in sorted(calls)], finish
+
+
+def test_tool_calls_by_rule_streamed_in_pieces(model):
+    calls, finish = _tool_calls(model, [{"role": "user", "content": "count? SELECT count(*) FROM t"}])
+    assert finish == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        ("db__query", {"sql": "SELECT count(*) FROM t"})
+    ]
+    calls, _ = _tool_calls(model, [{"role": "user", "content": '[[call=shout {"text": "a"}]] [[call=kit__shout]]'}])
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        ("kit__shout", {"text": "a"}),
+        ("kit__shout", {}),
+    ]
+    assert calls[0]["id"] != calls[1]["id"]
+    calls, _ = _tool_calls(model, [{"role": "user", "content": "shout hello"}])
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("kit__shout", {"text": "hello"})]
+    calls, finish = _tool_calls(model, [{"role": "user", "content": "nothing to call"}])
+    assert calls == [] and finish == "stop"
+
+
+def test_after_tool_results_the_answer_quotes_them(model):
+    messages = [
+        {"role": "user", "content": "shout hi"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "kit__shout", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "HI"},
+    ]
+    calls, finish = _tool_calls(model, messages)
+    assert calls == [] and finish == "stop"
+    text, _ = _stream(model, messages)
+    assert text.startswith('kit__shout returned: HI. You said: "shout hi".')
+
+
+def test_fault_sequences_fail_then_succeed(model):
+    messages = [{"role": "user", "content": f"seq {time.time()} [[faults=500,429]]"}]
+    with pytest.raises(openai.InternalServerError):
+        _stream(model, messages)
+    with pytest.raises(openai.RateLimitError):
+        _stream(model, messages)
+    assert _stream(model, messages)[0].startswith('You said: "seq')

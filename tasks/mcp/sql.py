@@ -176,7 +176,7 @@ def make_demo(url: str, customers: int = 60, orders: int = 400) -> str:
                         f"{rng.choice(_FIRST)} {rng.choice(_LAST)}",
                         f"customer{i}@example.com",
                         rng.choice(_COUNTRIES),
-                        today - dt.timedelta(days=rng.randrange(0, 365)),
+                        today - dt.timedelta(days=min(int(rng.expovariate(1 / 45)), 364)),  # recent ones more often
                     )
                     for i in range(1, customers + 1)
                 ],

@@ -60,7 +60,29 @@ async function openSession(id) {
   for (const li of $("sessions").children) li.className = li.dataset.id === id ? "active" : "";
   const { items } = await api(`/api/sessions/${id}/messages`);
   $("messages").innerHTML = "";
-  for (const m of items) bubble(m.role, m.content);
+  for (const m of items) {
+    for (const call of m.tool_calls || []) toolCall(call).finish(call);
+    bubble(m.role, m.content);
+  }
+}
+
+// One tool call: its name and arguments, then (folded) what it returned.
+function toolCall(call) {
+  const box = document.createElement("details");
+  box.className = "tool";
+  const summary = document.createElement("summary");
+  summary.textContent = `${call.name} ${JSON.stringify(call.arguments)} …`;
+  const output = document.createElement("pre");
+  box.append(summary, output);
+  $("messages").appendChild(box);
+  return {
+    box,
+    finish(done) {
+      summary.textContent = `${call.name} ${JSON.stringify(call.arguments)} ${done.ok ? "✓" : "✗"}`;
+      box.classList.add(done.ok ? "ok" : "error");
+      output.textContent = done.output;
+    },
+  };
 }
 
 $("new-session").onclick = async () => {
@@ -71,14 +93,28 @@ $("new-session").onclick = async () => {
 };
 
 function follow(turn) {
-  const out = bubble("assistant", "");
+  let out = bubble("assistant", "");
   let text = "";
+  let calls = {};
   $("status").textContent = "queued…";
   stream = new EventSource(turn.events_url);
   const finish = (label) => { stream.close(); stream = null; $("status").textContent = label; loadSessions(); };
   stream.addEventListener("turn.started", () => { $("status").textContent = "answering…"; });
   stream.addEventListener("message.delta", (e) => { text += JSON.parse(e.data).delta; out.textContent = text; });
-  stream.addEventListener("turn.restarted", () => { text = ""; out.textContent = ""; });
+  stream.addEventListener("turn.restarted", () => {
+    text = ""; out.textContent = "";
+    for (const c of Object.values(calls)) c.box.remove();
+    calls = {};
+  });
+  stream.addEventListener("tool.started", (e) => {
+    const d = JSON.parse(e.data);
+    calls[d.call_id] = toolCall(d);
+    $("messages").appendChild(out); // the answer goes below its tool calls
+  });
+  stream.addEventListener("tool.finished", (e) => {
+    const d = JSON.parse(e.data);
+    if (calls[d.call_id]) calls[d.call_id].finish(d);
+  });
   stream.addEventListener("turn.snapshot", (e) => {
     const d = JSON.parse(e.data);
     text = d.text; out.textContent = text;

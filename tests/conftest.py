@@ -7,11 +7,8 @@ the worker (another process) sees committed rows and no test sees another's.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -37,96 +34,13 @@ _ENV_DEFAULTS = {
 @pytest.fixture(scope="session")
 def stack():
     """Start every service once; yields the environment the processes share."""
-    workdir = Path(tempfile.mkdtemp(prefix="turnstream-test-"))
-    os.chmod(workdir, 0o755)  # the postgres account must reach its data folder
-    logdir = workdir / "logs"
-    logdir.mkdir()
-    procs: list[services.Proc] = []
-    try:
-        pg, pg_port = services.start_postgres(workdir, logdir)
-        procs.append(pg)
-        rd, redis_port = services.start_redis(workdir, logdir)
-        procs.append(rd)
-        model, model_port = services.start_model(logdir, "--first-token-delay", "0", "--token-delay", "0.002")
-        procs.append(model)
-        mcp_http, mcp_port = services.start_mcp_http(logdir)
-        procs.append(mcp_http)
-        database_url = f"postgres://turnstream@127.0.0.1:{pg_port}/turnstream"
-        services.wait_until(lambda: services.port_open(pg_port), 30, "Postgres")
-        from tasks.mcp.sql import make_demo
-
-        demo_url = services.wait_until(
-            lambda: make_demo(f"postgresql://turnstream@127.0.0.1:{pg_port}/turnstream_demo"), 30, "demo database"
-        )
-        env = {
-            **os.environ,
-            **_ENV_DEFAULTS,
-            "DATABASE_URL": database_url,
-            "MCP_SERVERS": services.mcp_servers(demo_url, mcp_port),
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "OPENAI_BASE_URL": f"http://127.0.0.1:{model_port}/v1",
-            "PYTHONPATH": str(services.ROOT),
-        }
-        os.environ.update(env)
-        _reset_process_singletons()
-        from shared.migrate import upgrade
-
-        services.wait_until(_db_ready, 30, "Postgres accepting connections")
-        upgrade()
-        worker = services.start_worker(logdir, env)
-        procs.append(worker)
-        _wait_for_worker(worker)
-        yield {
-            "env": env,
-            "workdir": workdir,
-            "logdir": logdir,
-            "procs": procs,
-            "model_port": model_port,
-            "redis_port": redis_port,
-            "worker": worker,
-            "pg_port": pg_port,
-            "demo_url": demo_url,
-        }
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-
-
-def _reset_process_singletons() -> None:
-    from shared import broker, config, db, redis
-    from tasks import model, tools
-
-    for fn in (
-        config.get_settings,
-        db.get_engine,
-        db._sessionmaker,
-        redis.get_redis,
-        broker.get_celery,
-        model.get_client,
-        tools.get_toolbox,
-    ):
-        fn.cache_clear()
-
-
-def _db_ready() -> bool:
-    from sqlalchemy import text
-
-    from shared.db import get_engine
-
-    with get_engine().connect() as conn:
-        conn.execute(text("SELECT 1"))
-    return True
-
-
-def _wait_for_worker(worker: services.Proc) -> None:
-    from shared.broker import get_celery
-
-    def ready():
-        if worker.popen.poll() is not None:
-            raise RuntimeError("worker exited:\n" + worker.log_tail())
-        return get_celery().control.ping(timeout=0.5)
-
-    services.wait_until(ready, 60, "Celery worker")
+    model_args = ("--first-token-delay", "0", "--token-delay", "0.002")
+    with services.stack("turnstream-test-", _ENV_DEFAULTS, model_args) as info:
+        worker = services.start_worker(info["logdir"], info["env"])
+        info["procs"].append(worker)
+        services.wait_for_worker(worker)
+        info["worker"] = worker
+        yield info
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -171,3 +173,98 @@ def start_gunicorn(logdir: Path, env: dict[str, str], workers: int = 1) -> tuple
     )
     wait_until(lambda: port_open(port), 30, "gunicorn")
     return proc, port
+
+
+@contextlib.contextmanager
+def stack(prefix: str, env_defaults: dict[str, str], model_args: tuple[str, ...], mcp: bool = True) -> Iterator[dict]:
+    """Postgres, Redis, the offline model (and the MCP test servers), migrated
+    and set in this process's environment; workers and web are the caller's."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(workdir, 0o755)  # the postgres account must reach its data folder
+    logdir = workdir / "logs"
+    logdir.mkdir()
+    procs: list[Proc] = []
+    try:
+        pg, pg_port = start_postgres(workdir, logdir)
+        procs.append(pg)
+        rd, redis_port = start_redis(workdir, logdir)
+        procs.append(rd)
+        model, model_port = start_model(logdir, *model_args)
+        procs.append(model)
+        env = {
+            **os.environ,
+            **env_defaults,
+            "DATABASE_URL": f"postgres://turnstream@127.0.0.1:{pg_port}/turnstream",
+            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{model_port}/v1",
+            "PYTHONPATH": str(ROOT),
+            "MCP_SERVERS": "",
+        }
+        wait_until(lambda: port_open(pg_port), 30, "Postgres")
+        demo_url = None
+        if mcp:
+            from tasks.mcp.sql import make_demo
+
+            mcp_http, mcp_port = start_mcp_http(logdir)
+            procs.append(mcp_http)
+            demo_url = wait_until(
+                lambda: make_demo(f"postgresql://turnstream@127.0.0.1:{pg_port}/turnstream_demo"), 30, "demo database"
+            )
+            env["MCP_SERVERS"] = mcp_servers(demo_url, mcp_port)
+        os.environ.update(env)
+        reset_process_singletons()
+        from shared.migrate import upgrade
+
+        wait_until(_db_ready, 30, "Postgres accepting connections")
+        upgrade()
+        yield {
+            "env": env,
+            "workdir": workdir,
+            "logdir": logdir,
+            "procs": procs,
+            "model_port": model_port,
+            "redis_port": redis_port,
+            "pg_port": pg_port,
+            "demo_url": demo_url,
+        }
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def reset_process_singletons() -> None:
+    from shared import broker, config, db, redis
+    from tasks import model, tools
+
+    for fn in (
+        config.get_settings,
+        db.get_engine,
+        db._sessionmaker,
+        redis.get_redis,
+        broker.get_celery,
+        model.get_client,
+        tools.get_toolbox,
+    ):
+        fn.cache_clear()
+
+
+def _db_ready() -> bool:
+    from sqlalchemy import text
+
+    from shared.db import get_engine
+
+    with get_engine().connect() as conn:
+        conn.execute(text("SELECT 1"))
+    return True
+
+
+def wait_for_worker(worker: Proc) -> None:
+    from shared.broker import get_celery
+
+    def ready():
+        if worker.popen.poll() is not None:
+            raise RuntimeError(f"{worker.name} exited:\n" + worker.log_tail())
+        replies = get_celery().control.ping(timeout=0.5)
+        return any(name.startswith(f"{worker.name}@") for reply in replies for name in reply)
+
+    wait_until(ready, 60, "Celery worker")

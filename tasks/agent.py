@@ -2,9 +2,10 @@
 back, until it answers without tools or runs out of tool rounds.
 
 Every piece of progress is an event of the turn: `message.delta` for text,
-`tool.started` and `tool.finished` for each call. Appending an event also
-reports whether the turn was cancelled, so the loop stops between deltas and
-between tool calls; while tools run, the flag is polled.
+`tool.started` and `tool.finished` for each call, emitted without waiting
+(the process's publisher batches them). Each append also reports whether the
+turn was cancelled, so the loop stops between deltas and between tool calls;
+while tools run, the flag is polled.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def run_agent(
             restarts += 1
             log.warning("turn %s: %s; restart %d", events.ident, exc.message, restarts)
             time.sleep(backoff(restarts))
-            _seq, cancelled = events.append("turn.restarted", attempt=attempt, reason="model_stream_broke")
-            if cancelled:
+            events.emit("turn.restarted", attempt=attempt, reason="model_stream_broke")
+            if events.cancelled:
                 return Outcome("cancelled")
         except ModelError as exc:
             return Outcome("failed", error={"code": exc.code, "message": exc.message})
@@ -73,11 +74,13 @@ class _Run:
         self.toolbox = toolbox
         self.settings = settings
         self.outcome = Outcome("succeeded")
-        self.cancelled = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.events.cancelled
 
     def emit(self, type_: str, **fields: Any) -> None:
-        _seq, cancelled = self.events.append(type_, **fields)
-        self.cancelled = self.cancelled or cancelled
+        self.events.emit(type_, **fields)
 
     def on_delta(self, text: str) -> None:
         self.emit("message.delta", delta=text)

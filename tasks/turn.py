@@ -13,7 +13,7 @@ from sqlalchemy import func, select, update
 from shared.broker import RUN_TURN, send_replay_advance
 from shared.config import get_settings
 from shared.db import after_commit, db_session
-from shared.events import EventLog
+from shared.events import EventLog, get_publisher
 from shared.models import ChatSession, Message, ReplayItem, Turn
 from shared.turns import is_next_in_session, schedule_next
 from tasks.agent import Outcome, run_agent
@@ -126,10 +126,10 @@ def run_turn(self: Task, turn_id: str) -> None:
     if claim is None:
         log.info("turn %s: nothing to run", turn_id)
         return
-    events = EventLog("turn", turn_id)
+    events = EventLog("turn", turn_id, publisher=get_publisher())
     if claim.attempt > 1:
-        events.append("turn.restarted", attempt=claim.attempt, reason="redelivered")
-    events.append("turn.started", attempt=claim.attempt)
+        events.emit("turn.restarted", attempt=claim.attempt, reason="redelivered")
+    events.emit("turn.started", attempt=claim.attempt)
     try:
         outcome = run_agent(claim.history, events, get_toolbox(), get_settings(), claim.attempt)
     except Exception:

@@ -233,7 +233,7 @@ def stack(prefix: str, env_defaults: dict[str, str], model_args: tuple[str, ...]
 
 
 def reset_process_singletons() -> None:
-    from shared import broker, config, db, redis
+    from shared import broker, config, db, events, redis
     from tasks import model, tools
 
     for fn in (
@@ -244,6 +244,8 @@ def reset_process_singletons() -> None:
         broker.get_celery,
         model.get_client,
         tools.get_toolbox,
+        events.get_publisher,
+        events._append_script,
     ):
         fn.cache_clear()
 

@@ -1,0 +1,1 @@
+"""Benchmarks: run as modules (python -m tests.bench.NAME); never collected by pytest."""

@@ -1,0 +1,244 @@
+"""Worker benchmark: how many turns one worker process keeps in flight, and
+what it costs in CPU per streamed delta. Starts its own Postgres, Redis,
+offline model and workers; prints a table and writes JSON.
+
+    python -m tests.bench.worker [--turns 400] [--concurrency 200] [--out .bench/worker.json]
+
+1. I/O concurrency. The model streams 100 tokens, 200 ms apart (about 20 s
+   a turn). Baseline: the same streams read straight from the model with the
+   `openai` client in `concurrency` threads. Turnstream: the same number of
+   turns through web -> Postgres -> Celery -> one worker process (threads
+   pool, `concurrency` threads) -> Redis. Figures: turns per second of each,
+   and their ratio; the most turns seen running at once.
+2. CPU per delta. Baseline: the `openai` client's own CPU per chunk, reading
+   instant 3,000-token streams in this process (thread CPU time). Turnstream:
+   the worker process's CPU (utime + stime from /proc) over the deltas it
+   streamed, for 3,000-token turns; "added" is the difference. Also the
+   deltas per second one and two worker processes sustain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from tests import services
+
+ENV = {
+    "TURNSTREAM_ENV": "development",
+    "AUTH": "on",
+    "REDIS_PREFIX": "bench:",
+    "OPENAI_API_KEY": "offline",
+    "OPENAI_MAX_RETRIES": "0",
+    "OPENAI_TIMEOUT": "60",
+    "SECRET_KEY": "bench",
+}
+SLOW = "bench [[tokens=100]] [[delay=0.2]]"
+FAST = "bench [[tokens=3000]]"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class Bench:
+    def __init__(self, info: dict) -> None:
+        from web import create_app
+        from web.auth import create_key
+
+        self.info = info
+        self.client = create_app().test_client()
+        self.headers = {"Authorization": f"Bearer {create_key('bench-' + uuid.uuid4().hex[:8])}"}
+
+    def submit(self, n: int, message: str) -> list[str]:
+        ids = []
+        for _ in range(n):
+            sid = self.client.post("/api/sessions", json={}, headers=self.headers).get_json()["id"]
+            r = self.client.post(f"/api/sessions/{sid}/turns", json={"message": message}, headers=self.headers)
+            ids.append(r.get_json()["id"])
+        return ids
+
+    def wait(self, ids: list[str], timeout: float) -> dict:
+        """Poll Postgres until every turn is terminal; the most seen running at once."""
+        from shared.db import db_session
+        from shared.models import Turn
+
+        peak, deadline = 0, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with db_session() as db:
+                rows = dict(
+                    db.execute(select(Turn.status, func.count()).where(Turn.id.in_(ids)).group_by(Turn.status)).all()
+                )
+            peak = max(peak, rows.get("running", 0))
+            if sum(rows.get(s, 0) for s in ("succeeded", "failed", "cancelled")) == len(ids):
+                return {"peak_running": peak, "statuses": rows, "finished_at": time.monotonic()}
+            time.sleep(0.2)
+        raise SystemExit(f"turns did not finish in {timeout}s: {rows}")
+
+    def deltas_of(self, ids: list[str]) -> int:
+        from shared.db import db_session
+        from shared.models import Turn
+
+        with db_session() as db:
+            usages = db.scalars(select(Turn.usage).where(Turn.id.in_(ids))).all()
+        return sum(u["completion_tokens"] for u in usages)
+
+
+def openai_client():
+    from openai import OpenAI
+
+    from shared.config import get_settings
+
+    s = get_settings()
+    return OpenAI(base_url=s.openai_base_url, api_key="x", max_retries=0, timeout=60)
+
+
+def baseline_streams(n: int, threads: int) -> float:
+    """Seconds for n model streams read with the openai client, `threads` at a time."""
+    client = openai_client()
+
+    def one(_):
+        stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": SLOW}], stream=True)
+        return sum(1 for _ in stream)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(n)))
+    return time.monotonic() - start
+
+
+def client_cpu_per_chunk(streams: int = 4) -> float:
+    """The openai client's own CPU per chunk, alone: thread CPU time over chunks."""
+    client = openai_client()
+    cpu = chunks = 0
+    for _ in range(streams):
+        start = time.thread_time()
+        stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": FAST}], stream=True)
+        for chunk in stream:
+            for choice in chunk.choices:
+                _ = choice.delta.content  # what the worker reads of each chunk
+            chunks += 1
+        cpu += time.thread_time() - start
+    return cpu / chunks
+
+
+def cpu_phase(bench: Bench, workers: list[services.Proc], turns: int) -> dict:
+    before = {w.name: proc_cpu(w.popen.pid) for w in workers}
+    start = time.monotonic()
+    ids = bench.submit(turns, FAST)
+    done = bench.wait(ids, 600)
+    wall = done["finished_at"] - start
+    cpu = sum(proc_cpu(w.popen.pid) - before[w.name] for w in workers)
+    deltas = bench.deltas_of(ids)
+    return {
+        "workers": len(workers),
+        "turns": turns,
+        "deltas": deltas,
+        "wall_s": round(wall, 2),
+        "worker_cpu_s": round(cpu, 2),
+        "worker_cpu_us_per_delta": round(cpu / deltas * 1e6, 1),
+        "deltas_per_s": round(deltas / wall),
+        "worker_cpu_utilisation": round(cpu / wall / len(workers), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--turns", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--out", default=".bench/worker.json")
+    args = parser.parse_args()
+    results: dict = {"turns": args.turns, "concurrency": args.concurrency}
+    model_args = ("--first-token-delay", "0", "--token-delay", "0")
+    with services.stack("turnstream-bench-", ENV, model_args, mcp=False) as info:
+        logdir, env = info["logdir"], info["env"]
+        bench = Bench(info)
+
+        # 1. I/O concurrency
+        print(f"baseline: {args.turns} streams straight from the model, {args.concurrency} at a time …", flush=True)
+        base_wall = baseline_streams(args.turns, args.concurrency)
+        worker = services.start_worker(logdir, env, "io", concurrency=args.concurrency)
+        info["procs"].append(worker)
+        services.wait_for_worker(worker)
+        print(f"turnstream: {args.turns} turns on one worker process, {args.concurrency} threads …", flush=True)
+        start = time.monotonic()
+        ids = bench.submit(args.turns, SLOW)
+        done = bench.wait(ids, 600)
+        ts_wall = done["finished_at"] - start
+        worker.stop()
+        ideal = args.concurrency / (99 * 0.2)
+        results["io"] = {
+            "model_allows_turns_per_s": round(ideal, 2),
+            "baseline_turns_per_s": round(args.turns / base_wall, 2),
+            "turnstream_turns_per_s": round(args.turns / ts_wall, 2),
+            "turnstream_over_baseline": round(base_wall / ts_wall, 3),
+            "turnstream_over_model_speed": round(args.turns / ts_wall / ideal, 3),
+            "peak_running": done["peak_running"],
+            "statuses": done["statuses"],
+        }
+
+        # 2. CPU per delta
+        print("client alone: CPU per chunk …", flush=True)
+        per_chunk = statistics.median(client_cpu_per_chunk() for _ in range(3))
+        cpu_workers = []
+        phases = []
+        for n in (1, 2):
+            w = services.start_worker(logdir, env, f"cpu{n}", concurrency=8)
+            info["procs"].append(w)
+            services.wait_for_worker(w)
+            cpu_workers.append(w)
+            print(f"turnstream: CPU per delta, {n} worker process(es) …", flush=True)
+            phases.append(cpu_phase(bench, cpu_workers, 16 * n))
+        one = phases[0]
+        results["cpu"] = {
+            "client_cpu_us_per_chunk": round(per_chunk * 1e6, 1),
+            "worker_cpu_us_per_delta": one["worker_cpu_us_per_delta"],
+            "added_us_per_delta": round(one["worker_cpu_us_per_delta"] - per_chunk * 1e6, 1),
+            "added_over_client": round((one["worker_cpu_us_per_delta"] - per_chunk * 1e6) / (per_chunk * 1e6), 3),
+            "phases": phases,
+        }
+    io, cpu = results["io"], results["cpu"]
+    rows = [
+        ("I/O: turns/s the model's speed allows", io["model_allows_turns_per_s"]),
+        ("I/O: baseline (openai client, threads) turns/s", io["baseline_turns_per_s"]),
+        ("I/O: Turnstream turns/s (one worker process)", io["turnstream_turns_per_s"]),
+        ("I/O: Turnstream / baseline", io["turnstream_over_baseline"]),
+        ("I/O: most turns running at once", io["peak_running"]),
+        ("CPU: openai client alone, µs per chunk", cpu["client_cpu_us_per_chunk"]),
+        ("CPU: worker, µs per delta", cpu["worker_cpu_us_per_delta"]),
+        ("CPU: added by Turnstream, µs per delta", cpu["added_us_per_delta"]),
+        ("CPU: added / client", cpu["added_over_client"]),
+    ]
+    rows += [
+        (
+            f"deltas/s with {p['workers']} worker process(es) (CPU use {p['worker_cpu_utilisation']:.0%} each)",
+            p["deltas_per_s"],
+        )
+        for p in cpu["phases"]
+    ]
+    width = max(len(r[0]) for r in rows)
+    print()
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten to {out}")
+    lost = sum(v for k, v in io["statuses"].items() if k != "succeeded")
+    if lost:
+        raise SystemExit(f"{lost} turns did not succeed")
+
+
+if __name__ == "__main__":
+    main()

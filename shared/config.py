@@ -98,7 +98,7 @@ class Settings:
             auth_enabled=auth == "on",
             port=r.int("PORT", 8000, lo=1, hi=65535),
             web_concurrency=r.int("WEB_CONCURRENCY", 2, lo=1, hi=64),
-            worker_concurrency=r.int("WORKER_CONCURRENCY", 8, lo=1, hi=1000),
+            worker_concurrency=r.int("WORKER_CONCURRENCY", 32, lo=1, hi=1000),
             flower_basic_auth=r.str("FLOWER_BASIC_AUTH", "") or None,
             allowed_origins=tuple(o for o in r.str("ALLOWED_ORIGINS", "").split(",") if o.strip()),
             max_body_bytes=r.int("MAX_BODY_BYTES", 256 * 1024, lo=1024),

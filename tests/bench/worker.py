@@ -8,8 +8,9 @@ offline model and workers; prints a table and writes JSON.
    a turn). Baseline: the same streams read straight from the model with the
    `openai` client in `concurrency` threads. Turnstream: the same number of
    turns through web -> Postgres -> Celery -> one worker process (threads
-   pool, `concurrency` threads) -> Redis. Figures: turns per second of each,
-   and their ratio; the most turns seen running at once.
+   pool, `concurrency` threads) -> Redis, queued first, then counted from the
+   first turn's start to the last one's end. Figures: turns per second of
+   each, and their ratio; the most turns seen running at once.
 2. CPU per delta. Baseline: the `openai` client's own CPU per chunk, reading
    instant 3,000-token streams in this process (thread CPU time). Turnstream:
    the worker process's CPU (utime + stime from /proc) over the deltas it
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import time
@@ -85,6 +87,33 @@ class Bench:
                 return {"peak_running": peak, "statuses": rows, "finished_at": time.monotonic()}
             time.sleep(0.2)
         raise SystemExit(f"turns did not finish in {timeout}s: {rows}")
+
+    def span(self, ids: list[str]) -> float:
+        """Seconds from the first turn's start to the last one's end."""
+        from shared.db import db_session
+        from shared.models import Turn
+
+        with db_session() as db:
+            first, last = db.execute(
+                select(func.min(Turn.started_at), func.max(Turn.finished_at)).where(Turn.id.in_(ids))
+            ).one()
+        return (last - first).total_seconds()
+
+    def timings(self, ids: list[str]) -> dict:
+        """Median and worst seconds turns waited queued, and ran."""
+        from shared.db import db_session
+        from shared.models import Turn
+
+        with db_session() as db:
+            rows = db.execute(select(Turn.created_at, Turn.started_at, Turn.finished_at).where(Turn.id.in_(ids))).all()
+        waited = sorted((s - c).total_seconds() for c, s, _f in rows)
+        ran = sorted((f - s).total_seconds() for _c, s, f in rows)
+        return {
+            "queued_s_p50": round(statistics.median(waited), 2),
+            "queued_s_max": round(waited[-1], 2),
+            "ran_s_p50": round(statistics.median(ran), 2),
+            "ran_s_max": round(ran[-1], 2),
+        }
 
     def deltas_of(self, ids: list[str]) -> int:
         from shared.db import db_session
@@ -161,6 +190,7 @@ def main() -> None:
     args = parser.parse_args()
     results: dict = {"turns": args.turns, "concurrency": args.concurrency}
     model_args = ("--first-token-delay", "0", "--token-delay", "0")
+    logging.basicConfig(level=logging.WARNING)
     with services.stack("turnstream-bench-", ENV, model_args, mcp=False) as info:
         logdir, env = info["logdir"], info["env"]
         bench = Bench(info)
@@ -168,24 +198,25 @@ def main() -> None:
         # 1. I/O concurrency
         print(f"baseline: {args.turns} streams straight from the model, {args.concurrency} at a time …", flush=True)
         base_wall = baseline_streams(args.turns, args.concurrency)
+        # All turns wait in the queue first, so the figure is the worker's pace,
+        # not how fast one client can submit them.
+        print(f"turnstream: {args.turns} turns on one worker process, {args.concurrency} threads …", flush=True)
+        ids = bench.submit(args.turns, SLOW)
         worker = services.start_worker(logdir, env, "io", concurrency=args.concurrency)
         info["procs"].append(worker)
-        services.wait_for_worker(worker)
-        print(f"turnstream: {args.turns} turns on one worker process, {args.concurrency} threads …", flush=True)
-        start = time.monotonic()
-        ids = bench.submit(args.turns, SLOW)
         done = bench.wait(ids, 600)
-        ts_wall = done["finished_at"] - start
         worker.stop()
+        span = bench.span(ids)
         ideal = args.concurrency / (99 * 0.2)
         results["io"] = {
             "model_allows_turns_per_s": round(ideal, 2),
             "baseline_turns_per_s": round(args.turns / base_wall, 2),
-            "turnstream_turns_per_s": round(args.turns / ts_wall, 2),
-            "turnstream_over_baseline": round(base_wall / ts_wall, 3),
-            "turnstream_over_model_speed": round(args.turns / ts_wall / ideal, 3),
+            "turnstream_turns_per_s": round(args.turns / span, 2),
+            "turnstream_over_baseline": round(base_wall / span, 3),
+            "turnstream_over_model_speed": round(args.turns / span / ideal, 3),
             "peak_running": done["peak_running"],
             "statuses": done["statuses"],
+            **bench.timings(ids),
         }
 
         # 2. CPU per delta
@@ -215,6 +246,7 @@ def main() -> None:
         ("I/O: Turnstream turns/s (one worker process)", io["turnstream_turns_per_s"]),
         ("I/O: Turnstream / baseline", io["turnstream_over_baseline"]),
         ("I/O: most turns running at once", io["peak_running"]),
+        ("I/O: seconds a turn ran, p50 / max", f"{io['ran_s_p50']} / {io['ran_s_max']}"),
         ("CPU: openai client alone, µs per chunk", cpu["client_cpu_us_per_chunk"]),
         ("CPU: worker, µs per delta", cpu["worker_cpu_us_per_delta"]),
         ("CPU: added by Turnstream, µs per delta", cpu["added_us_per_delta"]),

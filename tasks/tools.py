@@ -255,7 +255,8 @@ class Toolbox:
             tasks = [s._task for s in self._servers.values() if s._task is not None]
             for server in self._servers.values():
                 server.close()
-            await asyncio.wait(tasks, timeout=5) if tasks else None
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
 
         self._run(close_all()).result(timeout=10)
 

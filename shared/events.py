@@ -180,12 +180,12 @@ class Publisher:
     def _run(self) -> None:
         while True:
             batch = _merge_deltas(self._take())
-            pipe = self.redis.pipeline(transaction=False)
-            for log, type_, fields, _future in batch:
-                log.send(pipe, type_, fields)
             try:
+                pipe = self.redis.pipeline(transaction=False)
+                for log, type_, fields, _future in batch:
+                    log.send(pipe, type_, fields)
                 replies = pipe.execute(raise_on_error=False)
-            except redis.RedisError as exc:
+            except Exception as exc:  # noqa: BLE001 - this thread must live on: the error goes to the logs
                 replies = [exc] * len(batch)
             self.batches += 1
             self.events_sent += len(batch)

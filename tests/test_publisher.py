@@ -42,3 +42,16 @@ def test_cancel_request_reaches_the_emitter(stack):
     log.emit("message.delta", delta="b")
     _seq, cancelled = log.append("tool.finished", call_id="c", name="n", ok=True, output="")
     assert cancelled and log.cancelled
+
+
+def test_a_bad_event_fails_its_sender_and_the_publisher_lives_on(stack):
+    publisher = Publisher()
+    log = EventLog("turn", f"pub-{uuid.uuid4().hex}", publisher=publisher)
+    try:
+        log.append("tool.finished", output=object())  # not JSON
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("expected the append to fail")
+    other = EventLog("turn", f"pub-{uuid.uuid4().hex}", publisher=publisher)
+    assert other.append("turn.started", attempt=1) == (1, False)

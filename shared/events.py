@@ -160,7 +160,7 @@ class Publisher:
         self._queue: queue.SimpleQueue[tuple[EventLog, str, dict[str, Any], Future | None]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="event-publisher", daemon=True)
         self._thread.start()
-        self.batches = self.events_sent = 0  # for benchmarks
+        self.batches = self.events_sent = 0  # counters: how much batching happened
 
     def submit(self, log: EventLog, type_: str, fields: dict[str, Any], wait: bool) -> Any:
         future = Future() if wait else None

@@ -116,14 +116,19 @@ class EventLog:
         return json.dumps({f"{self.kind}_id": self.ident, "type": type_, **fields}, separators=(",", ":"))
 
     def send(self, client: redis.Redis | redis.client.Pipeline, type_: str, fields: dict[str, Any]) -> Any:
-        """Run the append script on a client (its reply) or queue it on a pipeline."""
+        """Run the append script on a client (its reply) or queue it on a pipeline.
+
+        A client gets EVALSHA (reloading the script if Redis lost it); a
+        pipeline gets EVAL with the script's text, which Redis caches too:
+        a pipeline that holds a registered script first asks Redis, in a
+        round trip of its own, whether the script exists."""
         settings = get_settings()
         terminal = "1" if type_ in TERMINAL_TYPES else "0"
-        return _append_script(self.redis)(
-            keys=(self.seq_key, self.stream_key, self.channel, self.cancel_key),
-            args=(self.body(type_, fields), settings.event_log_maxlen, terminal, settings.event_log_ttl),
-            client=client,
-        )
+        keys = (self.seq_key, self.stream_key, self.channel, self.cancel_key)
+        args = (self.body(type_, fields), settings.event_log_maxlen, terminal, settings.event_log_ttl)
+        if isinstance(client, redis.client.Pipeline):
+            return client.eval(_APPEND, len(keys), *keys, *args)
+        return _append_script(self.redis)(keys=keys, args=args, client=client)
 
     def took(self, reply: Any) -> tuple[int, bool]:
         if isinstance(reply, Exception):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Task, shared_task
-from celery.signals import worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy import func, select, update
 
 from shared.broker import RUN_TURN, send_replay_advance
@@ -17,6 +18,7 @@ from shared.events import EventLog, get_publisher
 from shared.models import ChatSession, Message, ReplayItem, Turn
 from shared.turns import is_next_in_session, schedule_next
 from tasks.agent import Outcome, run_agent
+from tasks.model import get_client
 from tasks.tools import get_toolbox
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,20 @@ def run_turn(self: Task, turn_id: str) -> None:
         error = {"code": "internal_error", "message": "the worker failed while running this turn"}
         outcome = Outcome("failed", error=error)
     finish_turn(claim, events, outcome)
+
+
+@worker_ready.connect
+def warm_up(sender: Any, **_: Any) -> None:
+    """Do first-use work before the first turn instead of during a burst of
+    them: build the model client, and start every pool thread (the threads
+    pool starts one per task until it is full, each start then waiting for
+    the GIL that running turns hold)."""
+    get_client()
+    executor = getattr(sender.pool, "executor", None)
+    if executor is not None:
+        started = threading.Barrier(sender.pool.limit)
+        for _ in range(sender.pool.limit):
+            executor.submit(started.wait, 10)
 
 
 @worker_shutdown.connect

@@ -165,7 +165,9 @@ def test_a_stream_broken_midway_restarts_with_turn_restarted(client, owner):
     types = [e.type for e in events]
     assert types.count("turn.restarted") == 1
     cut = types.index("turn.restarted")
-    assert types[1:cut] == ["message.delta"] * 3  # the broken attempt's text…
+    assert set(types[1:cut]) == {"message.delta"}  # the broken attempt's text (deltas may merge)…
+    before = "".join(e.data["delta"] for e in events[1:cut])
+    assert len(before.split()) == 3 and done["answer"].startswith(before)
     after = "".join(e.data["delta"] for e in events[cut:] if e.type == "message.delta")
     assert after == done["answer"] and len(done["answer"].split()) == 12  # …is replaced
     assert events[cut].data["reason"] == "model_stream_broke"

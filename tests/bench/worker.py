@@ -11,11 +11,13 @@ offline model and workers; prints a table and writes JSON.
    pool, `concurrency` threads) -> Redis, queued first, then counted from the
    first turn's start to the last one's end. Figures: turns per second of
    each, and their ratio; the most turns seen running at once.
-2. CPU per delta. Baseline: the `openai` client's own CPU per chunk, reading
-   instant 3,000-token streams in this process (thread CPU time). Turnstream:
-   the worker process's CPU (utime + stime from /proc) over the deltas it
-   streamed, for 3,000-token turns; "added" is the difference. Also the
-   deltas per second one and two worker processes sustain.
+2. CPU per delta. Baselines, reading instant 3,000-token streams in this
+   process (thread CPU time per chunk): the `openai` client's typed chunks,
+   and the worker's own reader alone (the same client, chunks left as dicts,
+   nothing done per delta). Turnstream: the worker process's CPU (utime +
+   stime from /proc) over the deltas it streamed, for 3,000-token turns;
+   "added" is what it spends beyond its reader alone. Also the deltas per
+   second one and two worker processes sustain.
 """
 
 from __future__ import annotations
@@ -147,17 +149,25 @@ def baseline_streams(n: int, threads: int) -> float:
     return time.monotonic() - start
 
 
-def client_cpu_per_chunk(streams: int = 4) -> float:
-    """The openai client's own CPU per chunk, alone: thread CPU time over chunks."""
+def client_cpu_per_chunk(typed: bool, streams: int = 4) -> float:
+    """CPU per chunk of reading a model stream alone (thread CPU time over
+    chunks): the openai client's typed chunks, or the worker's own reader
+    (tasks.model.stream_completion, the same client leaving chunks as dicts)
+    with nothing done per delta."""
+    from tasks.model import stream_completion
+
     client = openai_client()
+    messages = [{"role": "user", "content": FAST}]
     cpu = chunks = 0
     for _ in range(streams):
         start = time.thread_time()
-        stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": FAST}], stream=True)
-        for chunk in stream:
-            for choice in chunk.choices:
-                _ = choice.delta.content  # what the worker reads of each chunk
-            chunks += 1
+        if typed:
+            for chunk in client.chat.completions.create(model="m", messages=messages, stream=True):
+                for choice in chunk.choices:
+                    _ = choice.delta.content  # what the worker reads of each chunk
+                chunks += 1
+        else:
+            chunks += stream_completion(messages, lambda _delta: None).usage["completion_tokens"]
         cpu += time.thread_time() - start
     return cpu / chunks
 
@@ -221,7 +231,8 @@ def main() -> None:
 
         # 2. CPU per delta
         print("client alone: CPU per chunk …", flush=True)
-        per_chunk = statistics.median(client_cpu_per_chunk() for _ in range(3))
+        typed_chunk = statistics.median(client_cpu_per_chunk(True) for _ in range(3))
+        per_chunk = statistics.median(client_cpu_per_chunk(False) for _ in range(3))
         cpu_workers = []
         phases = []
         for n in (1, 2):
@@ -232,11 +243,14 @@ def main() -> None:
             print(f"turnstream: CPU per delta, {n} worker process(es) …", flush=True)
             phases.append(cpu_phase(bench, cpu_workers, 16 * n))
         one = phases[0]
+        added = one["worker_cpu_us_per_delta"] - per_chunk * 1e6
         results["cpu"] = {
+            "openai_typed_chunks_cpu_us_per_chunk": round(typed_chunk * 1e6, 1),
             "client_cpu_us_per_chunk": round(per_chunk * 1e6, 1),
             "worker_cpu_us_per_delta": one["worker_cpu_us_per_delta"],
-            "added_us_per_delta": round(one["worker_cpu_us_per_delta"] - per_chunk * 1e6, 1),
-            "added_over_client": round((one["worker_cpu_us_per_delta"] - per_chunk * 1e6) / (per_chunk * 1e6), 3),
+            "added_us_per_delta": round(added, 1),
+            "added_over_client": round(added / (per_chunk * 1e6), 3),
+            "added_over_typed_chunk": round(added / (typed_chunk * 1e6), 3),
             "phases": phases,
         }
     io, cpu = results["io"], results["cpu"]
@@ -247,10 +261,12 @@ def main() -> None:
         ("I/O: Turnstream / baseline", io["turnstream_over_baseline"]),
         ("I/O: most turns running at once", io["peak_running"]),
         ("I/O: seconds a turn ran, p50 / max", f"{io['ran_s_p50']} / {io['ran_s_max']}"),
-        ("CPU: openai client alone, µs per chunk", cpu["client_cpu_us_per_chunk"]),
+        ("CPU: openai client alone, typed chunks, µs per chunk", cpu["openai_typed_chunks_cpu_us_per_chunk"]),
+        ("CPU: the worker's reader alone (dict chunks), µs per chunk", cpu["client_cpu_us_per_chunk"]),
         ("CPU: worker, µs per delta", cpu["worker_cpu_us_per_delta"]),
         ("CPU: added by Turnstream, µs per delta", cpu["added_us_per_delta"]),
-        ("CPU: added / client", cpu["added_over_client"]),
+        ("CPU: added / the worker's reader alone", cpu["added_over_client"]),
+        ("CPU: added / openai typed chunk", cpu["added_over_typed_chunk"]),
     ]
     rows += [
         (

@@ -10,10 +10,13 @@ shared.broker.get_celery(), so this module reads nothing when imported.
 broker_connection_retry_on_startup = True
 # The task modules, imported by the worker when it starts (never by the web tier).
 include = ["tasks.turn", "tasks.replay", "tasks.sweeper"]
-# One visibility timeout for the broker and the result transport: how long an
-# unacknowledged task waits before Redis hands it to another worker. The
-# sweeper re-sends lost queued turns much sooner than this; running turns of a
-# dead worker wait for it (heartbeats to shorten that are still to come).
+# The one visibility timeout (there is no result backend to set it on too): how
+# long an unacknowledged message waits before Redis hands it to another worker.
+# Turns do not wait for it: the sweeper re-queues a dead worker's turns once
+# their heartbeats stop (STALE_RUNNING_SECONDS + SWEEP_SECONDS) and re-sends
+# lost messages (STALE_QUEUED_SECONDS). It need only exceed the longest turn,
+# so a running turn's message is not handed out again (harmless if it is: the
+# second claim finds the turn running and does nothing).
 broker_transport_options = {"visibility_timeout": 3600}
 task_serializer = "json"
 accept_content = ["json"]
@@ -31,6 +34,4 @@ worker_send_task_events = True
 task_send_sent_event = True
 task_default_queue = "turns"
 timezone = "UTC"
-beat_schedule = {
-    "sweep-turns": {"task": "tasks.sweep_turns", "schedule": 15.0},
-}
+# beat_schedule (the sweeper, every SWEEP_SECONDS) is set by get_celery().

@@ -14,6 +14,7 @@ from shared.config import get_settings
 
 RUN_TURN = "tasks.run_turn"
 ADVANCE_REPLAY = "tasks.advance_replay"
+SWEEP_TURNS = "tasks.sweep_turns"
 
 
 @functools.cache
@@ -27,6 +28,7 @@ def get_celery() -> Celery:
         **app.conf.broker_transport_options,
         "global_keyprefix": settings.redis_prefix,
     }
+    app.conf.beat_schedule = {"sweep-turns": {"task": SWEEP_TURNS, "schedule": settings.sweep_seconds}}
     return app
 
 

@@ -58,6 +58,9 @@ class Settings:
     sse_ping_seconds: float
     max_attempts: int
     stale_queued_seconds: int
+    heartbeat_seconds: float
+    stale_running_seconds: int
+    sweep_seconds: float
 
     @property
     def offline_model(self) -> bool:
@@ -109,7 +112,12 @@ class Settings:
             sse_ping_seconds=r.float("SSE_PING_SECONDS", 15.0, lo=0.05),
             max_attempts=r.int("TURN_MAX_ATTEMPTS", 3, lo=1, hi=100),
             stale_queued_seconds=r.int("STALE_QUEUED_SECONDS", 60, lo=1),
+            heartbeat_seconds=r.float("HEARTBEAT_SECONDS", 5.0, lo=0.1),
+            stale_running_seconds=r.int("STALE_RUNNING_SECONDS", 20, lo=1),
+            sweep_seconds=r.float("SWEEP_SECONDS", 10.0, lo=0.5),
         )
+        if settings.stale_running_seconds < 2 * settings.heartbeat_seconds:
+            raise ConfigError("STALE_RUNNING_SECONDS must be at least twice HEARTBEAT_SECONDS.")
         if production and settings.flower_basic_auth is None:
             raise ConfigError("FLOWER_BASIC_AUTH is required when TURNSTREAM_ENV=production (user:password).")
         return settings

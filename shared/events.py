@@ -34,9 +34,23 @@ TURN_TERMINAL_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelle
 REPLAY_TERMINAL_TYPES = frozenset({"replay.finished"})
 TERMINAL_TYPES = TURN_TERMINAL_TYPES | REPLAY_TERMINAL_TYPES
 
-# KEYS: seq counter, stream, channel, cancel flag
-# ARGV: event JSON without seq (an object, "{...}"), maxlen, terminal (0/1), ttl
+# KEYS: seq counter, stream, channel, cancel flag, newest attempt
+# ARGV: event JSON without seq (an object, "{...}"), maxlen, terminal (0/1), ttl,
+#       attempt (0: not sent by an attempt)
+# An event of an older attempt than one already seen is dropped, and its sender
+# told to stop (seq 0, cancel 1): a re-queued turn's old attempt, if it still
+# runs, cannot mix its text into the new attempt's.
 _APPEND = """
+local attempt = tonumber(ARGV[5])
+if attempt > 0 then
+  local newest = tonumber(redis.call('GET', KEYS[5]) or '0')
+  if attempt < newest then
+    return {0, 1}
+  end
+  if attempt > newest then
+    redis.call('SET', KEYS[5], attempt, 'EX', ARGV[4])
+  end
+end
 local seq = redis.call('INCR', KEYS[1])
 local data = '{"seq":' .. seq .. ',' .. string.sub(ARGV[1], 2)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '0-' .. seq, 'd', data)
@@ -77,16 +91,23 @@ class EventLog:
     """The log of one turn or replay: `EventLog("turn", turn_id)`."""
 
     def __init__(
-        self, kind: str, ident: str, client: redis.Redis | None = None, publisher: Publisher | None = None
+        self,
+        kind: str,
+        ident: str,
+        client: redis.Redis | None = None,
+        publisher: Publisher | None = None,
+        attempt: int = 0,
     ) -> None:
         self.kind = kind
         self.ident = ident
+        self.attempt = attempt
         self.redis = client or get_redis()
         self.publisher = publisher
         self.stream_key = key(kind, ident, "events")
         self.seq_key = key(kind, ident, "seq")
         self.channel = key(kind, ident)
         self.cancel_key = key(kind, ident, "cancel")
+        self.attempt_key = key(kind, ident, "attempt")
         self.cancelled = False  # set once an append reports a cancel request
         self.failure: Exception | None = None  # a batch that could not be sent
 
@@ -124,8 +145,8 @@ class EventLog:
         round trip of its own, whether the script exists."""
         settings = get_settings()
         terminal = "1" if type_ in TERMINAL_TYPES else "0"
-        keys = (self.seq_key, self.stream_key, self.channel, self.cancel_key)
-        args = (self.body(type_, fields), settings.event_log_maxlen, terminal, settings.event_log_ttl)
+        keys = (self.seq_key, self.stream_key, self.channel, self.cancel_key, self.attempt_key)
+        args = (self.body(type_, fields), settings.event_log_maxlen, terminal, settings.event_log_ttl, self.attempt)
         if isinstance(client, redis.client.Pipeline):
             return client.eval(_APPEND, len(keys), *keys, *args)
         return _append_script(self.redis)(keys=keys, args=args, client=client)

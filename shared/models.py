@@ -26,6 +26,7 @@ from sqlalchemy.types import DateTime, Uuid
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
+STATUSES = ACTIVE + TERMINAL
 
 
 def new_id() -> str:

@@ -4,24 +4,32 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Task, shared_task
 from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.broker import RUN_TURN, send_replay_advance
 from shared.config import get_settings
 from shared.db import after_commit, db_session
 from shared.events import EventLog, get_publisher
 from shared.models import ChatSession, Message, ReplayItem, Turn
+from shared.recovery import requeue_turn
 from shared.turns import is_next_in_session, schedule_next
-from tasks.agent import Outcome, run_agent
+from tasks.agent import Outcome, backoff, run_agent
+from tasks.heartbeat import get_heartbeat
 from tasks.model import get_client
 from tasks.tools import get_toolbox
 
 log = logging.getLogger(__name__)
+
+# Failures that pass: Postgres or Redis restarting, a dropped connection.
+TRANSIENT = (OperationalError, InterfaceError, redis.ConnectionError, redis.TimeoutError)
 
 
 class TurnstreamTask(Task):
@@ -124,21 +132,69 @@ def finish_turn(claim: Claim, events: EventLog, outcome: Outcome) -> None:
 @shared_task(name=RUN_TURN, bind=True, base=TurnstreamTask)
 def run_turn(self: Task, turn_id: str) -> None:
     """Run one chat turn. Safe to receive twice: only a claim runs it."""
-    claim = claim_turn(turn_id)
+    heartbeat = get_heartbeat()
+    try:
+        heartbeat.mark(turn_id)
+        claim = claim_turn(turn_id)
+    except TRANSIENT as exc:  # nothing was written: try again soon
+        raise self.retry(exc=exc, countdown=backoff(self.request.retries + 1), max_retries=10) from exc
     if claim is None:
         log.info("turn %s: nothing to run", turn_id)
         return
-    events = EventLog("turn", turn_id, publisher=get_publisher())
-    if claim.attempt > 1:
-        events.emit("turn.restarted", attempt=claim.attempt, reason="redelivered")
-    events.emit("turn.started", attempt=claim.attempt)
+    events = EventLog("turn", turn_id, publisher=get_publisher(), attempt=claim.attempt)
+    heartbeat.track(turn_id, claim.attempt, events)
     try:
-        outcome = run_agent(claim.history, events, get_toolbox(), get_settings(), claim.attempt)
+        outcome = _run(claim, events)
+        if outcome is None:
+            _hand_back(claim)
+        else:
+            _finish(claim, events, outcome)
+    finally:
+        heartbeat.forget(turn_id, claim.attempt)
+
+
+def _run(claim: Claim, events: EventLog) -> Outcome | None:
+    """The turn's outcome, or None if the event log failed (Redis down)."""
+    settings = get_settings()
+    if claim.attempt > settings.max_attempts:
+        message = f"the turn was started {claim.attempt - 1} times without finishing (TURN_MAX_ATTEMPTS)"
+        return Outcome("failed", error={"code": "attempts_exhausted", "message": message})
+    try:
+        if claim.attempt > 1:
+            events.emit("turn.restarted", attempt=claim.attempt, reason="redelivered")
+        events.emit("turn.started", attempt=claim.attempt)
+        return run_agent(claim.history, events, get_toolbox(), settings, claim.attempt)
+    except redis.RedisError:
+        log.exception("turn %s: the event log failed; handing the turn back", claim.turn_id)
+        return None
     except Exception:
-        log.exception("turn %s failed unexpectedly", turn_id)
+        log.exception("turn %s failed unexpectedly", claim.turn_id)
         error = {"code": "internal_error", "message": "the worker failed while running this turn"}
-        outcome = Outcome("failed", error=error)
-    finish_turn(claim, events, outcome)
+        return Outcome("failed", error=error)
+
+
+def _finish(claim: Claim, events: EventLog, outcome: Outcome, tries: int = 6) -> None:
+    """finish_turn, retried while Postgres is unreachable (about 15 s). If it
+    never lands, the turn stays running without a heartbeat once this task
+    ends, and the sweeper re-queues it."""
+    for n in range(1, tries + 1):
+        try:
+            finish_turn(claim, events, outcome)
+            return
+        except TRANSIENT:
+            if n == tries:
+                raise
+            log.warning("turn %s: could not record its end, retrying", claim.turn_id, exc_info=True)
+            time.sleep(backoff(n))
+
+
+def _hand_back(claim: Claim) -> None:
+    """Put the turn back in the queue now, rather than wait for the sweeper."""
+    try:
+        with db_session() as db:
+            requeue_turn(db, claim.turn_id, claim.attempt)
+    except (*TRANSIENT, redis.RedisError):
+        log.warning("turn %s: could not hand it back; the sweeper will", claim.turn_id, exc_info=True)
 
 
 @worker_ready.connect

@@ -28,6 +28,8 @@ _ENV_DEFAULTS = {
     "SECRET_KEY": "test-secret",
     "TOOL_TIMEOUT_SECONDS": "2",
     "MAX_TOOL_ROUNDS": "3",
+    "HEARTBEAT_SECONDS": "0.5",
+    "STALE_RUNNING_SECONDS": "2",
 }
 
 

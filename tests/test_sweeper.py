@@ -26,7 +26,7 @@ def test_a_turn_whose_message_was_lost_is_resent_and_runs_once(client, owner, mo
         )
     assert client.get(f"/api/turns/{turn_id}", headers=owner).get_json()["status"] == "queued"
 
-    assert sweep_turns() >= 1
+    assert sweep_turns()["resent"] >= 1
     done = wait_turn(client, owner, turn_id)
     assert done["status"] == "succeeded" and done["attempts"] == 1
     messages = client.get(f"/api/sessions/{sid}/messages", headers=owner).get_json()["items"]

@@ -1,4 +1,4 @@
-"""Operator commands: `flask --app web db upgrade | keys create | replay`."""
+"""Operator commands: `flask --app web db upgrade | keys create | replay | turns`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from pathlib import Path
 
 import click
 from flask import Blueprint
+from sqlalchemy import func, select
 from tqdm import tqdm
 
+from shared.broker import send_turn
 from shared.db import db_session
-from shared.models import TERMINAL, Replay
+from shared.models import ACTIVE, STATUSES, TERMINAL, Replay, Turn
+from shared.recovery import alive, requeue_stale_running, requeue_turn, resend_queued
 from shared.replays import create_replay, item_rows, summary
 
 bp = Blueprint("cli", __name__, cli_group=None)
@@ -105,3 +108,58 @@ def _read_questions(file: Path) -> list[dict]:
     if not questions:
         raise click.BadParameter("the file holds no questions", param_hint="FILE")
     return questions
+
+
+@bp.cli.group("turns")
+def turns_group() -> None:
+    """See and re-send stuck turns."""
+
+
+@turns_group.command("list")
+@click.option("--status", "statuses", multiple=True, type=click.Choice(STATUSES), help="Repeatable; default: active.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+def turns_list(statuses: tuple[str, ...], limit: int) -> None:
+    """Turns, oldest first, with their age and (running ones) heartbeat."""
+    with db_session() as db:
+        rows = db.execute(
+            select(Turn.id, Turn.status, Turn.attempts, func.now() - Turn.created_at)
+            .where(Turn.status.in_(statuses or ACTIVE))
+            .order_by(Turn.created_at)
+            .limit(limit)
+        ).all()
+    beats = alive([r.id for r in rows])
+    click.echo(f"{'id':36}  {'status':9}  {'attempts':>8}  {'age s':>8}  heartbeat")
+    for (turn_id, status, attempts, age), beat in zip(rows, beats, strict=True):
+        heartbeat = ("alive" if beat else "STALE") if status == "running" else "-"
+        click.echo(f"{turn_id:36}  {status:9}  {attempts:>8}  {age.total_seconds():>8.0f}  {heartbeat}")
+
+
+@turns_group.command("requeue")
+@click.argument("turn_ids", nargs=-1)
+@click.option("--stale", is_flag=True, help="Every stuck turn, as the sweeper would pick them now.")
+@click.option("--force", is_flag=True, help="Re-queue running turns even with a live heartbeat.")
+def turns_requeue(turn_ids: tuple[str, ...], stale: bool, force: bool) -> None:
+    """Send queued turns again and hand running ones (heartbeat gone, or
+    --force) back to the queue. Safe to repeat: only one claim of a turn wins."""
+    if stale == bool(turn_ids):
+        raise click.UsageError("give TURN_IDS or --stale")
+    if stale:
+        click.echo(f"re-sent {resend_queued(all_ages=True)} queued, re-queued {requeue_stale_running()} running")
+        return
+    with db_session() as db:
+        turns = {t.id: t for t in db.scalars(select(Turn).where(Turn.id.in_(turn_ids)))}
+    for turn_id in turn_ids:
+        turn = turns.get(turn_id)
+        if turn is None:
+            click.echo(f"{turn_id}: no such turn")
+        elif turn.status == "queued":
+            send_turn(turn_id)
+            click.echo(f"{turn_id}: sent again")
+        elif turn.status != "running":
+            click.echo(f"{turn_id}: already {turn.status}")
+        elif not force and alive([turn_id])[0]:
+            click.echo(f"{turn_id}: its worker is alive (use --force)")
+        else:
+            with db_session() as db:
+                done = requeue_turn(db, turn_id, turn.attempts)
+            click.echo(f"{turn_id}: {'re-queued' if done else 'changed meanwhile, left alone'}")

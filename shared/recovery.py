@@ -1,0 +1,93 @@
+"""Getting turns going again after a worker, a message or Redis was lost.
+
+- Every running turn has a heartbeat key that its worker refreshes
+  (tasks/heartbeat.py); it expires STALE_RUNNING_SECONDS after the worker
+  stopped. A running turn without one goes back to `queued` and is sent again;
+  its next claim is a new attempt (capped by TURN_MAX_ATTEMPTS).
+- A queued turn older than STALE_QUEUED_SECONDS whose message was lost (broker
+  data loss, a crash between commit and send) is sent again. Sending twice is
+  harmless: only one claim wins.
+
+Right after Redis restarted every heartbeat is missing for a moment, so
+running turns are left alone until Redis has been up for STALE_RUNNING_SECONDS.
+The beat sweeper (tasks/sweeper.py) and `flask turns requeue` use these.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.orm import Session
+
+from shared.broker import send_turn
+from shared.config import get_settings
+from shared.db import after_commit, db_session
+from shared.models import Turn
+from shared.redis import get_redis, key
+from shared.turns import is_next_in_session
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+
+
+def alive_key(turn_id: str) -> str:
+    """Present while a worker runs the turn: refreshed every HEARTBEAT_SECONDS,
+    it expires STALE_RUNNING_SECONDS after the worker stopped (tasks/heartbeat.py)."""
+    return key("turn", turn_id, "alive")
+
+
+def alive(turn_ids: list[str]) -> list[bool]:
+    """Whether each turn has a live heartbeat."""
+    pipe = get_redis().pipeline(transaction=False)
+    for turn_id in turn_ids:
+        pipe.exists(alive_key(turn_id))
+    return [bool(n) for n in pipe.execute()]
+
+
+def requeue_turn(db: Session, turn_id: str, attempt: int) -> bool:
+    """Hand a running turn whose worker is gone back to the queue: running ->
+    queued, only if attempt `attempt` still holds it, and send it after commit.
+    Its next claim counts a new attempt and emits turn.restarted; the old
+    attempt, if it still runs somewhere, is stopped by its heartbeat and can
+    no longer write."""
+    held = and_(Turn.id == turn_id, Turn.status == "running", Turn.attempts == attempt)
+    done = db.execute(update(Turn).where(held).values(status="queued")).rowcount
+    if done:
+        after_commit(db, send_turn, turn_id)
+    return bool(done)
+
+
+def resend_queued(all_ages: bool = False) -> int:
+    """Send again the queued turns that are next in their session and older
+    than STALE_QUEUED_SECONDS (any age with all_ages)."""
+    age = timedelta(seconds=0 if all_ages else get_settings().stale_queued_seconds)
+    with db_session() as db:
+        ids = db.scalars(
+            select(Turn.id)
+            .where(Turn.status == "queued", Turn.created_at < func.now() - age, is_next_in_session())
+            .limit(BATCH)
+        ).all()
+    for turn_id in ids:
+        send_turn(turn_id)
+    if ids:
+        log.warning("sweeper re-sent %d queued turns", len(ids))
+    return len(ids)
+
+
+def requeue_stale_running() -> int:
+    """Hand back the running turns whose heartbeat expired."""
+    if get_redis().info("server")["uptime_in_seconds"] < get_settings().stale_running_seconds:
+        return 0
+    with db_session() as db:
+        rows = db.execute(select(Turn.id, Turn.attempts).where(Turn.status == "running")).all()
+    stale = [row for row, live in zip(rows, alive([r.id for r in rows]), strict=True) if not live]
+    requeued = 0
+    for turn_id, attempt in stale:
+        with db_session() as db:
+            requeued += requeue_turn(db, turn_id, attempt)
+    if requeued:
+        log.warning("sweeper re-queued %d running turns whose worker stopped beating", requeued)
+    return requeued

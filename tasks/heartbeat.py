@@ -1,0 +1,95 @@
+"""Heartbeats of the turns a worker process runs.
+
+Every running turn has a key in Redis (`shared.turns.alive_key`) that this
+process refreshes every HEARTBEAT_SECONDS and that expires after
+STALE_RUNNING_SECONDS. A worker that dies (SIGKILL, a lost machine) stops
+refreshing, and the sweeper hands its turns back to the queue.
+
+The same beat asks Postgres whether each attempt still owns its turn. One
+that does not (the sweeper or an operator re-queued it) is stopped like a
+cancelled one; its finish then writes nothing, since the guard on the attempt
+number fails. So two attempts of a turn never stream for long side by side.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+
+import redis
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from shared.config import get_settings
+from shared.db import db_session
+from shared.events import EventLog
+from shared.models import Turn
+from shared.recovery import alive_key
+from shared.redis import get_redis
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    def __init__(self) -> None:
+        self._runs: dict[tuple[str, int], EventLog] = {}  # (turn id, attempt) -> its event log
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="turn-heartbeat", daemon=True)
+        self._thread.start()
+
+    def mark(self, turn_id: str) -> None:
+        """Mark a turn alive now: call before claiming it, so the sweeper
+        never sees a fresh claim without a heartbeat."""
+        get_redis().set(alive_key(turn_id), 1, ex=get_settings().stale_running_seconds)
+
+    def track(self, turn_id: str, attempt: int, events: EventLog) -> None:
+        with self._lock:
+            self._runs[turn_id, attempt] = events
+
+    def forget(self, turn_id: str, attempt: int) -> None:
+        """The attempt ended: stop beating. The key is left to expire, since
+        a newer attempt elsewhere may be beating it (if this attempt's finish
+        did not land, the sweeper re-queues the turn after the expiry)."""
+        with self._lock:
+            self._runs.pop((turn_id, attempt), None)
+
+    def running(self) -> dict[tuple[str, int], EventLog]:
+        with self._lock:
+            return dict(self._runs)
+
+    def _run(self) -> None:
+        settings = get_settings()
+        while True:
+            threading.Event().wait(settings.heartbeat_seconds)
+            runs = self.running()
+            if not runs:
+                continue
+            try:
+                pipe = get_redis().pipeline(transaction=False)
+                for turn_id, _attempt in runs:
+                    pipe.set(alive_key(turn_id), 1, ex=settings.stale_running_seconds)
+                pipe.execute()
+                self._stop_lost(runs)
+            except (redis.RedisError, SQLAlchemyError) as exc:
+                log.warning("heartbeat of %d turns failed: %s", len(runs), exc)
+
+    @staticmethod
+    def _stop_lost(runs: dict[tuple[str, int], EventLog]) -> None:
+        ids = list({turn_id for turn_id, _attempt in runs})
+        with db_session() as db:
+            owned = {
+                (turn_id, attempt)
+                for turn_id, attempt in db.execute(
+                    select(Turn.id, Turn.attempts).where(Turn.id.in_(ids), Turn.status == "running")
+                )
+            }
+        for (turn_id, attempt), events in runs.items():
+            if (turn_id, attempt) not in owned and not events.cancelled:
+                log.warning("turn %s attempt %d no longer owns the turn: stopping it", turn_id, attempt)
+                events.cancelled = True
+
+
+@functools.cache
+def get_heartbeat() -> Heartbeat:
+    return Heartbeat()

@@ -1,0 +1,119 @@
+"""Turns whose worker stopped: heartbeats, the sweeper, the attempt cap, an
+attempt that lost its turn, and the operator's `flask turns` commands.
+
+A "dead worker" here is this test process claiming a turn and never running
+it: the turn is `running` with no heartbeat, as after a SIGKILL. The real
+worker (the session's) then runs the next attempt. test_chaos.py kills real
+workers.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import update
+
+from shared.db import db_session
+from shared.events import EventLog
+from shared.models import ChatSession, Turn
+from shared.recovery import alive, alive_key
+from shared.redis import get_redis
+from shared.turns import lock_session, submit_turn
+from tasks.sweeper import sweep_turns
+from tasks.turn import claim_turn
+from tests.conftest import wait_turn
+from tests.services import wait_until
+
+
+def _orphan(client, owner, message: str, attempts: int = 0) -> tuple[str, str]:
+    """A turn claimed by a worker that died at once: running, no heartbeat."""
+    import shared.turns
+
+    sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
+    send = shared.turns.send_turn
+    shared.turns.send_turn = lambda turn_id: None  # the dead worker took the message with it
+    try:
+        with db_session() as db:
+            chat = db.get(ChatSession, sid)
+            turn, _ = submit_turn(db, lock_session(db, sid, chat.owner_id), message)
+            turn_id = turn.id
+    finally:
+        shared.turns.send_turn = send
+    if attempts:
+        with db_session() as db:
+            db.execute(update(Turn).where(Turn.id == turn_id).values(attempts=attempts))
+    assert claim_turn(turn_id) is not None
+    return sid, turn_id
+
+
+def test_a_dead_workers_turn_is_requeued_by_the_sweeper_and_answered_once(client, owner):
+    sid, turn_id = _orphan(client, owner, "who picks this up")
+    assert alive([turn_id]) == [False]
+    assert sweep_turns()["requeued"] >= 1
+    done = wait_turn(client, owner, turn_id)
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    messages = client.get(f"/api/sessions/{sid}/messages", headers=owner).get_json()["items"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    types = [e.type for e in EventLog("turn", turn_id).read_after(0)]
+    assert types[:2] == ["turn.restarted", "turn.started"] and types[-1] == "turn.completed"
+    assert sweep_turns()["requeued"] == 0 or client.get(f"/api/turns/{turn_id}", headers=owner).get_json() == done
+
+
+def test_a_running_turn_with_a_heartbeat_is_left_alone(client, owner):
+    _sid, turn_id = _orphan(client, owner, "still here")
+    get_redis().set(alive_key(turn_id), 1, ex=30)  # as its worker's heartbeat would
+    sweep_turns()
+    assert client.get(f"/api/turns/{turn_id}", headers=owner).get_json()["status"] == "running"
+    get_redis().delete(alive_key(turn_id))  # the worker dies
+    sweep_turns()
+    assert wait_turn(client, owner, turn_id)["status"] == "succeeded"
+
+
+def test_past_the_attempt_cap_the_turn_fails_with_a_clear_code(client, owner):
+    sid, turn_id = _orphan(client, owner, "doomed", attempts=2)  # the claim makes it 3, the cap
+    sweep_turns()
+    done = wait_turn(client, owner, turn_id)
+    assert done["status"] == "failed" and done["attempts"] == 4
+    assert done["error"]["code"] == "attempts_exhausted"
+    messages = client.get(f"/api/sessions/{sid}/messages", headers=owner).get_json()["items"]
+    assert [m["role"] for m in messages] == ["user"]
+    assert EventLog("turn", turn_id).read_after(0)[-1].type == "turn.failed"
+
+
+def test_the_worker_heartbeats_a_running_turn_and_stops_at_the_end(client, owner):
+    sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
+    turn_id = client.post(
+        f"/api/sessions/{sid}/turns", json={"message": "slow [[tokens=40]] [[delay=0.1]]"}, headers=owner
+    ).get_json()["id"]
+    wait_until(lambda: alive([turn_id])[0], 10, "a heartbeat")
+    time.sleep(2.5)  # past STALE_RUNNING_SECONDS: only refreshing keeps it
+    assert alive([turn_id]) == [True]
+    assert sweep_turns()["requeued"] == 0
+    assert wait_turn(client, owner, turn_id)["attempts"] == 1
+    wait_until(lambda: not alive([turn_id])[0], 5, "the heartbeat to expire")
+
+
+def test_an_attempt_that_lost_its_turn_stops_and_only_the_new_one_answers(app, client, owner):
+    sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
+    turn_id = client.post(
+        f"/api/sessions/{sid}/turns", json={"message": "long [[tokens=60]] [[delay=0.05]]"}, headers=owner
+    ).get_json()["id"]
+    log = EventLog("turn", turn_id)
+    wait_until(lambda: any(e.type == "message.delta" for e in log.read_after(0)), 10, "first delta")
+    runner = app.test_cli_runner()
+    listed = runner.invoke(args=["turns", "list", "--status", "running"])
+    assert turn_id in listed.output and "alive" in listed.output.split(turn_id)[1].splitlines()[0]
+    refused = runner.invoke(args=["turns", "requeue", turn_id])
+    assert "alive" in refused.output
+    forced = runner.invoke(args=["turns", "requeue", "--force", turn_id])
+    assert "re-queued" in forced.output, forced.output
+    done = wait_turn(client, owner, turn_id, timeout=30)
+    assert done["status"] == "succeeded" and done["attempts"] == 2
+    messages = client.get(f"/api/sessions/{sid}/messages", headers=owner).get_json()["items"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    events = log.read_after(0)
+    restarted = max(i for i, e in enumerate(events) if e.type == "turn.restarted")
+    after = "".join(e.data["delta"] for e in events[restarted:] if e.type == "message.delta")
+    assert after == done["answer"]  # the old attempt stopped: nothing of it after the restart
+    assert events[-1].type == "turn.completed"
+    assert [e.type for e in events].count("turn.completed") == 1

@@ -163,6 +163,12 @@ def start_worker(logdir: Path, env: dict[str, str], name: str = "worker", concur
     )
 
 
+def start_beat(logdir: Path, env: dict[str, str], name: str = "beat") -> Proc:
+    schedule = logdir / f"{name}-schedule"
+    args = [str(VENV_BIN / "celery"), "-A", "tasks", "beat", "--schedule", str(schedule), "--loglevel", "INFO"]
+    return Proc(name, args, logdir, env)
+
+
 def start_gunicorn(logdir: Path, env: dict[str, str], workers: int = 1) -> tuple[Proc, int]:
     port = free_port()
     proc = Proc(

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import kombu.exceptions
 import redis
 from celery import Task, shared_task
 from celery.signals import worker_ready, worker_shutdown
@@ -193,7 +194,7 @@ def _hand_back(claim: Claim) -> None:
     try:
         with db_session() as db:
             requeue_turn(db, claim.turn_id, claim.attempt)
-    except (*TRANSIENT, redis.RedisError):
+    except (*TRANSIENT, redis.RedisError, kombu.exceptions.OperationalError):
         log.warning("turn %s: could not hand it back; the sweeper will", claim.turn_id, exc_info=True)
 
 

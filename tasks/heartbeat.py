@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 
 import redis
 from sqlalchemy import select
@@ -61,7 +62,7 @@ class Heartbeat:
     def _run(self) -> None:
         settings = get_settings()
         while True:
-            threading.Event().wait(settings.heartbeat_seconds)
+            time.sleep(settings.heartbeat_seconds)
             runs = self.running()
             if not runs:
                 continue

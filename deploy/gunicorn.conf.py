@@ -15,6 +15,22 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # process whatever this number.
 worker_connections = int(os.environ.get("WEB_WORKER_CONNECTIONS", "10000"))
 timeout = 30
+# SIGTERM ends SSE streams at once (post_worker_init); plain requests get this long.
 graceful_timeout = 20
 keepalive = 5
 accesslog = "-"
+
+
+def post_worker_init(worker):
+    """On SIGTERM (a deploy) gunicorn stops accepting and waits up to
+    graceful_timeout for open requests; an SSE stream never ends by itself,
+    so end them all at once: each client reconnects (to another process)
+    with Last-Event-ID and loses nothing."""
+    import gevent
+
+    def end_streams_at_exit():
+        while worker.alive:
+            gevent.sleep(0.5)
+        worker.wsgi.extensions["turnstream.relay"].close()
+
+    gevent.spawn(end_streams_at_exit)

@@ -61,6 +61,7 @@ class Settings:
     heartbeat_seconds: float
     stale_running_seconds: int
     sweep_seconds: float
+    worker_shutdown_grace: float
 
     @property
     def offline_model(self) -> bool:
@@ -115,6 +116,7 @@ class Settings:
             heartbeat_seconds=r.float("HEARTBEAT_SECONDS", 5.0, lo=0.1),
             stale_running_seconds=r.int("STALE_RUNNING_SECONDS", 20, lo=1),
             sweep_seconds=r.float("SWEEP_SECONDS", 10.0, lo=0.5),
+            worker_shutdown_grace=r.float("WORKER_SHUTDOWN_GRACE_SECONDS", 20.0, lo=0.0),
         )
         if settings.stale_running_seconds < 2 * settings.heartbeat_seconds:
             raise ConfigError("STALE_RUNNING_SECONDS must be at least twice HEARTBEAT_SECONDS.")

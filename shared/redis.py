@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import redis
 
 from shared.config import get_settings
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -22,3 +25,14 @@ def get_redis() -> redis.Redis:
 def key(*parts: str) -> str:
     """A Redis key under the configured prefix: key("turn", id, "events")."""
     return get_settings().redis_prefix + ":".join(parts)
+
+
+def check_eviction_policy() -> None:
+    """Warn unless Redis refuses writes when full (`noeviction`): it holds the
+    queue and the event logs, and evicting either loses turns or events."""
+    try:
+        policy = get_redis().config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.ResponseError:  # CONFIG is disabled on many hosted Redis plans
+        return
+    if policy != "noeviction":
+        log.warning("Redis maxmemory-policy is %r; set it to noeviction, or queued turns may be evicted", policy)

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 
+import kombu.exceptions
 import redis
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -26,7 +27,7 @@ from shared.config import get_settings
 from shared.db import db_session
 from shared.events import EventLog
 from shared.models import Turn
-from shared.recovery import alive_key
+from shared.recovery import alive_key, requeue_turn
 from shared.redis import get_redis
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,24 @@ class Heartbeat:
     def running(self) -> dict[tuple[str, int], EventLog]:
         with self._lock:
             return dict(self._runs)
+
+    def hand_back_all(self) -> int:
+        """Put every turn this process runs back in the queue, and stop its
+        attempt (it can no longer write). Returns how many were handed back.
+        A hand-back that fails halfway is finished by the next beat (the
+        attempt lost its turn) or by the sweeper (the turn is still running)."""
+        handed = 0
+        for (turn_id, attempt), events in self.running().items():
+            try:
+                with db_session() as db:
+                    if not requeue_turn(db, turn_id, attempt):
+                        continue
+            except (SQLAlchemyError, redis.RedisError, kombu.exceptions.OperationalError) as exc:
+                log.warning("turn %s: could not hand it back (%s)", turn_id, exc)
+                continue
+            events.cancelled = True
+            handed += 1
+        return handed
 
     def _run(self) -> None:
         settings = get_settings()

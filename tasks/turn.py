@@ -11,7 +11,7 @@ from typing import Any
 import kombu.exceptions
 import redis
 from celery import Task, shared_task
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -21,6 +21,7 @@ from shared.db import after_commit, db_session
 from shared.events import EventLog, get_publisher
 from shared.models import ChatSession, Message, ReplayItem, Turn
 from shared.recovery import requeue_turn
+from shared.redis import check_eviction_policy
 from shared.turns import is_next_in_session, schedule_next
 from tasks.agent import Outcome, backoff, run_agent
 from tasks.heartbeat import get_heartbeat
@@ -204,12 +205,35 @@ def warm_up(sender: Any, **_: Any) -> None:
     them: build the model client, and start every pool thread (the threads
     pool starts one per task until it is full, each start then waiting for
     the GIL that running turns hold)."""
+    check_eviction_policy()
     get_client()
     executor = getattr(sender.pool, "executor", None)
     if executor is not None:
         started = threading.Barrier(sender.pool.limit)
         for _ in range(sender.pool.limit):
             executor.submit(started.wait, 10)
+
+
+@worker_shutting_down.connect
+def hand_back_on_shutdown(how: str = "Warm", **_: Any) -> None:
+    """SIGTERM (a deploy, a scale-down): Celery stops taking messages and
+    waits for the running turns. Those still running after
+    WORKER_SHUTDOWN_GRACE_SECONDS are handed back to the queue at once, for
+    another worker, instead of being killed by the platform (Heroku allows
+    30 s) and waiting for the sweeper. A cold shutdown (SIGQUIT, a second
+    SIGINT) hands them back without waiting."""
+    grace = get_settings().worker_shutdown_grace if how == "Warm" else 0.0
+    threading.Thread(target=_drain, args=(grace,), name="shutdown-hand-back", daemon=True).start()
+
+
+def _drain(grace: float) -> None:
+    heartbeat = get_heartbeat()
+    deadline = time.monotonic() + grace
+    while heartbeat.running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    handed = heartbeat.hand_back_all()
+    if handed:
+        log.warning("shutting down: handed back %d turns still running after %.0f s", handed, grace)
 
 
 @worker_shutdown.connect

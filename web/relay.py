@@ -4,8 +4,9 @@ stream of that process.
 One reader (a greenlet under gunicorn's gevent worker; a thread elsewhere)
 owns the connection. Streams register a bounded queue per channel;
 SUBSCRIBE/UNSUBSCRIBE are reference-counted. The reader never blocks: a
-stream whose queue is full is marked overflowed and ends, and its client
-resumes from the event log with Last-Event-ID.
+stream whose queue is full is ended, and its client resumes from the event
+log with Last-Event-ID. `close()` ends every stream the same way when the
+process shuts down, so clients reconnect to another process.
 """
 
 from __future__ import annotations
@@ -30,12 +31,21 @@ QUEUE_SIZE = 1000
 
 
 class Subscription:
-    __slots__ = ("channel", "queue", "overflowed")
+    __slots__ = ("channel", "queue", "ended")
 
     def __init__(self, channel: str) -> None:
         self.channel = channel
         self.queue: queue.Queue[bytes] = queue.Queue(maxsize=QUEUE_SIZE)
-        self.overflowed = False
+        # Set when the stream must end (its queue overflowed, the process is
+        # shutting down); its client resumes from the log.
+        self.ended = False
+
+    def end(self) -> None:
+        self.ended = True
+        try:
+            self.queue.put_nowait(b"")  # wake the stream
+        except queue.Full:
+            pass  # it has events to take, and sees `ended` after the next
 
 
 class Relay:
@@ -46,11 +56,14 @@ class Relay:
         self._confirmed: dict[str, threading.Event] = {}
         self._pubsub: redis.client.PubSub | None = None
         self._reader: threading.Thread | None = None
+        self._closed = False
 
     def subscribe(self, channel: str, timeout: float = 5.0) -> Subscription:
         """Register a stream; returns once Redis confirmed the subscription,
         so every event published from now on reaches the queue."""
         sub = Subscription(channel)
+        if self._closed:
+            sub.end()
         with self._lock:
             self._ensure_reader()
             subs = self._subs.setdefault(channel, set())
@@ -77,6 +90,14 @@ class Relay:
                     self._pubsub.unsubscribe(sub.channel)
                 except redis.exceptions.RedisError:
                     log.warning("unsubscribe from %s failed; the reader resubscribes what is live", sub.channel)
+
+    def close(self) -> None:
+        """End every stream, now and from now on (the process is stopping)."""
+        with self._lock:
+            self._closed = True
+            subs = [sub for subs in self._subs.values() for sub in subs]
+        for sub in subs:
+            sub.end()
 
     def _ensure_reader(self) -> None:
         if self._reader is not None:
@@ -106,7 +127,7 @@ class Relay:
                     try:
                         sub.queue.put_nowait(message["data"])
                     except queue.Full:
-                        sub.overflowed = True
+                        sub.ended = True
             elif kind == "subscribe":
                 confirmed = self._confirmed.get(channel)
                 if confirmed is not None:
@@ -188,7 +209,7 @@ def relay_events(
                     if event.terminal:
                         return
                 continue
-            if sub.overflowed:
+            if sub.ended:
                 return  # the client reconnects and resumes from the log
             event = Event.parse(raw)
             if event.seq <= last:

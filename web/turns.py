@@ -127,10 +127,11 @@ def _wait_terminal(sub, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         try:
-            if Event.parse(sub.queue.get(timeout=left)).terminal:
-                return
+            raw = sub.queue.get(timeout=left)
         except queue.Empty:
             return
+        if sub.ended or Event.parse(raw).terminal:
+            return  # ended: the answer is read from Postgres as it stands
 
 
 def _after() -> int:

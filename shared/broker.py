@@ -11,6 +11,7 @@ import functools
 from celery import Celery
 
 from shared.config import get_settings
+from shared.redis import get_redis, key
 
 RUN_TURN = "tasks.run_turn"
 ADVANCE_REPLAY = "tasks.advance_replay"
@@ -35,6 +36,14 @@ def get_celery() -> Celery:
 def send_turn(turn_id: str) -> None:
     """Send a turn to the workers. Call only after its row has committed."""
     get_celery().send_task(RUN_TURN, args=[turn_id])
+    get_redis().set(sent_key(turn_id), 1, ex=get_settings().stale_queued_seconds)
+
+
+def sent_key(turn_id: str) -> str:
+    """Present for STALE_QUEUED_SECONDS after the turn was sent, so the
+    sweeper does not send again a turn that waits in a long queue. It lives
+    in the broker's Redis: when Redis loses the queue, it loses these too."""
+    return key("turn", turn_id, "sent")
 
 
 def send_replay_advance(replay_id: str) -> None:

@@ -4,9 +4,10 @@
   (tasks/heartbeat.py); it expires STALE_RUNNING_SECONDS after the worker
   stopped. A running turn without one goes back to `queued` and is sent again;
   its next claim is a new attempt (capped by TURN_MAX_ATTEMPTS).
-- A queued turn older than STALE_QUEUED_SECONDS whose message was lost (broker
-  data loss, a crash between commit and send) is sent again. Sending twice is
-  harmless: only one claim wins.
+- A queued turn older than STALE_QUEUED_SECONDS that was not sent in the last
+  STALE_QUEUED_SECONDS (its message may be lost: broker data loss, a crash
+  between commit and send, a worker that died holding it) is sent again.
+  Sending twice is harmless: only one claim wins.
 
 Right after Redis restarted every heartbeat is missing for a moment, so
 running turns are left alone until Redis has been up for STALE_RUNNING_SECONDS.
@@ -21,7 +22,7 @@ from datetime import timedelta
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
-from shared.broker import send_turn
+from shared.broker import send_turn, sent_key
 from shared.config import get_settings
 from shared.db import after_commit, db_session
 from shared.models import Turn
@@ -41,9 +42,13 @@ def alive_key(turn_id: str) -> str:
 
 def alive(turn_ids: list[str]) -> list[bool]:
     """Whether each turn has a live heartbeat."""
+    return _exist([alive_key(turn_id) for turn_id in turn_ids])
+
+
+def _exist(keys: list[str]) -> list[bool]:
     pipe = get_redis().pipeline(transaction=False)
-    for turn_id in turn_ids:
-        pipe.exists(alive_key(turn_id))
+    for name in keys:
+        pipe.exists(name)
     return [bool(n) for n in pipe.execute()]
 
 
@@ -61,20 +66,23 @@ def requeue_turn(db: Session, turn_id: str, attempt: int) -> bool:
 
 
 def resend_queued(all_ages: bool = False) -> int:
-    """Send again the queued turns that are next in their session and older
-    than STALE_QUEUED_SECONDS (any age with all_ages)."""
+    """Send again (up to BATCH of) the queued turns that are next in their
+    session, older than STALE_QUEUED_SECONDS and not sent since (all of them
+    with all_ages)."""
     age = timedelta(seconds=0 if all_ages else get_settings().stale_queued_seconds)
     with db_session() as db:
         ids = db.scalars(
             select(Turn.id)
             .where(Turn.status == "queued", Turn.created_at < func.now() - age, is_next_in_session())
-            .limit(BATCH)
+            .order_by(Turn.created_at)
         ).all()
-    for turn_id in ids:
+    if not all_ages:
+        ids = [turn_id for turn_id, sent in zip(ids, _exist([sent_key(t) for t in ids]), strict=True) if not sent]
+    for turn_id in ids[:BATCH]:
         send_turn(turn_id)
     if ids:
-        log.warning("sweeper re-sent %d queued turns", len(ids))
-    return len(ids)
+        log.warning("sweeper re-sent %d queued turns", min(len(ids), BATCH))
+    return min(len(ids), BATCH)
 
 
 def requeue_stale_running() -> int:

@@ -1,11 +1,17 @@
-"""The beat sweeper re-sends a queued turn whose task message never arrived."""
+"""The beat sweeper re-sends a queued turn whose task message never arrived,
+and leaves alone one that was sent lately (it may be waiting in a queue)."""
 
 from __future__ import annotations
 
+import time
+
 from sqlalchemy import func, update
 
+from shared.broker import sent_key
 from shared.db import db_session
 from shared.models import ChatSession, Turn
+from shared.recovery import resend_queued
+from shared.redis import get_redis
 from shared.turns import lock_session, submit_turn
 from tasks.sweeper import sweep_turns
 from tests.conftest import wait_turn
@@ -26,7 +32,13 @@ def test_a_turn_whose_message_was_lost_is_resent_and_runs_once(client, owner, mo
         )
     assert client.get(f"/api/turns/{turn_id}", headers=owner).get_json()["status"] == "queued"
 
+    get_redis().set(sent_key(turn_id), 1, ex=30)  # as if sent a moment ago
+    resend_queued()
+    time.sleep(1)
+    assert client.get(f"/api/turns/{turn_id}", headers=owner).get_json()["status"] == "queued"
+    get_redis().delete(sent_key(turn_id))  # not sent within STALE_QUEUED_SECONDS
     assert sweep_turns()["resent"] >= 1
+    assert get_redis().exists(sent_key(turn_id))
     done = wait_turn(client, owner, turn_id)
     assert done["status"] == "succeeded" and done["attempts"] == 1
     messages = client.get(f"/api/sessions/{sid}/messages", headers=owner).get_json()["items"]

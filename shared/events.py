@@ -36,12 +36,26 @@ TERMINAL_TYPES = TURN_TERMINAL_TYPES | REPLAY_TERMINAL_TYPES
 
 # KEYS: seq counter, stream, channel, cancel flag, newest attempt
 # ARGV: event JSON without seq (an object, "{...}"), maxlen, terminal (0/1), ttl,
-#       attempt (0: not sent by an attempt)
-# An event of an older attempt than one already seen is dropped, and its sender
-# told to stop (seq 0, cancel 1): a re-queued turn's old attempt, if it still
-# runs, cannot mix its text into the new attempt's.
+#       attempt (0: not sent by an attempt), the sender's last seq (0: none yet)
+# - An event of an older attempt than one already seen is dropped, and its
+#   sender told to stop (seq 0, cancel 1): a re-queued turn's old attempt, if
+#   it still runs, cannot mix its text into the new attempt's.
+# - A sender that appended before but finds no counter lost its log (Redis
+#   restarted without its data): refused (seq -1), so the attempt ends and the
+#   turn runs again as a new attempt.
+# - A fresh log of attempt N starts its seq at (N-1) * 2^20 + 1, above every seq
+#   an earlier attempt can have handed out in a log that was lost: seqs are
+#   never reused, so a client's Last-Event-ID never points into the wrong log.
 _APPEND = """
 local attempt = tonumber(ARGV[5])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if tonumber(ARGV[6]) > 0 then
+    return {-1, 0}
+  end
+  if attempt > 1 then
+    redis.call('SET', KEYS[1], (attempt - 1) * 1048576)
+  end
+end
 if attempt > 0 then
   local newest = tonumber(redis.call('GET', KEYS[5]) or '0')
   if attempt < newest then
@@ -61,6 +75,10 @@ if ARGV[3] == '1' then
 end
 return {seq, redis.call('EXISTS', KEYS[4])}
 """
+
+
+class EventLogLost(redis.RedisError):
+    """The log this sender appended to is gone (Redis lost its data)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,7 @@ class EventLog:
         self.cancel_key = key(kind, ident, "cancel")
         self.attempt_key = key(kind, ident, "attempt")
         self.cancelled = False  # set once an append reports a cancel request
+        self.last = 0  # the last seq this sender was handed
         self.failure: Exception | None = None  # a batch that could not be sent
 
     def append(self, type_: str, **fields: Any) -> tuple[int, bool]:
@@ -146,16 +165,26 @@ class EventLog:
         settings = get_settings()
         terminal = "1" if type_ in TERMINAL_TYPES else "0"
         keys = (self.seq_key, self.stream_key, self.channel, self.cancel_key, self.attempt_key)
-        args = (self.body(type_, fields), settings.event_log_maxlen, terminal, settings.event_log_ttl, self.attempt)
+        args = (
+            self.body(type_, fields),
+            settings.event_log_maxlen,
+            terminal,
+            settings.event_log_ttl,
+            self.attempt,
+            self.last,
+        )
         if isinstance(client, redis.client.Pipeline):
             return client.eval(_APPEND, len(keys), *keys, *args)
         return _append_script(self.redis)(keys=keys, args=args, client=client)
 
     def took(self, reply: Any) -> tuple[int, bool]:
-        if isinstance(reply, Exception):
+        if isinstance(reply, Exception) or reply[0] == -1:
+            if not isinstance(reply, Exception):
+                reply = EventLogLost(f"the event log of {self.kind} {self.ident} was lost")
             self.failure = reply
             raise reply
         seq, cancelled = int(reply[0]), bool(reply[1])
+        self.last = max(self.last, seq)
         self.cancelled = self.cancelled or cancelled
         return seq, cancelled
 

@@ -117,3 +117,34 @@ def test_an_attempt_that_lost_its_turn_stops_and_only_the_new_one_answers(app, c
     assert after == done["answer"]  # the old attempt stopped: nothing of it after the restart
     assert events[-1].type == "turn.completed"
     assert [e.type for e in events].count("turn.completed") == 1
+
+
+def test_a_turn_whose_event_log_is_lost_runs_again_and_its_stream_says_so(http, owner):
+    """Redis losing its data mid-turn, for one turn: its log vanishes."""
+    from tests.sse import iter_sse
+
+    sid = http.post("/api/sessions", json={}, headers=owner).json()["id"]
+    turn = http.post(
+        f"/api/sessions/{sid}/turns", json={"message": "lost log [[tokens=40]] [[delay=0.05]]"}, headers=owner
+    ).json()
+    log = EventLog("turn", turn["id"])
+    events = []
+    with http.stream("GET", turn["events_url"], headers=owner) as response:
+        for item in iter_sse(response):
+            if isinstance(item, tuple):
+                continue
+            events.append(item)
+            if len(events) == 5:
+                get_redis().delete(log.seq_key, log.stream_key, log.attempt_key)
+    types = [e.event for e in events]
+    assert types[-1] == "turn.completed", types
+    snap = types.index("turn.snapshot")  # the gap is reported, not skipped
+    assert types[snap + 1] == "turn.restarted" and events[snap + 1].data["attempt"] == 2
+    seqs = [e.seq for e in events if e.event != "turn.snapshot"]
+    assert seqs == sorted(set(seqs))  # never reused
+    assert seqs[snap] == 2**20 + 1  # the new attempt's log starts above every old seq
+    after = "".join(e.data["delta"] for e in events[snap:] if e.event == "message.delta")
+    done = http.get(f"/api/turns/{turn['id']}", headers=owner).json()
+    assert done["status"] == "succeeded" and done["attempts"] == 2 and after == done["answer"]
+    messages = http.get(f"/api/sessions/{sid}/messages", headers=owner).json()["items"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]

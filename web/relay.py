@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import redis
 
@@ -174,24 +174,40 @@ def relay_events(
     the state from Postgres.
     """
     sub = relay.subscribe(events.channel)
-    try:
-        yield "retry: 2000\n\n"
-        last = after
-        backlog = events.read_after(last)
-        if (backlog and backlog[0].seq > last + 1) or (not backlog and events.last_seq() < max(last, 1)):
-            # Events after `last` are no longer held (trimmed, expired, lost):
-            # say so explicitly with the state from Postgres.
+    last = after
+
+    def deliver(batch: list[Event]) -> Generator[str, None, bool]:
+        """Frames for events after `last`; returns True once the stream is
+        over. Events missing before the batch (trimmed, or lost with Redis)
+        are reported with a snapshot first."""
+        nonlocal last
+        if batch and batch[0].seq > last + 1:
             snap = snapshot()
-            finished = snap is not None and snap.data["status"] in FINISHED
-            if snap is not None and (finished or last > 0 or backlog):
+            if snap is not None:
                 yield frame(snap)
-            if finished:
-                return
-        for event in backlog:
+                if snap.data["status"] in FINISHED:
+                    return True
+        for event in batch:
             yield frame(event)
             last = event.seq
             if event.terminal:
+                return True
+        return False
+
+    try:
+        yield "retry: 2000\n\n"
+        backlog = events.read_after(last)
+        if not backlog and events.last_seq() < max(last, 1):
+            # Nothing is held after `last`, and the log does not reach it: it
+            # expired or was lost. Say so with the state from Postgres.
+            snap = snapshot()
+            finished = snap is not None and snap.data["status"] in FINISHED
+            if snap is not None and (finished or last > 0):
+                yield frame(snap)
+            if finished:
                 return
+        if (yield from deliver(backlog)):
+            return
         while True:
             try:
                 raw = sub.queue.get(timeout=ping_seconds)
@@ -203,22 +219,15 @@ def relay_events(
                     if snap is not None and snap.data["status"] in FINISHED:
                         yield frame(snap)
                         return
-                for event in missed:
-                    yield frame(event)
-                    last = event.seq
-                    if event.terminal:
-                        return
+                if (yield from deliver(missed)):
+                    return
                 continue
             if sub.ended:
                 return  # the client reconnects and resumes from the log
             event = Event.parse(raw)
             if event.seq <= last:
                 continue
-            pending = [event] if event.seq == last + 1 else events.read_after(last)
-            for event in pending:
-                yield frame(event)
-                last = event.seq
-                if event.terminal:
-                    return
+            if (yield from deliver([event] if event.seq == last + 1 else events.read_after(last))):
+                return
     finally:
         relay.unsubscribe(sub)

@@ -64,6 +64,7 @@ class Behaviour:
     fault_rate: float = 0.0
     faults: list[str] = field(default_factory=lambda: ["500", "429", "disconnect@3"])
     seed: int = 0
+    faults_injected: int = 0  # by fault_rate, counted for chaos tests
 
 
 def answer_for(messages: list[dict]) -> str:
@@ -208,6 +209,7 @@ def create_app(behaviour: Behaviour | None = None) -> Flask:
         if state.fault_rate > 0:
             with lock:
                 if rng.random() < state.fault_rate:
+                    state.faults_injected += 1
                     return rng.choice(state.faults)
         return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -10,6 +11,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import get_settings
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -49,14 +52,21 @@ def db_session() -> Iterator[Session]:
 
 def after_commit(session: Session, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
     """Run fn(*args) once the session's transaction has committed, and never if
-    it rolls back. This is how tasks are sent: a worker must find the row."""
+    it rolls back. This is how tasks are sent: a worker must find the row.
+
+    A failure of fn is logged, not raised: what the transaction wrote stands,
+    and recovery works from it (the sweeper re-sends a queued turn whose
+    message never left)."""
     session.info.setdefault("after_commit", []).append((fn, args, kwargs))
 
 
 @event.listens_for(Session, "after_commit")
 def _run_after_commit(session: Session) -> None:
     for fn, args, kwargs in session.info.pop("after_commit", []):
-        fn(*args, **kwargs)
+        try:
+            fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - the commit stands; raising here would only break the session
+            log.exception("after commit: %s failed", getattr(fn, "__qualname__", fn))
 
 
 @event.listens_for(Session, "after_rollback")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import kombu.exceptions
 import redis
@@ -18,7 +19,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from shared.broker import RUN_TURN, send_replay_advance
 from shared.config import get_settings
 from shared.db import after_commit, db_session
-from shared.events import EventLog, get_publisher
+from shared.events import EventLog, EventLogLost, get_publisher
 from shared.models import ChatSession, Message, ReplayItem, Turn
 from shared.recovery import requeue_turn
 from shared.redis import check_eviction_policy
@@ -29,6 +30,8 @@ from tasks.model import get_client
 from tasks.tools import get_toolbox
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Failures that pass: Postgres or Redis restarting, a dropped connection.
 TRANSIENT = (OperationalError, InterfaceError, redis.ConnectionError, redis.TimeoutError)
@@ -84,16 +87,16 @@ def claim_turn(turn_id: str) -> Claim | None:
     return Claim(turn_id, session_id, number, attempt, [{"role": r, "content": c} for r, c in history])
 
 
-def finish_turn(claim: Claim, events: EventLog, outcome: Outcome) -> None:
-    """Write the final state and the answer in one transaction, then emit the
-    terminal event. The update is guarded by the attempt number, so an attempt
-    that no longer owns the turn writes nothing and emits nothing."""
+def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | None:
+    """Write the final state and the answer in one transaction; returns the
+    terminal event to emit once it committed. The update is guarded by the
+    attempt number, so an attempt that no longer owns the turn writes nothing
+    and emits nothing (None)."""
     status, text = outcome.status, outcome.text
     with db_session() as db:
         chat = db.get(ChatSession, claim.session_id, with_for_update=True)
         if chat is None:  # the session was deleted while the turn ran
-            after_commit(db, events.append, "turn.cancelled")
-            return
+            return "turn.cancelled", {}
         done = db.execute(
             update(Turn)
             .where(Turn.id == claim.turn_id, Turn.status == "running", Turn.attempts == claim.attempt)
@@ -107,7 +110,7 @@ def finish_turn(claim: Claim, events: EventLog, outcome: Outcome) -> None:
             )
         ).rowcount
         if not done:
-            return
+            return None
         if text and status != "failed":
             db.add(
                 Message(
@@ -123,12 +126,11 @@ def finish_turn(claim: Claim, events: EventLog, outcome: Outcome) -> None:
         replay_id = db.scalar(select(ReplayItem.replay_id).where(ReplayItem.turn_id == claim.turn_id))
         if replay_id is not None:
             after_commit(db, send_replay_advance, replay_id)
-        if status == "succeeded":
-            after_commit(db, events.append, "turn.completed", answer=text, usage=outcome.usage, tools=outcome.tools)
-        elif status == "failed":
-            after_commit(db, events.append, "turn.failed", error=outcome.error)
-        else:
-            after_commit(db, events.append, "turn.cancelled")
+    if status == "succeeded":
+        return "turn.completed", {"answer": text, "usage": outcome.usage, "tools": outcome.tools}
+    if status == "failed":
+        return "turn.failed", {"error": outcome.error}
+    return "turn.cancelled", {}
 
 
 @shared_task(name=RUN_TURN, bind=True, base=TurnstreamTask)
@@ -175,18 +177,33 @@ def _run(claim: Claim, events: EventLog) -> Outcome | None:
         return Outcome("failed", error=error)
 
 
-def _finish(claim: Claim, events: EventLog, outcome: Outcome, tries: int = 6) -> None:
-    """finish_turn, retried while Postgres is unreachable (about 15 s). If it
-    never lands, the turn stays running without a heartbeat once this task
-    ends, and the sweeper re-queues it."""
-    for n in range(1, tries + 1):
+def _finish(claim: Claim, events: EventLog, outcome: Outcome) -> None:
+    """Record the end, then emit the terminal event, each retried while
+    Postgres or Redis is unreachable. If the end never lands, the turn stays
+    running without a heartbeat once this task ends, and the sweeper
+    re-queues it. If the log was lost, clients get the end from Postgres
+    (the relay's snapshot)."""
+    terminal = _retrying(lambda: finish_turn(claim, outcome), f"record the end of turn {claim.turn_id}")
+    if terminal is None:
+        return
+    type_, fields = terminal
+    try:
+        _retrying(lambda: events.append(type_, **fields), f"emit the end of turn {claim.turn_id}")
+    except EventLogLost:
+        log.warning("turn %s: its event log was lost; clients read the end from Postgres", claim.turn_id)
+
+
+def _retrying(fn: Callable[[], T], what: str, tries: int = 6) -> T:
+    """fn(), retried with backoff while Postgres or Redis is unreachable (about 15 s)."""
+    n = 0
+    while True:
+        n += 1
         try:
-            finish_turn(claim, events, outcome)
-            return
+            return fn()
         except TRANSIENT:
             if n == tries:
                 raise
-            log.warning("turn %s: could not record its end, retrying", claim.turn_id, exc_info=True)
+            log.warning("could not %s, retrying", what, exc_info=True)
             time.sleep(backoff(n))
 
 

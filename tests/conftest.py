@@ -16,7 +16,7 @@ import pytest
 from tests import services
 
 # Settings the test session runs with; nothing is read until a fixture asks.
-_ENV_DEFAULTS = {
+TEST_ENV = {
     "TURNSTREAM_ENV": "development",
     "AUTH": "on",
     "REDIS_PREFIX": "test:",
@@ -37,7 +37,7 @@ _ENV_DEFAULTS = {
 def stack():
     """Start every service once; yields the environment the processes share."""
     model_args = ("--first-token-delay", "0", "--token-delay", "0.002")
-    with services.stack("turnstream-test-", _ENV_DEFAULTS, model_args) as info:
+    with services.stack("turnstream-test-", TEST_ENV, model_args) as info:
         worker = services.start_worker(info["logdir"], info["env"])
         info["procs"].append(worker)
         services.wait_for_worker(worker)

@@ -184,7 +184,9 @@ def start_gunicorn(logdir: Path, env: dict[str, str], workers: int = 1) -> tuple
 @contextlib.contextmanager
 def stack(prefix: str, env_defaults: dict[str, str], model_args: tuple[str, ...], mcp: bool = True) -> Iterator[dict]:
     """Postgres, Redis, the offline model (and the MCP test servers), migrated
-    and set in this process's environment; workers and web are the caller's."""
+    and set in this process's environment until the end; workers and web are
+    the caller's."""
+    saved_environ = dict(os.environ)
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(workdir, 0o755)  # the postgres account must reach its data folder
     logdir = workdir / "logs"
@@ -228,6 +230,8 @@ def stack(prefix: str, env_defaults: dict[str, str], model_args: tuple[str, ...]
             "workdir": workdir,
             "logdir": logdir,
             "procs": procs,
+            "postgres": pg,
+            "redis": rd,
             "model_port": model_port,
             "redis_port": redis_port,
             "pg_port": pg_port,
@@ -236,6 +240,9 @@ def stack(prefix: str, env_defaults: dict[str, str], model_args: tuple[str, ...]
     finally:
         for proc in reversed(procs):
             proc.stop()
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        reset_process_singletons()
 
 
 def reset_process_singletons() -> None:

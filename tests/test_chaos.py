@@ -1,50 +1,108 @@
-"""Chaos: real processes, killed on purpose, every count printed.
+"""Chaos: real processes, broken on purpose, every count printed.
 
-The worker is SIGKILLed three times while 100 slow turns run, and restarted.
-Its own web (gunicorn -k gevent), beat and workers use the key prefix
-"chaos:", apart from the session's worker; Postgres, Redis and the model are
-the session's. Each turn has a client following its SSE stream, reconnecting
-with Last-Event-ID whenever the stream breaks.
+The module runs its own Postgres, Redis and offline model (so it can restart
+them), its own gunicorn -k gevent and beat per test, and the workers each
+test starts. Every turn has a client following its SSE stream, reconnecting
+with Last-Event-ID whenever the stream breaks. Recovery runs at test speed:
+heartbeat 0.5 s, stale after 2 s, sweep every second, re-send after 3 s.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import httpx
 import pytest
 from sqlalchemy import func, select
 
 from shared.db import db_session
-from shared.models import Message, Turn
+from shared.models import TERMINAL, Message, Turn
 from tests import services
-from tests.sse import TERMINAL, iter_sse
+from tests.conftest import TEST_ENV
+from tests.sse import TERMINAL as TERMINAL_EVENTS
+from tests.sse import iter_sse
 
-TURNS = 100
-SLOW = "chaos [[tokens=30]] [[delay=0.05]]"  # 1.5 s a turn
 CHAOS_ENV = {
+    **TEST_ENV,
     "REDIS_PREFIX": "chaos:",
     "HEARTBEAT_SECONDS": "0.5",
     "STALE_RUNNING_SECONDS": "2",
     "SWEEP_SECONDS": "1",
+    "STALE_QUEUED_SECONDS": "3",
     "TURN_MAX_ATTEMPTS": "6",  # three kills can hit one turn three times
 }
+SLOW = "chaos [[tokens=30]] [[delay=0.05]]"  # 1.5 s a turn
+MODEL_CODES = {"model_unavailable", "model_rate_limited", "model_timeout"}
+_worker_numbers = itertools.count(1)  # log files stay apart across tests
+
+
+@pytest.fixture(scope="module")
+def chaos_stack():
+    with services.stack("turnstream-chaos-", CHAOS_ENV, ("--first-token-delay", "0"), mcp=False) as info:
+        yield info
+
+
+class Chaos:
+    def __init__(self, stack: dict) -> None:
+        self.stack = stack
+        self.env = stack["env"]
+        self.logdir = stack["logdir"]
+        self.procs: list[services.Proc] = []
+        web, port = services.start_gunicorn(self.logdir, self.env)
+        self.procs += [web, services.start_beat(self.logdir, self.env, "chaos-beat")]
+        self.base = f"http://127.0.0.1:{port}"
+        services.wait_until(lambda: httpx.get(f"{self.base}/api/health", timeout=2).status_code == 200, 30, "web")
+        from web.auth import create_key
+
+        self.headers = {"Authorization": f"Bearer {create_key(f'chaos-{uuid.uuid4().hex[:8]}')}"}
+
+    def start_worker(self, concurrency: int = 16, **env: str) -> services.Proc:
+        name = f"chaos-worker-{next(_worker_numbers)}"
+        worker = services.start_worker(self.logdir, {**self.env, **env}, name, concurrency)
+        self.procs.append(worker)
+        return worker
+
+    def restart(self, proc: services.Proc, sig: int, down_for: float) -> None:
+        """Stop a service (Redis, Postgres) and start it again, same port, same data folder."""
+        proc.stop(sig)
+        time.sleep(down_for)
+        proc.start()
+
+    def run(self, turns: int, message: str, inject: Callable[[list[str]], None], bound: float = 120) -> dict:
+        """Submit the turns, follow each one's stream, inject the fault, then
+        count. Every turn must end within `bound` seconds."""
+        with httpx.Client(base_url=self.base, headers=self.headers, timeout=10) as http:
+            ids = []
+            for _ in range(turns):
+                sid = http.post("/api/sessions", json={}).json()["id"]
+                ids.append(http.post(f"/api/sessions/{sid}/turns", json={"message": message}).json()["id"])
+        deadline = time.monotonic() + bound
+        streams: dict = {}
+        followers = [
+            threading.Thread(target=_follow, args=(self.base, self.headers, t, deadline, streams)) for t in ids
+        ]
+        for f in followers:
+            f.start()
+        inject(ids)
+        for f in followers:
+            f.join(max(0, deadline - time.monotonic()))
+        services.wait_until(lambda: _finished(ids), max(1, deadline - time.monotonic()), "every turn to end")
+        return {"ids": ids, "streams": streams, "counts": _count(ids, streams)}
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
 
 
 @pytest.fixture
-def chaos(stack):
-    env = {**stack["env"], **CHAOS_ENV}
-    logdir = stack["logdir"]
-    web, port = services.start_gunicorn(logdir, env)
-    beat = services.start_beat(logdir, env, "chaos-beat")
-    procs = [web, beat]
-    base = f"http://127.0.0.1:{port}"
-    services.wait_until(lambda: httpx.get(f"{base}/api/health", timeout=2).status_code == 200, 30, "chaos web")
-    yield {"env": env, "logdir": logdir, "base": base, "procs": procs}
-    for proc in reversed(procs):
-        proc.stop()
+def chaos(chaos_stack):
+    c = Chaos(chaos_stack)
+    yield c
+    c.close()
 
 
 def _follow(base: str, headers: dict, turn_id: str, deadline: float, out: dict) -> None:
@@ -59,64 +117,31 @@ def _follow(base: str, headers: dict, turn_id: str, deadline: float, out: dict) 
                 if r.status_code == 204:
                     out[turn_id]["ended"] = True
                     return
-                for item in iter_sse(r):
+                for item in iter_sse(r) if r.status_code == 200 else ():
                     if isinstance(item, tuple):
                         continue
                     events.append((time.monotonic(), item))
-                    last = item.id
-                    if item.event in TERMINAL:
+                    last = item.id or last
+                    if item.event in TERMINAL_EVENTS or (
+                        item.event == "turn.snapshot" and item.data["status"] in TERMINAL
+                    ):
                         out[turn_id]["ended"] = True
                         return
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
         out[turn_id]["reconnects"] += 1
+        time.sleep(0.2)
 
 
-def _beating(ids: list[str]) -> int:
-    """Turns with a live heartbeat: what the current worker runs."""
-    from shared.redis import get_redis
-
-    pipe = get_redis().pipeline(transaction=False)
-    for turn_id in ids:
-        pipe.exists(f"{CHAOS_ENV['REDIS_PREFIX']}turn:{turn_id}:alive")
-    return sum(pipe.execute())
-
-
-def test_worker_sigkilled_three_times_loses_and_duplicates_nothing(chaos, stack):
-    from web.auth import create_key
-
-    headers = {"Authorization": f"Bearer {create_key(f'chaos-{uuid.uuid4().hex[:8]}')}"}
-    base, env, logdir = chaos["base"], chaos["env"], chaos["logdir"]
-    with httpx.Client(base_url=base, headers=headers, timeout=10) as http:
-        ids = []
-        for _ in range(TURNS):
-            sid = http.post("/api/sessions", json={}).json()["id"]
-            ids.append(http.post(f"/api/sessions/{sid}/turns", json={"message": SLOW}).json()["id"])
-    deadline = time.monotonic() + 120
-    streams: dict = {}
-    followers = [threading.Thread(target=_follow, args=(base, headers, t, deadline, streams)) for t in ids]
-    for f in followers:
-        f.start()
-
-    kills = []
-    worker = services.start_worker(logdir, env, "chaos-worker", concurrency=16)
-    chaos["procs"].append(worker)
-    for n in range(3):
-        services.wait_until(lambda: _beating(ids) >= 8, 60, "the worker to run turns")
-        time.sleep(0.7)
-        worker.popen.kill()  # SIGKILL: no shutdown, its turns stay "running"
-        worker.popen.wait()
-        kills.append(time.monotonic())
-        time.sleep(0.5)
-        worker = services.start_worker(logdir, env, f"chaos-worker-{n + 1}", concurrency=16)
-        chaos["procs"].append(worker)
-    for f in followers:
-        f.join(max(0, deadline - time.monotonic()))
-
+def _finished(ids: list[str]) -> bool:
     with db_session() as db:
-        statuses = dict(
-            db.execute(select(Turn.status, func.count()).where(Turn.id.in_(ids)).group_by(Turn.status)).all()
-        )
+        return not db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status.not_in(TERMINAL)))
+
+
+def _count(ids: list[str], streams: dict) -> dict:
+    """What the issue asks every chaos test to print, from Postgres and the streams."""
+    with db_session() as db:
+        turns = {t.id: t for t in db.scalars(select(Turn).where(Turn.id.in_(ids)))}
         answers = dict(
             db.execute(
                 select(Message.turn_id, func.count())
@@ -124,37 +149,125 @@ def test_worker_sigkilled_three_times_loses_and_duplicates_nothing(chaos, stack)
                 .group_by(Message.turn_id)
             ).all()
         )
-        stored = dict(db.execute(select(Turn.id, Turn.answer).where(Turn.id.in_(ids))).all())
-        attempts = dict(db.execute(select(Turn.id, Turn.attempts).where(Turn.id.in_(ids))).all())
-    ended = [t for t in ids if streams[t]["ended"] and streams[t]["events"][-1][1].event == "turn.completed"]
-    mismatched = []
-    restart_delays = []
+    mismatched = 0
     for t in ids:
         events = [e for _at, e in streams[t]["events"]]
-        cuts = [i for i, e in enumerate(events) if e.event == "turn.restarted"]
+        cuts = [i for i, e in enumerate(events) if e.event in ("turn.restarted", "turn.snapshot")]
         after = events[cuts[-1] :] if cuts else events
-        if "".join(e.data.get("delta", "") for e in after if e.event == "message.delta") != stored[t]:
-            mismatched.append(t)
-        for at, e in streams[t]["events"]:
-            if e.event == "turn.restarted" and e.data["reason"] == "redelivered":
-                kill = max((k for k in kills if k < at), default=None)
-                if kill is not None:
-                    restart_delays.append(at - kill)
-    counts = {
-        "submitted": TURNS,
-        "succeeded": statuses.get("succeeded", 0),
-        "failed": statuses.get("failed", 0),
+        text = "".join(e.data.get("delta", "") for e in after if e.event == "message.delta")
+        if events and events[-1].event == "turn.snapshot":
+            text = events[-1].data["text"]
+        if turns[t].status == "succeeded" and text != turns[t].answer:
+            mismatched += 1
+    statuses = [t.status for t in turns.values()]
+    return {
+        "submitted": len(ids),
+        "succeeded": statuses.count("succeeded"),
+        "failed": statuses.count("failed"),
         "duplicated": sum(1 for n in answers.values() if n > 1),
-        "lost": TURNS - sum(statuses.get(s, 0) for s in ("succeeded", "failed", "cancelled")),
-        "stuck_streams": TURNS - sum(1 for t in ids if streams[t]["ended"]),
-        "streams_not_matching_answer": len(mismatched),
-        "turns_restarted": sum(1 for a in attempts.values() if a > 1),
-        "most_attempts": max(attempts.values()),
+        "lost": len(ids) - sum(1 for s in statuses if s in TERMINAL),
+        "stuck_streams": sum(1 for t in ids if not streams[t]["ended"]),
+        "streams_not_matching_answer": mismatched,
+        "turns_restarted": sum(1 for t in turns.values() if t.attempts > 1),
+        "most_attempts": max(t.attempts for t in turns.values()),
         "reconnects": sum(s["reconnects"] for s in streams.values()),
-        "restart_after_kill_s_max": round(max(restart_delays, default=0), 1),
+        "failure_codes": sorted({t.error["code"] for t in turns.values() if t.error}),
+        "longest_turn_s": round(
+            max((t.finished_at - t.created_at).total_seconds() for t in turns.values() if t.finished_at), 1
+        ),
     }
+
+
+def _beating(ids: list[str]) -> int:
+    """Turns with a live heartbeat: what the current workers run."""
+    from shared.recovery import alive
+
+    return sum(alive(ids))
+
+
+def _assert_no_loss(counts: dict) -> None:
+    assert counts["lost"] == 0 and counts["stuck_streams"] == 0, counts
+    assert counts["duplicated"] == 0 and counts["streams_not_matching_answer"] == 0, counts
+
+
+def test_worker_sigkilled_three_times_loses_and_duplicates_nothing(chaos):
+    kills: list[float] = []
+
+    def kill_three_times(ids):
+        worker = chaos.start_worker()
+        for _ in range(3):
+            services.wait_until(lambda: _beating(ids) >= 8, 60, "the worker to run turns")
+            time.sleep(0.7)
+            worker.popen.kill()  # SIGKILL: no shutdown, its turns stay "running"
+            worker.popen.wait()
+            kills.append(time.monotonic())
+            time.sleep(0.5)
+            worker = chaos.start_worker()
+
+    result = chaos.run(100, SLOW, kill_three_times)
+    counts = result["counts"]
+    delays = [
+        at - max(k for k in kills if k < at)
+        for s in result["streams"].values()
+        for at, e in s["events"]
+        if e.event == "turn.restarted" and e.data["reason"] == "redelivered" and any(k < at for k in kills)
+    ]
+    counts["restart_after_kill_s_max"] = round(max(delays, default=0), 1)
     print("\nchaos (worker SIGKILLed x3):", counts)
-    assert counts["succeeded"] == TURNS, counts
-    assert all(answers.get(t) == 1 for t in ids), counts
-    assert len(ended) == TURNS and not mismatched, counts
+    _assert_no_loss(counts)
+    assert counts["succeeded"] == 100, counts
     assert counts["turns_restarted"] > 0  # the kills did hit running turns
+
+
+def test_redis_restarted_without_its_data_every_turn_still_ends(chaos):
+    def restart_redis(ids):
+        chaos.start_worker()
+        services.wait_until(lambda: _beating(ids) >= 8, 60, "the worker to run turns")
+        time.sleep(0.5)
+        chaos.restart(chaos.stack["redis"], 9, down_for=1)  # SIGKILL, no persistence: queue and logs gone
+
+    counts = chaos.run(60, SLOW, restart_redis)["counts"]
+    print("\nchaos (Redis restarted, data lost):", counts)
+    _assert_no_loss(counts)
+    assert counts["succeeded"] == 60, counts
+    assert counts["turns_restarted"] > 0  # the running turns were handed back and run again
+
+
+def test_postgres_restarted_mid_run_loses_no_turn(chaos):
+    def restart_postgres(ids):
+        chaos.start_worker()
+        services.wait_until(lambda: _beating(ids) >= 8, 60, "the worker to run turns")
+        time.sleep(0.5)
+        chaos.restart(chaos.stack["postgres"], 2, down_for=2)  # SIGINT: fast shutdown, connections cut
+
+    counts = chaos.run(60, SLOW, restart_postgres)["counts"]
+    print("\nchaos (Postgres restarted):", counts)
+    _assert_no_loss(counts)
+    assert counts["succeeded"] == 60, counts
+
+
+def test_model_failing_a_fifth_of_requests_every_turn_ends_with_a_clear_code(chaos):
+    model = f"http://127.0.0.1:{chaos.stack['model_port']}/control"
+
+    def faulty_model(ids):
+        chaos.start_worker(OPENAI_MAX_RETRIES="1")  # one retry: some turns run out and fail
+
+    before = httpx.post(model, json={"fault_rate": 0.2, "faults": ["500", "429", "disconnect@3"]}).json()
+    try:
+        result = chaos.run(60, "faulty [[tokens=10]] [[delay=0.05]]", faulty_model, bound=90)
+    finally:
+        after = httpx.post(model, json={"fault_rate": 0.0}).json()
+    counts = result["counts"]
+    counts["faults_injected"] = after["faults_injected"] - before["faults_injected"]
+    counts["stream_restarts"] = sum(
+        1
+        for s in result["streams"].values()
+        for _at, e in s["events"]
+        if e.event == "turn.restarted" and e.data["reason"] == "model_stream_broke"
+    )
+    print("\nchaos (model failing 20% of requests):", counts)
+    _assert_no_loss(counts)
+    assert counts["succeeded"] + counts["failed"] == 60, counts
+    assert set(counts["failure_codes"]) <= MODEL_CODES, counts
+    assert counts["faults_injected"] > 0, counts
+    assert counts["turns_restarted"] == 0  # model faults are retried inside the attempt

@@ -70,7 +70,11 @@ class Relay:
             subs.add(sub)
             if len(subs) == 1:
                 self._confirmed[channel] = threading.Event()
-                self._pubsub.subscribe(channel)
+                try:
+                    self._pubsub.subscribe(channel)
+                except redis.exceptions.RedisError:
+                    self._drop(sub)  # else later streams would wait on a subscription never made
+                    raise
             confirmed = self._confirmed[channel]
         if not confirmed.wait(timeout):
             self.unsubscribe(sub)
@@ -79,17 +83,24 @@ class Relay:
 
     def unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
-            subs = self._subs.get(sub.channel)
-            if subs is None:
+            if not self._drop(sub):
                 return
-            subs.discard(sub)
-            if not subs:
-                del self._subs[sub.channel]
-                self._confirmed.pop(sub.channel, None)
-                try:
-                    self._pubsub.unsubscribe(sub.channel)
-                except redis.exceptions.RedisError:
-                    log.warning("unsubscribe from %s failed; the reader resubscribes what is live", sub.channel)
+            try:
+                self._pubsub.unsubscribe(sub.channel)
+            except redis.exceptions.RedisError:
+                log.warning("unsubscribe from %s failed; the reader resubscribes what is live", sub.channel)
+
+    def _drop(self, sub: Subscription) -> bool:
+        """Forget a stream (lock held); True if it was its channel's last."""
+        subs = self._subs.get(sub.channel)
+        if subs is None:
+            return False
+        subs.discard(sub)
+        if subs:
+            return False
+        del self._subs[sub.channel]
+        self._confirmed.pop(sub.channel, None)
+        return True
 
     def close(self) -> None:
         """End every stream, now and from now on (the process is stopping)."""
@@ -112,16 +123,15 @@ class Relay:
                 self._read()
             except redis.exceptions.RedisError as exc:
                 log.warning("relay lost Redis (%s); reconnecting", exc)
-                time.sleep(0.5)
-                self._resubscribe()
+                while not self._resubscribe():
+                    time.sleep(0.5)
 
     def _read(self) -> None:
         while True:
             message = self._pubsub.get_message(timeout=1.0)
-            if message is None:
+            if message is None or message["type"] not in ("message", "subscribe"):
                 continue
-            kind = message["type"]
-            channel = message["channel"].decode()
+            kind, channel = message["type"], message["channel"].decode()
             if kind == "message":
                 for sub in tuple(self._subs.get(channel, ())):
                     try:
@@ -133,21 +143,25 @@ class Relay:
                 if confirmed is not None:
                     confirmed.set()
 
-    def _resubscribe(self) -> None:
+    def _resubscribe(self) -> bool:
+        """A new connection with every live channel; False while Redis is away.
+        Streams notice events missed meanwhile on their next idle check (they
+        re-read the log after their last seq), so nothing is lost."""
         with self._lock:
             try:
                 self._pubsub.reset()
             except redis.exceptions.RedisError:
                 pass
-            self._pubsub = self._client_factory().pubsub()
-            channels = list(self._subs)
-            if channels:
-                try:
-                    self._pubsub.subscribe(*channels)
-                except redis.exceptions.RedisError as exc:
-                    log.warning("resubscribe failed: %s", exc)
-            # Streams notice missed events on their next idle check (they
-            # re-read the log after their last seq), so nothing is lost.
+            client = self._client_factory()
+            self._pubsub = client.pubsub()
+            try:
+                client.ping()  # with no channel to subscribe, this says Redis is back
+                if self._subs:
+                    self._pubsub.subscribe(*self._subs)
+            except redis.exceptions.RedisError as exc:
+                log.warning("relay: Redis still unreachable (%s)", exc)
+                return False
+            return True
 
 
 def frame(event: Event) -> str:

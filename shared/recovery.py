@@ -11,6 +11,9 @@
 
 Right after Redis restarted every heartbeat is missing for a moment, so
 running turns are left alone until Redis has been up for STALE_RUNNING_SECONDS.
+- An unfinished replay with no turn under way waits for an advance message
+  that was lost; it is sent again (advancing is idempotent).
+
 The beat sweeper (tasks/sweeper.py) and `flask turns requeue` use these.
 """
 
@@ -22,10 +25,10 @@ from datetime import timedelta
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
-from shared.broker import send_turn, sent_key
+from shared.broker import send_replay_advance, send_turn, sent_key
 from shared.config import get_settings
 from shared.db import after_commit, db_session
-from shared.models import Turn
+from shared.models import ACTIVE, Replay, ReplayItem, Turn
 from shared.redis import get_redis, key
 from shared.turns import is_next_in_session
 
@@ -99,3 +102,27 @@ def requeue_stale_running() -> int:
     if requeued:
         log.warning("sweeper re-queued %d running turns whose worker stopped beating", requeued)
     return requeued
+
+
+def resend_stalled_replays() -> int:
+    """Advance the unfinished replays older than STALE_QUEUED_SECONDS that have
+    no turn queued or running: a turn's end advances its replay, so only a
+    replay without one can be waiting on a lost message."""
+    age = timedelta(seconds=get_settings().stale_queued_seconds)
+    under_way = (
+        select(ReplayItem.id)
+        .join(Turn, Turn.id == ReplayItem.turn_id)
+        .where(ReplayItem.replay_id == Replay.id, Turn.status.in_(ACTIVE))
+        .exists()
+    )
+    with db_session() as db:
+        ids = db.scalars(
+            select(Replay.id)
+            .where(Replay.finished_at.is_(None), Replay.created_at < func.now() - age, ~under_way)
+            .limit(BATCH)
+        ).all()
+    for replay_id in ids:
+        send_replay_advance(replay_id)
+    if ids:
+        log.warning("sweeper advanced %d stalled replays", len(ids))
+    return len(ids)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from celery import shared_task
 
 from shared.broker import SWEEP_TURNS
-from shared.recovery import requeue_stale_running, resend_queued
+from shared.recovery import requeue_stale_running, resend_queued, resend_stalled_replays
 from tasks.turn import TurnstreamTask
 
 
 @shared_task(name=SWEEP_TURNS, base=TurnstreamTask)
 def sweep_turns() -> dict[str, int]:
-    """How many queued turns were re-sent and running ones re-queued."""
-    return {"resent": resend_queued(), "requeued": requeue_stale_running()}
+    """How many queued turns were re-sent, running ones re-queued and
+    stalled replays advanced."""
+    return {"resent": resend_queued(), "requeued": requeue_stale_running(), "replays": resend_stalled_replays()}

@@ -9,7 +9,7 @@ from sqlalchemy import func, update
 
 from shared.broker import sent_key
 from shared.db import db_session
-from shared.models import ChatSession, Turn
+from shared.models import ChatSession, Replay, Turn
 from shared.recovery import resend_queued
 from shared.redis import get_redis
 from shared.turns import lock_session, submit_turn
@@ -43,3 +43,26 @@ def test_a_turn_whose_message_was_lost_is_resent_and_runs_once(client, owner, mo
     assert done["status"] == "succeeded" and done["attempts"] == 1
     messages = client.get(f"/api/sessions/{sid}/messages", headers=owner).get_json()["items"]
     assert [m["role"] for m in messages] == ["user", "assistant"]
+
+
+def test_a_replay_whose_advance_was_lost_is_advanced_and_finishes(client, owner, monkeypatch):
+    import shared.replays
+
+    monkeypatch.setattr(shared.replays, "send_replay_advance", lambda replay_id: None)  # lost
+    body = {"questions": [{"message": f"stalled {i}"} for i in range(3)], "concurrency": 2}
+    replay = client.post("/api/replays", json=body, headers=owner).get_json()
+    with db_session() as db:  # older than STALE_QUEUED_SECONDS, and nothing of it under way
+        db.execute(
+            update(Replay)
+            .where(Replay.id == replay["id"])
+            .values(created_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 5))
+        )
+    time.sleep(0.5)
+    assert client.get(f"/api/replays/{replay['id']}", headers=owner).get_json()["status"] == "running"
+    assert sweep_turns()["replays"] >= 1  # the worker's advance (not patched) takes it from here
+    deadline = time.monotonic() + 30
+    while client.get(f"/api/replays/{replay['id']}", headers=owner).get_json()["status"] != "finished":
+        assert time.monotonic() < deadline, "the replay never finished"
+        time.sleep(0.1)
+    final = client.get(f"/api/replays/{replay['id']}", headers=owner).get_json()
+    assert final["succeeded"] == 3 and final["failed"] == 0

@@ -28,6 +28,7 @@ from tasks.agent import Outcome, backoff, run_agent
 from tasks.heartbeat import get_heartbeat
 from tasks.model import get_client
 from tasks.tools import get_toolbox
+from tasks.watchdog import watch_consumer
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ def warm_up(sender: Any, **_: Any) -> None:
         started = threading.Barrier(sender.pool.limit)
         for _ in range(sender.pool.limit):
             executor.submit(started.wait, 10)
+    watch_consumer(sender, on_stall=get_heartbeat().hand_back_all)
 
 
 @worker_shutting_down.connect

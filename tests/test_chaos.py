@@ -34,6 +34,7 @@ CHAOS_ENV = {
     "SWEEP_SECONDS": "1",
     "STALE_QUEUED_SECONDS": "3",
     "TURN_MAX_ATTEMPTS": "6",  # three kills can hit one turn three times
+    "WORKER_STALL_SECONDS": "5",
 }
 SLOW = "chaos [[tokens=30]] [[delay=0.05]]"  # 1.5 s a turn
 MODEL_CODES = {"model_unavailable", "model_rate_limited", "model_timeout"}
@@ -59,12 +60,28 @@ class Chaos:
         from web.auth import create_key
 
         self.headers = {"Authorization": f"Bearer {create_key(f'chaos-{uuid.uuid4().hex[:8]}')}"}
+        self.supervised: list[services.Proc] = []
+        self.worker_restarts = 0
+        self._closing = threading.Event()
+        threading.Thread(target=self._supervise, daemon=True).start()
 
-    def start_worker(self, concurrency: int = 16, **env: str) -> services.Proc:
+    def start_worker(self, concurrency: int = 16, supervised: bool = True, **env: str) -> services.Proc:
+        """A worker; a supervised one is started again whenever it exits, as
+        a platform restarts a crashed process (the consumer watch exits a
+        stuck worker for that)."""
         name = f"chaos-worker-{next(_worker_numbers)}"
         worker = services.start_worker(self.logdir, {**self.env, **env}, name, concurrency)
         self.procs.append(worker)
+        if supervised:
+            self.supervised.append(worker)
         return worker
+
+    def _supervise(self) -> None:
+        while not self._closing.wait(0.5):
+            for worker in self.supervised:
+                if worker.popen.poll() is not None:
+                    self.worker_restarts += 1
+                    worker.start()
 
     def restart(self, proc: services.Proc, sig: int, down_for: float) -> None:
         """Stop a service (Redis, Postgres) and start it again, same port, same data folder."""
@@ -91,9 +108,11 @@ class Chaos:
         for f in followers:
             f.join(max(0, deadline - time.monotonic()))
         services.wait_until(lambda: _finished(ids), max(1, deadline - time.monotonic()), "every turn to end")
-        return {"ids": ids, "streams": streams, "counts": _count(ids, streams)}
+        counts = {**_count(ids, streams), "worker_restarts": self.worker_restarts}
+        return {"ids": ids, "streams": streams, "counts": counts}
 
     def close(self) -> None:
+        self._closing.set()
         for proc in reversed(self.procs):
             proc.stop()
 
@@ -194,7 +213,7 @@ def test_worker_sigkilled_three_times_loses_and_duplicates_nothing(chaos):
     kills: list[float] = []
 
     def kill_three_times(ids):
-        worker = chaos.start_worker()
+        worker = chaos.start_worker(supervised=False)
         for _ in range(3):
             services.wait_until(lambda: _beating(ids) >= 8, 60, "the worker to run turns")
             time.sleep(0.7)
@@ -202,7 +221,7 @@ def test_worker_sigkilled_three_times_loses_and_duplicates_nothing(chaos):
             worker.popen.wait()
             kills.append(time.monotonic())
             time.sleep(0.5)
-            worker = chaos.start_worker()
+            worker = chaos.start_worker(supervised=False)
 
     result = chaos.run(100, SLOW, kill_three_times)
     counts = result["counts"]

@@ -169,8 +169,8 @@ def _run(claim: Claim, events: EventLog) -> Outcome | None:
             events.emit("turn.restarted", attempt=claim.attempt, reason="redelivered")
         events.emit("turn.started", attempt=claim.attempt)
         return run_agent(claim.history, events, get_toolbox(), settings, claim.attempt)
-    except redis.RedisError:
-        log.exception("turn %s: the event log failed; handing the turn back", claim.turn_id)
+    except redis.RedisError as exc:  # expected when Redis restarts: no traceback per turn
+        log.warning("turn %s: the event log failed (%s); handing the turn back", claim.turn_id, exc)
         return None
     except Exception:
         log.exception("turn %s failed unexpectedly", claim.turn_id)

@@ -215,9 +215,11 @@ class Publisher:
         self._queue: queue.SimpleQueue[tuple[EventLog, str, dict[str, Any], Future | None]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="event-publisher", daemon=True)
         self._thread.start()
-        self.batches = self.events_sent = 0  # counters: how much batching happened
+        # Counters: events handed in, sent after merging deltas, round trips.
+        self.submitted = self.events_sent = self.batches = 0
 
     def submit(self, log: EventLog, type_: str, fields: dict[str, Any], wait: bool) -> Any:
+        self.submitted += 1  # racy across threads by a count or two: a figure, not a ledger
         future = Future() if wait else None
         self._queue.put((log, type_, fields, future))
         return future.result() if future is not None else None

@@ -96,12 +96,15 @@ class Heartbeat:
 
     @staticmethod
     def _stop_lost(runs: dict[tuple[str, int], EventLog]) -> None:
+        """Stop the attempts that lost their turn: handed back (queued), or
+        taken over by a newer attempt. One that just finished its own turn
+        is not lost."""
         ids = list({turn_id for turn_id, _attempt in runs})
         with db_session() as db:
             owned = {
                 (turn_id, attempt)
                 for turn_id, attempt in db.execute(
-                    select(Turn.id, Turn.attempts).where(Turn.id.in_(ids), Turn.status == "running")
+                    select(Turn.id, Turn.attempts).where(Turn.id.in_(ids), Turn.status != "queued")
                 )
             }
         for (turn_id, attempt), events in runs.items():

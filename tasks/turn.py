@@ -257,6 +257,12 @@ def _drain(grace: float) -> None:
 
 @worker_shutdown.connect
 def close_tools(**_: Any) -> None:
-    """Close the MCP servers this process opened (stdio servers exit)."""
+    """Close the MCP servers this process opened (stdio servers exit), and
+    log how the event publisher batched (tests/bench/pipeline.py reads it)."""
     if get_toolbox.cache_info().currsize:
         get_toolbox().close()
+    if get_publisher.cache_info().currsize:
+        p = get_publisher()
+        log.info(
+            "event publisher: %d events submitted, %d sent, in %d round trips", p.submitted, p.events_sent, p.batches
+        )

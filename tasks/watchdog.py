@@ -86,16 +86,23 @@ class ConsumerWatch:
 _watch: ConsumerWatch | None = None
 
 
-def watch_consumer(worker: Any, on_stall: Callable[[], Any]) -> None:
-    """Start watching this worker's consumer (call once it is ready)."""
+def watch_consumer(consumer: Any, on_stall: Callable[[], Any]) -> None:
+    """Start watching a worker's consumer (the sender of `worker_ready`)."""
     global _watch
-    queue = worker.app.conf.task_default_queue
+    queue = consumer.app.conf.task_default_queue
 
     def consuming() -> bool:
-        consumer = getattr(worker.consumer, "task_consumer", None)
-        return consumer is None or any(q.name == queue for q in consumer.queues)
+        tasks = consumer.task_consumer  # replaced on every reconnect
+        return tasks is None or any(q.name == queue for q in tasks.queues)
 
-    _watch = ConsumerWatch(queue, worker.pool.limit, get_settings().worker_stall_seconds, on_stall, consuming)
+    stall = get_settings().worker_stall_seconds
+    log.info(
+        "watching the consumer of queue %r (consuming: %s): stuck after %.0f s without a message",
+        queue,
+        consuming(),  # here first, so a fault in it shows at start-up
+        stall,
+    )
+    _watch = ConsumerWatch(queue, consumer.pool.limit, stall, on_stall, consuming)
 
 
 @task_received.connect

@@ -138,7 +138,9 @@ def mcp_servers(demo_url: str, http_port: int) -> str:
     )
 
 
-def start_worker(logdir: Path, env: dict[str, str], name: str = "worker", concurrency: int = 8) -> Proc:
+def start_worker(
+    logdir: Path, env: dict[str, str], name: str = "worker", concurrency: int = 8, extra: tuple[str, ...] = ()
+) -> Proc:
     return Proc(
         name,
         [
@@ -157,6 +159,7 @@ def start_worker(logdir: Path, env: dict[str, str], name: str = "worker", concur
             f"{name}@%h",
             "--loglevel",
             "INFO",
+            *extra,
         ],
         logdir,
         env,

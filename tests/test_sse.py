@@ -115,3 +115,30 @@ def test_many_clients_on_one_turn_all_get_the_full_stream(web_server, owner):
     for events in results:
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
         assert events[-1].event == "turn.completed"
+
+
+def test_a_turn_that_runs_start_to_end_between_the_first_read_and_the_snapshot_streams_its_events(stack):
+    """The relay read an empty log, then the whole turn ran before it asked
+    Postgres: it must send the events (with usage), not a bare snapshot."""
+    import json
+    import uuid
+
+    from shared.events import Event, EventLog
+    from shared.redis import get_redis
+    from web.relay import Relay, relay_events
+
+    log = EventLog("turn", f"race-{uuid.uuid4().hex[:8]}")
+
+    def snapshot():
+        log.append("turn.started", attempt=1)  # the worker, meanwhile
+        log.append("message.delta", delta="hi")
+        data = {"turn_id": log.ident, "seq": 0, "type": "turn.snapshot", "status": "succeeded", "text": "hi"}
+        return Event(0, "turn.snapshot", data, json.dumps(data))
+
+    frames = relay_events(Relay(get_redis), log, 0, 0.2, snapshot)
+    assert next(frames) == "retry: 2000\n\n"
+    got = [next(frames), next(frames)]
+    assert [f.split("\n")[0] for f in got] == ["event: turn.started", "event: message.delta"]
+    log.append("turn.completed", answer="hi", usage={"completion_tokens": 1}, tools=[])  # after the commit
+    rest = [f for f in frames if not f.startswith(":")]
+    assert rest[0].startswith("event: turn.completed") and '"usage"' in rest[0]

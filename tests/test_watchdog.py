@@ -40,3 +40,10 @@ def test_a_consumer_that_receives_or_was_paused_or_has_nothing_to_take_is_left_a
         receiving.reset()
         time.sleep(0.2)
     assert stalls == []
+
+
+def test_the_worker_watches_its_consumer(stack):
+    worker = stack["worker"]
+    wait_until(
+        lambda: "watching the consumer of queue 'turns' (consuming: True)" in worker.log_path.read_text(), 10, "watch"
+    )

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 
+from cachetools import TTLCache
 from flask import Blueprint, current_app, g, jsonify, request, session
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +21,14 @@ bp = Blueprint("auth", __name__)
 
 LOCAL_OWNER = "local"
 PUBLIC_ENDPOINTS = {"health.health", "auth.login", "page.index", "static"}
+
+# Keys seen lately (hash -> owner id), so a request does not ask Postgres who
+# it is: that lookup was a web process's largest cost per request
+# (tests/bench/pipeline.py). A key deleted in the database keeps working for
+# up to KNOWN_KEY_SECONDS in each web process; an unknown key is never cached.
+KNOWN_KEY_SECONDS = 60
+_known_keys: TTLCache[str, str] = TTLCache(maxsize=10_000, ttl=KNOWN_KEY_SECONDS)
+_known_keys_lock = threading.Lock()
 
 
 def hash_key(key: str) -> str:
@@ -36,8 +46,16 @@ def create_key(owner_name: str, key_name: str = "default") -> str:
 
 
 def owner_for_key(key: str) -> str | None:
-    with db_session() as db:
-        return db.scalar(select(ApiKey.owner_id).where(ApiKey.key_hash == hash_key(key)))
+    digest = hash_key(key)
+    with _known_keys_lock:
+        owner_id = _known_keys.get(digest)
+    if owner_id is None:
+        with db_session() as db:
+            owner_id = db.scalar(select(ApiKey.owner_id).where(ApiKey.key_hash == digest))
+        if owner_id is not None:
+            with _known_keys_lock:
+                _known_keys[digest] = owner_id
+    return owner_id
 
 
 def local_owner_id() -> str:

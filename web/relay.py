@@ -190,6 +190,17 @@ def relay_events(
     sub = relay.subscribe(events.channel)
     last = after
 
+    def snapshot_or_log() -> tuple[Event | None, list[Event]]:
+        """With nothing held after `last`: Postgres's state, or (when the turn
+        ended but its log now holds events after `last`) those events. A turn
+        can run from start to end between the first read of the log and the
+        snapshot; its events then beat a snapshot without usage or tools."""
+        snap = snapshot()
+        if snap is None or snap.data["status"] not in FINISHED:
+            return snap, []
+        written = events.read_after(last)
+        return (None, written) if written else (snap, [])
+
     def deliver(batch: list[Event]) -> Generator[str, None, bool]:
         """Frames for events after `last`; returns True once the stream is
         over. Events missing before the batch (trimmed, or lost with Redis)
@@ -212,14 +223,13 @@ def relay_events(
         yield "retry: 2000\n\n"
         backlog = events.read_after(last)
         if not backlog and events.last_seq() < max(last, 1):
-            # Nothing is held after `last`, and the log does not reach it: it
-            # expired or was lost. Say so with the state from Postgres.
-            snap = snapshot()
-            finished = snap is not None and snap.data["status"] in FINISHED
-            if snap is not None and (finished or last > 0):
+            # Nothing is held after `last`, and the log does not reach it: not
+            # written yet, or expired or lost. Say which with Postgres's state.
+            snap, backlog = snapshot_or_log()
+            if snap is not None and (snap.data["status"] in FINISHED or last > 0):
                 yield frame(snap)
-            if finished:
-                return
+                if snap.data["status"] in FINISHED:
+                    return
         if (yield from deliver(backlog)):
             return
         while True:
@@ -229,7 +239,7 @@ def relay_events(
                 yield ": ping\n\n"
                 missed = events.read_after(last)
                 if not missed and events.last_seq() == 0:
-                    snap = snapshot()
+                    snap, missed = snapshot_or_log()
                     if snap is not None and snap.data["status"] in FINISHED:
                         yield frame(snap)
                         return

@@ -1,0 +1,366 @@
+"""Pipeline benchmark: what Turnstream adds on top of bare Celery.
+
+    python -m tests.bench.pipeline [--samples 100] [--concurrent 100] [--turns 1000] [--out .bench/pipeline.json]
+
+Starts Postgres, Redis, the offline model (instant: no first-token delay, no
+token delay), one `gunicorn -k gevent` web process and one worker process
+(threads pool, 100 threads) that also loads the baseline task
+(tests/bench/bare.py). Measured in the same run:
+
+1. Baseline: the bare Celery task PUBLISHes to a channel this process
+   listens on. Round trip (send_task to receipt) one at a time, p50 and p99;
+   tasks per second with `--turns` sent at once.
+2. The model's own time to first token, through the openai client.
+3. Turnstream's time to first token: `POST /api/sessions/{id}/turns`, then
+   `GET` its events, until the first `message.delta`; "added" subtracts the
+   model's own p50. One at a time, and `--concurrent` at once.
+4. Completed turns per second with 10-token instant answers: `--concurrent`
+   clients each submit a turn and read its stream to `turn.completed`,
+   counted by the client and checked against Postgres.
+5. Redis round trips per event in the worker (its publisher's counters).
+
+Prints a table, writes JSON, and exits non-zero if a turn was lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from sqlalchemy import func, select
+
+from tests import services
+from tests.bench.bare import PUBLISH
+
+ENV = {
+    "TURNSTREAM_ENV": "development",
+    "AUTH": "on",
+    "REDIS_PREFIX": "pipe:",
+    "OPENAI_API_KEY": "offline",
+    "OPENAI_MAX_RETRIES": "0",
+    "OPENAI_TIMEOUT": "60",
+    "SECRET_KEY": "bench",
+}
+MESSAGE = "pipeline [[tokens=10]]"
+THREADS = 100
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used by a process and its live descendants (a service and,
+    for Postgres, its backends)."""
+    stats = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    tree, total = {pid}, 0
+    for child in sorted(stats):  # children have larger pids than their parents, mostly
+        if stats[child][0] in tree:
+            tree.add(child)
+    for member in tree:
+        total += stats.get(member, (0, 0))[1]
+    return total / CLK_TCK
+
+
+def cpu_by_service(procs: list[services.Proc]) -> dict[str, float]:
+    usage = {proc.name: tree_cpu(proc.popen.pid) for proc in procs}
+    usage["bench client"] = time.process_time()
+    return usage
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def p(values: list[float], q: int) -> float:
+    """The q-th percentile (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def baseline(samples: int, burst: int) -> dict:
+    """The bare task: round trip one at a time, then tasks per second."""
+    from shared.broker import get_celery
+    from shared.redis import get_redis
+
+    celery = get_celery()
+    channel = f"bench-bare-{uuid.uuid4().hex[:8]}"
+    pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(channel)
+    pubsub.get_message(timeout=1)  # the subscribe confirmation
+
+    def receive(timeout: float = 10) -> str:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            message = pubsub.get_message(timeout=1)
+            if message is not None:
+                return message["data"].decode()
+        raise SystemExit("the baseline task's message never arrived")
+
+    for i in range(20):  # warm-up: connections, the worker's first tasks
+        celery.send_task(PUBLISH, args=[channel, f"w{i}"])
+        receive()
+    trips = []
+    for i in range(samples):
+        start = time.perf_counter()
+        celery.send_task(PUBLISH, args=[channel, str(i)])
+        assert receive() == str(i)
+        trips.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for i in range(burst):
+        celery.send_task(PUBLISH, args=[channel, f"b{i}"])
+    got = {receive() for _ in range(burst)}
+    elapsed = time.perf_counter() - start
+    assert len(got) == burst
+    pubsub.close()
+    return {
+        "round_trip_ms_p50": ms(statistics.median(trips)),
+        "round_trip_ms_p99": ms(p(trips, 99)),
+        "tasks": burst,
+        "tasks_per_s": round(burst / elapsed, 1),
+    }
+
+
+def model_ttft(samples: int) -> float:
+    """The model's own time to first token, seconds, p50."""
+    from openai import OpenAI
+
+    from shared.config import get_settings
+
+    client = OpenAI(base_url=get_settings().openai_base_url, api_key="x", max_retries=0)
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": MESSAGE}], stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                times.append(time.perf_counter() - start)
+                break
+        stream.close()
+    return statistics.median(times)
+
+
+class Client:
+    """Turnstream over HTTP, as a browser or an SDK would use it."""
+
+    def __init__(self, base: str, headers: dict) -> None:
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+        self.http = httpx.AsyncClient(base_url=base, headers=headers, timeout=60, limits=limits)
+
+    async def session(self) -> str:
+        return (await self.http.post("/api/sessions", json={})).json()["id"]
+
+    async def sessions(self, n: int) -> list[str]:
+        """n new sessions, made 50 at a time (setup, not measured)."""
+        made: list[str] = []
+        while len(made) < n:
+            made += await asyncio.gather(*(self.session() for _ in range(min(50, n - len(made)))))
+        return made
+
+    async def turn(self, session_id: str, until: str) -> tuple[float, str]:
+        """Submit a turn and read its events until `until`; returns the
+        seconds from sending the POST to that event, and the turn id."""
+        start = time.perf_counter()
+        response = await self.http.post(f"/api/sessions/{session_id}/turns", json={"message": MESSAGE})
+        if response.status_code != 202:
+            raise SystemExit(f"POST turns answered {response.status_code}: {response.text}")
+        turn = response.json()
+        seen = []
+        async with self.http.stream("GET", turn["events_url"]) as events:
+            async for line in events.aiter_lines():
+                if line == f"event: {until}":
+                    return time.perf_counter() - start, turn["id"]
+                seen.append(line)
+        raise SystemExit(f"turn {turn['id']}: the stream ended before {until} (HTTP {events.status_code}): {seen[-8:]}")
+
+
+async def ttft(client: Client, concurrent: int, rounds: int) -> list[float]:
+    times = []
+    for _ in range(rounds):
+        sessions = await client.sessions(concurrent)
+        results = await asyncio.gather(*(client.turn(s, "message.delta") for s in sessions))
+        times += [t for t, _id in results]
+    return times
+
+
+async def throughput(
+    client: Client, sessions: list[str], concurrent: int, procs: list[services.Proc]
+) -> tuple[float, list[str], dict[str, float]]:
+    """Seconds for a turn in each session, `concurrent` in flight; their ids;
+    the CPU seconds each service spent meanwhile."""
+    gate = asyncio.Semaphore(concurrent)
+
+    async def one(session_id: str) -> str:
+        async with gate:
+            return (await client.turn(session_id, "turn.completed"))[1]
+
+    before = cpu_by_service(procs)
+    start = time.perf_counter()
+    ids = await asyncio.gather(*(one(s) for s in sessions))
+    wall = time.perf_counter() - start
+    after = cpu_by_service(procs)
+    return wall, ids, {name: after[name] - before[name] for name in before}
+
+
+def succeeded(ids: list[str]) -> int:
+    from shared.db import db_session
+    from shared.models import Turn
+
+    with db_session() as db:
+        return db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status == "succeeded"))
+
+
+def publisher_counters(worker: services.Proc) -> dict:
+    found = re.findall(
+        r"event publisher: (\d+) events submitted, (\d+) sent, in (\d+) round trips", worker.log_tail(400)
+    )
+    if not found:
+        return {}
+    submitted, sent, trips = map(int, found[-1])
+    return {
+        "events_submitted": submitted,
+        "events_sent_after_merging": sent,
+        "redis_round_trips": trips,
+        "round_trips_per_event": round(trips / submitted, 3),
+    }
+
+
+async def turnstream(
+    base: str, headers: dict, samples: int, concurrent: int, turns: int, procs: list[services.Proc]
+) -> dict:
+    client = Client(base, headers)
+    try:
+        sessions = await client.sessions(turns)
+        await ttft(client, 1, 10)  # warm-up
+        one = await ttft(client, 1, samples)
+        many = await ttft(client, concurrent, 3)
+        print(f"turnstream: {turns} turns, {concurrent} in flight …", flush=True)
+        wall, ids, cpu = await throughput(client, sessions, concurrent, procs)
+    finally:
+        await client.http.aclose()
+    cpu_ms_per_turn = {name: round(seconds / len(ids) * 1000, 2) for name, seconds in cpu.items()}
+    return {"one": one, "many": many, "wall": wall, "ids": ids, "cpu_ms_per_turn": cpu_ms_per_turn}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--concurrent", type=int, default=100)
+    parser.add_argument("--turns", type=int, default=1000)
+    parser.add_argument("--out", default=".bench/pipeline.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    model_args = ("--first-token-delay", "0", "--token-delay", "0")
+    with services.stack("turnstream-bench-pipeline-", ENV, model_args, mcp=False) as info:
+        from web.auth import create_key
+
+        logdir, env = info["logdir"], info["env"]
+        worker = services.start_worker(logdir, env, "pipeline", THREADS, extra=("--include", "tests.bench.bare"))
+        info["procs"].append(worker)
+        services.wait_for_worker(worker)
+        web, port = services.start_gunicorn(logdir, env, workers=1)
+        info["procs"].append(web)
+        base = f"http://127.0.0.1:{port}"
+        services.wait_until(lambda: httpx.get(f"{base}/api/health", timeout=2).status_code == 200, 30, "web")
+        headers = {"Authorization": f"Bearer {create_key('bench-' + uuid.uuid4().hex[:8])}"}
+
+        print("baseline: bare Celery task that PUBLISHes …", flush=True)
+        base_figures = baseline(args.samples, args.turns)
+        print("the model's own time to first token …", flush=True)
+        model = model_ttft(50)
+        print("turnstream: time to first token, then completed turns per second …", flush=True)
+        run = asyncio.run(turnstream(base, headers, args.samples, args.concurrent, args.turns, info["procs"]))
+        stored = succeeded(run["ids"])
+        worker.stop()
+        counters = publisher_counters(worker)
+
+    one, many = run["one"], run["many"]
+    added_one = [t - model for t in one]
+    added_many = [t - model for t in many]
+    turns_per_s = len(run["ids"]) / run["wall"]
+    results = {
+        "baseline": base_figures,
+        "model_ttft_ms_p50": ms(model),
+        "ttft_1": {"p50_ms": ms(statistics.median(one)), "p99_ms": ms(p(one, 99))},
+        "added_ttft_1": {"p50_ms": ms(statistics.median(added_one)), "p99_ms": ms(p(added_one, 99))},
+        f"ttft_{args.concurrent}": {"p50_ms": ms(statistics.median(many)), "p99_ms": ms(p(many, 99))},
+        f"added_ttft_{args.concurrent}": {"p50_ms": ms(statistics.median(added_many)), "p99_ms": ms(p(added_many, 99))},
+        "turns": len(run["ids"]),
+        "turns_completed_by_client": len(run["ids"]),
+        "turns_succeeded_in_postgres": stored,
+        "turns_per_s": round(turns_per_s, 1),
+        "ratios": {
+            "added_ttft_p50_over_baseline_round_trip_p50": round(
+                statistics.median(added_one) / (base_figures["round_trip_ms_p50"] / 1000), 2
+            ),
+            "turns_per_s_over_baseline_tasks_per_s": round(turns_per_s / base_figures["tasks_per_s"], 3),
+        },
+        "publisher": counters,
+        "cpu_ms_per_turn_by_service": run["cpu_ms_per_turn"],
+    }
+    c = args.concurrent
+    rows = [
+        (
+            "baseline round trip, ms p50 / p99",
+            f"{base_figures['round_trip_ms_p50']} / {base_figures['round_trip_ms_p99']}",
+        ),
+        ("baseline tasks/s", base_figures["tasks_per_s"]),
+        ("model's own time to first token, ms p50", results["model_ttft_ms_p50"]),
+        (
+            "Turnstream TTFT, 1 at a time, ms p50 / p99",
+            f"{results['ttft_1']['p50_ms']} / {results['ttft_1']['p99_ms']}",
+        ),
+        (
+            "  added (minus the model's), ms p50 / p99",
+            f"{results['added_ttft_1']['p50_ms']} / {results['added_ttft_1']['p99_ms']}",
+        ),
+        (
+            f"Turnstream TTFT, {c} at once, ms p50 / p99",
+            f"{results[f'ttft_{c}']['p50_ms']} / {results[f'ttft_{c}']['p99_ms']}",
+        ),
+        (
+            "  added (minus the model's), ms p50 / p99",
+            f"{results[f'added_ttft_{c}']['p50_ms']} / {results[f'added_ttft_{c}']['p99_ms']}",
+        ),
+        (f"Turnstream completed turns/s ({c} clients)", results["turns_per_s"]),
+        ("turns: completed (client) / succeeded (Postgres)", f"{len(run['ids'])} / {stored}"),
+        (
+            "added TTFT p50 / baseline round trip p50 (target <= 3)",
+            results["ratios"]["added_ttft_p50_over_baseline_round_trip_p50"],
+        ),
+        ("turns/s / baseline tasks/s (target >= 0.5)", results["ratios"]["turns_per_s_over_baseline_tasks_per_s"]),
+        ("Redis round trips per event in the worker", counters.get("round_trips_per_event")),
+        (
+            "events submitted / sent after merging deltas",
+            f"{counters.get('events_submitted')} / {counters.get('events_sent_after_merging')}",
+        ),
+    ]
+    rows += [(f"CPU ms per completed turn: {name}", v) for name, v in run["cpu_ms_per_turn"].items()]
+    width = max(len(r[0]) for r in rows)
+    print()
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten to {out}")
+    if stored != len(run["ids"]):
+        raise SystemExit(f"{len(run['ids']) - stored} turns were lost")
+
+
+if __name__ == "__main__":
+    main()

@@ -49,9 +49,11 @@ worker_cancel_long_running_tasks_on_connection_loss = False
 # them back at once; this soft-shutdown window lets that land, and the turns
 # stop, before Celery cancels what is left and exits.
 worker_soft_shutdown_timeout = 3.0
-# Every turn shows in Flower.
+# Every turn shows in Flower, from the worker's events. No "sent" event: it
+# would cost the web tier a Redis round trip per turn to show a turn as
+# pending, which Turnstream's own API already does.
 worker_send_task_events = True
-task_send_sent_event = True
+task_send_sent_event = False
 task_default_queue = "turns"
 timezone = "UTC"
 # No task time limits: the threads pool cannot enforce them. A turn is bounded

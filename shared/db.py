@@ -20,11 +20,15 @@ def get_engine() -> Engine:
     settings = get_settings()
     return create_engine(
         settings.database_url,
-        pool_pre_ping=True,
-        # A worker thread holds a connection only between model calls, so a
-        # small pool serves many concurrent turns.
-        pool_size=5,
-        max_overflow=20,
+        # No ping before each use (a round trip per checkout, the largest
+        # single cost in tests/bench/pipeline.py): a connection that died
+        # with a Postgres restart fails its first statement, SQLAlchemy then
+        # drops the whole pool, and callers retry (workers) or answer 503.
+        pool_pre_ping=False,
+        # Connections kept open; as many more may open under load, and close
+        # when returned. A worker thread holds one only between model calls.
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_size,
         pool_timeout=10,
         connect_args={"connect_timeout": 5},
     )

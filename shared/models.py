@@ -107,6 +107,8 @@ class Turn(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 
+    # Server defaults come back with the INSERT (RETURNING), not a second query.
+    __mapper_args__ = {"eager_defaults": True}
     __table_args__ = (
         UniqueConstraint("session_id", "number"),
         UniqueConstraint("owner_id", "idempotency_key"),

@@ -76,11 +76,16 @@ def submit_turn(
 def schedule_next(db: Session, session_id: str) -> None:
     """After a turn of this session ended: send the next queued one, if no
     other turn is running. Call with the session row locked."""
-    running = db.scalar(select(Turn.id).where(Turn.session_id == session_id, Turn.status == "running").limit(1))
-    if running is not None:
-        return
+    running = aliased(Turn)
     nxt = db.scalar(
-        select(Turn.id).where(Turn.session_id == session_id, Turn.status == "queued").order_by(Turn.number).limit(1)
+        select(Turn.id)
+        .where(
+            Turn.session_id == session_id,
+            Turn.status == "queued",
+            ~exists().where(running.session_id == session_id, running.status == "running"),
+        )
+        .order_by(Turn.number)
+        .limit(1)
     )
     if nxt is not None:
         after_commit(db, send_turn, nxt)

@@ -98,6 +98,10 @@ def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | 
         chat = db.get(ChatSession, claim.session_id, with_for_update=True)
         if chat is None:  # the session was deleted while the turn ran
             return "turn.cancelled", {}
+        # The turn's replay, if any, comes back with the update: one round trip.
+        replay_of_turn = (
+            select(ReplayItem.replay_id).where(ReplayItem.turn_id == Turn.id).scalar_subquery().label("replay_id")
+        )
         done = db.execute(
             update(Turn)
             .where(Turn.id == claim.turn_id, Turn.status == "running", Turn.attempts == claim.attempt)
@@ -109,8 +113,9 @@ def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | 
                 error=outcome.error,
                 finished_at=func.now(),
             )
-        ).rowcount
-        if not done:
+            .returning(replay_of_turn)
+        ).one_or_none()
+        if done is None:
             return None
         if text and status != "failed":
             db.add(
@@ -124,9 +129,8 @@ def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | 
             )
         chat.updated_at = func.now()
         schedule_next(db, claim.session_id)
-        replay_id = db.scalar(select(ReplayItem.replay_id).where(ReplayItem.turn_id == claim.turn_id))
-        if replay_id is not None:
-            after_commit(db, send_replay_advance, replay_id)
+        if done.replay_id is not None:
+            after_commit(db, send_replay_advance, done.replay_id)
     if status == "succeeded":
         return "turn.completed", {"answer": text, "usage": outcome.usage, "tools": outcome.tools}
     if status == "failed":

@@ -178,6 +178,7 @@ def relay_events(
     after: int,
     ping_seconds: float,
     snapshot: Callable[[], Event | None],
+    unfinished: bool = False,
 ) -> Iterator[str]:
     """Yield SSE frames after `after` until the terminal event.
 
@@ -185,7 +186,9 @@ def relay_events(
     events skipping any seq already sent: no gap and no duplicate. When idle
     (every ping), re-read the stream after the last seq sent, so an event lost
     in Pub/Sub is still delivered; if the log is gone, `snapshot()` supplies
-    the state from Postgres.
+    the state from Postgres. `unfinished`: the caller saw the turn not yet
+    ended, so a new stream (after 0) on an empty log waits for its events
+    instead of asking Postgres.
     """
     sub = relay.subscribe(events.channel)
     last = after
@@ -222,7 +225,7 @@ def relay_events(
     try:
         yield "retry: 2000\n\n"
         backlog = events.read_after(last)
-        if not backlog and events.last_seq() < max(last, 1):
+        if not backlog and not (last == 0 and unfinished) and events.last_seq() < max(last, 1):
             # Nothing is held after `last`, and the log does not reach it: not
             # written yet, or expired or lost. Say which with Postgres's state.
             snap, backlog = snapshot_or_log()

@@ -42,7 +42,6 @@ def create_turn(session_id: str):
         except TurnConflict as exc:
             raise ApiError(409, str(exc)) from None
         db.flush()
-        db.refresh(turn)
         data = turn_json(turn)
     return jsonify(data), 202 if created else 200
 
@@ -77,7 +76,7 @@ def turn_events(turn_id: str):
         last = events.last_seq()
         if last and after >= last:
             return "", 204  # everything was delivered: the browser stops retrying
-    return _sse(events, after, turn.id)
+    return _sse(events, after, turn.id, finished=turn.status in TERMINAL)
 
 
 @bp.post("/api/chat")
@@ -98,7 +97,7 @@ def chat():
     events = EventLog("turn", turn_id)
     if body.stream:
         accepted = json.dumps({"seq": 0, "type": "turn.accepted", "turn_id": turn_id, "session_id": session_id})
-        return _sse(events, 0, turn_id, first=f"event: turn.accepted\ndata: {accepted}\n\n")
+        return _sse(events, 0, turn_id, finished=False, first=f"event: turn.accepted\ndata: {accepted}\n\n")
     relay = current_app.extensions["turnstream.relay"]
     sub = relay.subscribe(events.channel)
     try:
@@ -157,13 +156,15 @@ def _snapshot(turn_id: str) -> Event | None:
     return Event(seq=0, type="turn.snapshot", data=data, raw=json.dumps(data))
 
 
-def _sse(events: EventLog, after: int, turn_id: str, first: str = "") -> Response:
+def _sse(events: EventLog, after: int, turn_id: str, finished: bool, first: str = "") -> Response:
     relay = current_app.extensions["turnstream.relay"]
     settings = current_app.extensions["turnstream.settings"]
 
     def generate():
         if first:
             yield first
-        yield from relay_events(relay, events, after, settings.sse_ping_seconds, lambda: _snapshot(turn_id))
+        yield from relay_events(
+            relay, events, after, settings.sse_ping_seconds, lambda: _snapshot(turn_id), unfinished=not finished
+        )
 
     return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=SSE_HEADERS)

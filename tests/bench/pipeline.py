@@ -5,7 +5,7 @@
 Starts Postgres, Redis, the offline model (instant: no first-token delay, no
 token delay), one `gunicorn -k gevent` web process and one worker process
 (threads pool, 100 threads) that also loads the baseline task
-(tests/bench/bare.py). Measured in the same run:
+(tests/bench/bare.py; `--threads` to change). Measured in the same run:
 
 1. Baseline: the bare Celery task PUBLISHes to a channel this process
    listens on. Round trip (send_task to receipt) one at a time, p50 and p99;
@@ -158,7 +158,9 @@ class Client:
     """Turnstream over HTTP, as a browser or an SDK would use it."""
 
     def __init__(self, base: str, headers: dict) -> None:
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+        # Idle connections are dropped before gunicorn's keepalive (5 s) closes
+        # them, or a request could go out on a connection the server is closing.
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000, keepalive_expiry=3)
         self.http = httpx.AsyncClient(base_url=base, headers=headers, timeout=60, limits=limits)
 
     async def session(self) -> str:
@@ -261,6 +263,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--concurrent", type=int, default=100)
     parser.add_argument("--turns", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=THREADS, help="the worker's pool threads")
     parser.add_argument("--out", default=".bench/pipeline.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -269,7 +272,7 @@ def main() -> None:
         from web.auth import create_key
 
         logdir, env = info["logdir"], info["env"]
-        worker = services.start_worker(logdir, env, "pipeline", THREADS, extra=("--include", "tests.bench.bare"))
+        worker = services.start_worker(logdir, env, "pipeline", args.threads, extra=("--include", "tests.bench.bare"))
         info["procs"].append(worker)
         services.wait_for_worker(worker)
         web, port = services.start_gunicorn(logdir, env, workers=1)
@@ -293,6 +296,7 @@ def main() -> None:
     added_many = [t - model for t in many]
     turns_per_s = len(run["ids"]) / run["wall"]
     results = {
+        "worker_threads": args.threads,
         "baseline": base_figures,
         "model_ttft_ms_p50": ms(model),
         "ttft_1": {"p50_ms": ms(statistics.median(one)), "p99_ms": ms(p(one, 99))},

@@ -47,6 +47,7 @@ class ConsumerWatch:
         self.consuming = consuming  # False while an operator cancelled the queue's consumer
         self.exit = exit
         self.quiet_since = time.monotonic()
+        self._stopped = threading.Event()
         threading.Thread(target=self._run, name="consumer-watch", daemon=True).start()
 
     def reset(self) -> None:
@@ -57,9 +58,11 @@ class ConsumerWatch:
         quiet = time.monotonic() - self.quiet_since
         return waiting > 0 and reserved < self.threads and quiet > self.stall_seconds
 
+    def stop(self) -> None:
+        self._stopped.set()
+
     def _run(self) -> None:
-        while True:
-            time.sleep(min(5.0, self.stall_seconds / 2))
+        while not self._stopped.wait(min(5.0, self.stall_seconds / 2)):
             if not self.consuming():
                 self.reset()  # paused on purpose: count from when it resumes
                 continue

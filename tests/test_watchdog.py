@@ -22,8 +22,9 @@ def test_messages_waiting_and_nothing_received_means_stuck(stack):
     queue = f"watch-{uuid.uuid4().hex[:8]}"
     get_redis().rpush(key(queue), "a message no consumer takes")
     stalls: list = []
-    _watch(queue, stalls)
+    watch = _watch(queue, stalls)
     wait_until(lambda: stalls, 10, "the watch to see the stall")
+    watch.stop()
     assert stalls == ["handed back", 1]  # turns handed back first, then exit(1)
 
 
@@ -32,13 +33,13 @@ def test_a_consumer_that_receives_or_was_paused_or_has_nothing_to_take_is_left_a
     for queue in (busy, paused):
         get_redis().rpush(key(queue), "waiting")
     stalls: list = []
-    receiving = _watch(busy, stalls)
-    _watch(paused, stalls, consuming=lambda: False)
-    _watch(idle, stalls)
+    watches = [_watch(busy, stalls), _watch(paused, stalls, consuming=lambda: False), _watch(idle, stalls)]
     deadline = time.monotonic() + 4  # twice the stall time
     while time.monotonic() < deadline:
-        receiving.reset()
+        watches[0].reset()
         time.sleep(0.2)
+    for watch in watches:
+        watch.stop()
     assert stalls == []
 
 

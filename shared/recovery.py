@@ -8,12 +8,11 @@
   STALE_QUEUED_SECONDS (its message may be lost: broker data loss, a crash
   between commit and send, a worker that died holding it) is sent again.
   Sending twice is harmless: only one claim wins.
-
-Right after Redis restarted every heartbeat is missing for a moment, so
-running turns are left alone until Redis has been up for STALE_RUNNING_SECONDS.
 - An unfinished replay with no turn under way waits for an advance message
   that was lost; it is sent again (advancing is idempotent).
 
+Right after Redis restarted every heartbeat is missing for a moment, so
+running turns are left alone until Redis has been up for STALE_RUNNING_SECONDS.
 The beat sweeper (tasks/sweeper.py) and `flask turns requeue` use these.
 """
 

@@ -193,6 +193,11 @@ class EventLog:
         entries = self.redis.xrange(self.stream_key, min=f"(0-{after}", max="+")
         return [Event.parse(fields[b"d"]) for _id, fields in entries]
 
+    def last_event(self) -> Event | None:
+        """The newest event still held, if any."""
+        entries = self.redis.xrevrange(self.stream_key, count=1)
+        return Event.parse(entries[0][1][b"d"]) if entries else None
+
     def last_seq(self) -> int:
         """The last seq handed out (0 if none, or if the log has expired)."""
         value = self.redis.get(self.seq_key)

@@ -142,3 +142,51 @@ def test_a_turn_that_runs_start_to_end_between_the_first_read_and_the_snapshot_s
     log.append("turn.completed", answer="hi", usage={"completion_tokens": 1}, tools=[])  # after the commit
     rest = [f for f in frames if not f.startswith(":")]
     assert rest[0].startswith("event: turn.completed") and '"usage"' in rest[0]
+
+
+def test_a_stream_whose_terminal_event_never_reached_the_log_still_ends(http, owner):
+    """Redis failed just after the turn's end committed: the log stops short
+    of turn.completed. The idle stream asks Postgres and ends with a snapshot."""
+    from shared.events import EventLog
+    from shared.redis import get_redis
+
+    sid = _session(http, owner)
+    turn = _turn(http, owner, sid, "ends unseen")
+    _, events = read_events(http, turn["events_url"], headers=owner)
+    log = EventLog("turn", turn["id"])
+    get_redis().delete(log.seq_key, log.stream_key)  # rebuild the log without its end
+    log.append("turn.started", attempt=1)
+    log.append("message.delta", delta="partial")
+    start = time.monotonic()
+    _, tail = read_events(http, turn["events_url"], headers={**owner, "Last-Event-ID": "2"})
+    # SSE_PING_SECONDS=1 in the test environment: the check comes at the 4th idle ping
+    assert time.monotonic() - start < 8
+    assert [e.event for e in tail] == ["turn.snapshot"]
+    assert tail[0].data["status"] == "succeeded" and tail[0].data["text"] == events[-1].data["answer"]
+
+
+def test_an_open_stream_whose_turn_ended_without_its_terminal_event_ends_after_idle_pings(stack):
+    import json
+    import uuid
+
+    from shared.events import Event, EventLog
+    from shared.redis import get_redis
+    from web.relay import IDLE_PINGS_BEFORE_CHECK, Relay, relay_events
+
+    log = EventLog("turn", f"lost-end-{uuid.uuid4().hex[:8]}")
+    log.append("turn.started", attempt=1)
+    log.append("message.delta", delta="all of it")
+    ended = {"now": False}
+
+    def snapshot():
+        status = "succeeded" if ended["now"] else "running"
+        data = {"turn_id": log.ident, "seq": 0, "type": "turn.snapshot", "status": status, "text": "all of it"}
+        return Event(0, "turn.snapshot", data, json.dumps(data))
+
+    frames = relay_events(Relay(get_redis), log, 2, 0.05, snapshot)
+    assert next(frames) == "retry: 2000\n\n"
+    assert [next(frames) for _ in range(IDLE_PINGS_BEFORE_CHECK + 1)] == [": ping\n\n"] * (IDLE_PINGS_BEFORE_CHECK + 1)
+    ended["now"] = True  # the turn's end committed; its terminal event never reached Redis
+    rest = list(frames)
+    assert rest[-1].startswith("event: turn.snapshot") and '"succeeded"' in rest[-1]
+    assert len(rest) <= IDLE_PINGS_BEFORE_CHECK * 2  # within a few pings, not never

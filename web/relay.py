@@ -28,6 +28,10 @@ FINISHED = frozenset(TERMINAL) | {"finished"}
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 1000
+# A stream idle this many pings in a row asks Postgres whether its turn ended:
+# a terminal event that never reached the log (Redis failed just after the
+# turn's end committed) must not leave the client waiting forever.
+IDLE_PINGS_BEFORE_CHECK = 4
 
 
 class Subscription:
@@ -178,7 +182,7 @@ def relay_events(
     after: int,
     ping_seconds: float,
     snapshot: Callable[[], Event | None],
-    unfinished: bool = False,
+    finished: bool | None = None,
 ) -> Iterator[str]:
     """Yield SSE frames after `after` until the terminal event.
 
@@ -186,12 +190,15 @@ def relay_events(
     events skipping any seq already sent: no gap and no duplicate. When idle
     (every ping), re-read the stream after the last seq sent, so an event lost
     in Pub/Sub is still delivered; if the log is gone, `snapshot()` supplies
-    the state from Postgres. `unfinished`: the caller saw the turn not yet
-    ended, so a new stream (after 0) on an empty log waits for its events
-    instead of asking Postgres.
+    the state from Postgres, as it does every IDLE_PINGS_BEFORE_CHECK idle
+    pings, so a stream whose terminal event was lost still ends.
+    `finished`, when the caller knows: a new stream (after 0) of a turn not
+    yet ended waits for its events without asking Postgres; one of a turn
+    that ended, with nothing after `after` held, gets its end from Postgres.
     """
     sub = relay.subscribe(events.channel)
     last = after
+    idle = 0  # pings in a row with nothing to send
 
     def snapshot_or_log() -> tuple[Event | None, list[Event]]:
         """With nothing held after `last`: Postgres's state, or (when the turn
@@ -225,9 +232,15 @@ def relay_events(
     try:
         yield "retry: 2000\n\n"
         backlog = events.read_after(last)
-        if not backlog and not (last == 0 and unfinished) and events.last_seq() < max(last, 1):
-            # Nothing is held after `last`, and the log does not reach it: not
-            # written yet, or expired or lost. Say which with Postgres's state.
+        if finished is False and last == 0:
+            gone = False  # a turn not yet ended: its events come through the subscription
+        elif finished:
+            gone = True  # it ended, and its end is not in the log after `last`
+        else:
+            gone = events.last_seq() < max(last, 1)  # the log does not reach `last`
+        if not backlog and gone:
+            # Not written yet, expired, lost, or missing its end: say which with
+            # Postgres's state.
             snap, backlog = snapshot_or_log()
             if snap is not None and (snap.data["status"] in FINISHED or last > 0):
                 yield frame(snap)
@@ -240,8 +253,9 @@ def relay_events(
                 raw = sub.queue.get(timeout=ping_seconds)
             except queue.Empty:
                 yield ": ping\n\n"
+                idle += 1
                 missed = events.read_after(last)
-                if not missed and events.last_seq() == 0:
+                if not missed and (events.last_seq() == 0 or idle % IDLE_PINGS_BEFORE_CHECK == 0):
                     snap, missed = snapshot_or_log()
                     if snap is not None and snap.data["status"] in FINISHED:
                         yield frame(snap)
@@ -252,6 +266,7 @@ def relay_events(
             if sub.ended:
                 return  # the client reconnects and resumes from the log
             event = Event.parse(raw)
+            idle = 0
             if event.seq <= last:
                 continue
             if (yield from deliver([event] if event.seq == last + 1 else events.read_after(last))):

@@ -73,8 +73,8 @@ def turn_events(turn_id: str):
         turn = owned(db, Turn, turn_id)
     events = EventLog("turn", turn.id)
     if turn.status in TERMINAL:
-        last = events.last_seq()
-        if last and after >= last:
+        end = events.last_event()
+        if end is not None and end.terminal and after >= end.seq:
             return "", 204  # everything was delivered: the browser stops retrying
     return _sse(events, after, turn.id, finished=turn.status in TERMINAL)
 
@@ -164,7 +164,7 @@ def _sse(events: EventLog, after: int, turn_id: str, finished: bool, first: str 
         if first:
             yield first
         yield from relay_events(
-            relay, events, after, settings.sse_ping_seconds, lambda: _snapshot(turn_id), unfinished=not finished
+            relay, events, after, settings.sse_ping_seconds, lambda: _snapshot(turn_id), finished=finished
         )
 
     return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=SSE_HEADERS)

@@ -34,5 +34,8 @@ def check_eviction_policy() -> None:
         policy = get_redis().config_get("maxmemory-policy").get("maxmemory-policy")
     except redis.ResponseError:  # CONFIG is disabled on many hosted Redis plans
         return
+    except redis.RedisError as exc:
+        log.warning("could not check Redis's maxmemory-policy: %s", exc)
+        return
     if policy != "noeviction":
         log.warning("Redis maxmemory-policy is %r; set it to noeviction, or queued turns may be evicted", policy)

@@ -223,10 +223,13 @@ def _hand_back(claim: Claim) -> None:
 
 @worker_ready.connect
 def warm_up(sender: Any, **_: Any) -> None:
-    """Do first-use work before the first turn instead of during a burst of
-    them: build the model client, and start every pool thread (the threads
-    pool starts one per task until it is full, each start then waiting for
-    the GIL that running turns hold)."""
+    """The consumer is ready (`sender` is Celery's Consumer): start watching
+    it for a stall, check Redis's eviction policy, and do first-use work
+    before the first turn instead of during a burst of them: build the model
+    client, and start every pool thread (the threads pool starts one per
+    task until it is full, each start then waiting for the GIL that running
+    turns hold)."""
+    watch_consumer(sender, on_stall=get_heartbeat().hand_back_all)
     check_eviction_policy()
     get_client()
     executor = getattr(sender.pool, "executor", None)
@@ -234,7 +237,6 @@ def warm_up(sender: Any, **_: Any) -> None:
         started = threading.Barrier(sender.pool.limit)
         for _ in range(sender.pool.limit):
             executor.submit(started.wait, 10)
-    watch_consumer(sender, on_stall=get_heartbeat().hand_back_all)
 
 
 @worker_shutting_down.connect

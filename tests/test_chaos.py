@@ -79,7 +79,7 @@ class Chaos:
     def _supervise(self) -> None:
         while not self._closing.wait(0.5):
             for worker in self.supervised:
-                if worker.popen.poll() is not None:
+                if worker.popen.poll() is not None and not self._closing.is_set():
                     self.worker_restarts += 1
                     worker.start()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -43,8 +44,10 @@ def read_events(
     stop_after: int | None = None,
     method: str = "GET",
     json_body: dict | None = None,
+    on_event: Callable[[int], object] | None = None,
 ) -> tuple[httpx.Response, list[SseEvent]]:
-    """Read a stream until its terminal event (or stop_after events); return the response and events."""
+    """Read a stream until its terminal event (or stop_after events, or its
+    end); return the response and events. on_event(n) runs after the n-th."""
     events: list[SseEvent] = []
     with client.stream(method, url, headers=headers, json=json_body) as response:
         if response.status_code != 200:
@@ -54,6 +57,8 @@ def read_events(
             if isinstance(item, tuple):
                 continue
             events.append(item)
+            if on_event is not None:
+                on_event(len(events))
             if item.event in TERMINAL or (stop_after is not None and len(events) >= stop_after):
                 break
     return response, events

@@ -121,21 +121,19 @@ def test_an_attempt_that_lost_its_turn_stops_and_only_the_new_one_answers(app, c
 
 def test_a_turn_whose_event_log_is_lost_runs_again_and_its_stream_says_so(http, owner):
     """Redis losing its data mid-turn, for one turn: its log vanishes."""
-    from tests.sse import iter_sse
+    from tests.sse import read_events
 
     sid = http.post("/api/sessions", json={}, headers=owner).json()["id"]
     turn = http.post(
         f"/api/sessions/{sid}/turns", json={"message": "lost log [[tokens=40]] [[delay=0.05]]"}, headers=owner
     ).json()
     log = EventLog("turn", turn["id"])
-    events = []
-    with http.stream("GET", turn["events_url"], headers=owner) as response:
-        for item in iter_sse(response):
-            if isinstance(item, tuple):
-                continue
-            events.append(item)
-            if len(events) == 5:
-                get_redis().delete(log.seq_key, log.stream_key, log.attempt_key)
+
+    def lose_the_log(n: int) -> None:
+        if n == 5:
+            get_redis().delete(log.seq_key, log.stream_key, log.attempt_key)
+
+    _, events = read_events(http, turn["events_url"], headers=owner, on_event=lose_the_log)
     types = [e.event for e in events]
     assert types[-1] == "turn.completed", types
     snap = types.index("turn.snapshot")  # the gap is reported, not skipped

@@ -12,7 +12,7 @@ from shared.broker import get_celery
 from shared.events import EventLog
 from tests import services
 from tests.conftest import wait_turn
-from tests.sse import iter_sse, read_events
+from tests.sse import read_events
 
 SHORT = "short [[tokens=10]] [[delay=0.1]]"  # 1 s: ends within the grace
 LONG = "long [[tokens=50]] [[delay=0.1]]"  # 5 s: handed back
@@ -85,16 +85,15 @@ def test_sigterm_to_web_ends_streams_and_clients_resume_on_another_process(stack
         with httpx.Client(base_url=base, timeout=30) as http:
             sid = http.post("/api/sessions", json={}, headers=owner).json()["id"]
             turn = http.post(f"/api/sessions/{sid}/turns", json={"message": LONG}, headers=owner).json()
-            head, ended_after = [], None
-            with http.stream("GET", turn["events_url"], headers=owner) as response:
-                for item in iter_sse(response):
-                    if isinstance(item, tuple):
-                        continue
-                    head.append(item)
-                    if len(head) == 5:
-                        leaving.popen.send_signal(signal.SIGTERM)
-                        sent = time.monotonic()
-                ended_after = time.monotonic() - sent
+            sent: list[float] = []
+
+            def deploy(n: int) -> None:
+                if n == 5:
+                    leaving.popen.send_signal(signal.SIGTERM)
+                    sent.append(time.monotonic())
+
+            _, head = read_events(http, turn["events_url"], headers=owner, on_event=deploy)
+            ended_after = time.monotonic() - sent[0]
         # The stream ended cleanly, long before the turn (5 s) or the graceful timeout (20 s).
         assert ended_after < 3, ended_after
         assert head[-1].event == "message.delta"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import re
@@ -40,6 +39,7 @@ from sqlalchemy import func, select
 
 from tests import services
 from tests.bench.bare import PUBLISH
+from tests.bench.report import report
 
 ENV = {
     "TURNSTREAM_ENV": "development",
@@ -354,14 +354,7 @@ def main() -> None:
         ),
     ]
     rows += [(f"CPU ms per completed turn: {name}", v) for name, v in run["cpu_ms_per_turn"].items()]
-    width = max(len(r[0]) for r in rows)
-    print()
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwritten to {out}")
+    report(rows, results, args.out)
     if stored != len(run["ids"]):
         raise SystemExit(f"{len(run['ids']) - stored} turns were lost")
 

@@ -23,7 +23,6 @@ offline model and workers; prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -35,6 +34,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from tests import services
+from tests.bench.report import report
 
 ENV = {
     "TURNSTREAM_ENV": "development",
@@ -275,14 +275,7 @@ def main() -> None:
         )
         for p in cpu["phases"]
     ]
-    width = max(len(r[0]) for r in rows)
-    print()
-    for label, value in rows:
-        print(f"{label:<{width}}  {value}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwritten to {out}")
+    report(rows, results, args.out)
     lost = sum(v for k, v in io["statuses"].items() if k != "succeeded")
     if lost:
         raise SystemExit(f"{lost} turns did not succeed")

@@ -99,6 +99,20 @@ class Event:
         return cls(seq=int(data["seq"]), type=data["type"], data=data, raw=text)
 
 
+def peek(raw: bytes) -> tuple[int, bytes]:
+    """The seq and type of a logged event's JSON, without parsing it: the
+    append script writes `{"seq":N,` first, and `EventLog.body` puts the type
+    right after the turn's (or replay's) id, which holds no quote."""
+    if raw.startswith(b'{"seq":'):
+        comma = raw.find(b",", 7)
+        start = raw.find(b'"type":"', comma) + 8
+        end = raw.find(b'"', start)
+        if comma > 0 and start > 7 and end > 0:
+            return int(raw[7:comma]), raw[start:end]
+    event = Event.parse(raw)
+    return event.seq, event.type.encode()
+
+
 @functools.cache
 def _append_script(client: redis.Redis) -> Any:
     """The append script of a client: sent as EVALSHA, loaded on first use."""

@@ -136,12 +136,15 @@ def test_a_turn_that_runs_start_to_end_between_the_first_read_and_the_snapshot_s
         return Event(0, "turn.snapshot", data, json.dumps(data))
 
     frames = relay_events(Relay(get_redis), log, 0, 0.2, snapshot)
-    assert next(frames) == "retry: 2000\n\n"
-    got = [next(frames), next(frames)]
-    assert [f.split("\n")[0] for f in got] == ["event: turn.started", "event: message.delta"]
+    assert next(frames) == b"retry: 2000\n\n"
+    head = next(frames)  # the log's events, in one write
+    assert [line for line in head.split(b"\n") if line.startswith(b"event:")] == [
+        b"event: turn.started",
+        b"event: message.delta",
+    ]
     log.append("turn.completed", answer="hi", usage={"completion_tokens": 1}, tools=[])  # after the commit
-    rest = [f for f in frames if not f.startswith(":")]
-    assert rest[0].startswith("event: turn.completed") and '"usage"' in rest[0]
+    rest = [f for f in frames if not f.startswith(b":")]
+    assert rest[0].startswith(b"event: turn.completed") and b'"usage"' in rest[0]
 
 
 def test_a_stream_whose_terminal_event_never_reached_the_log_still_ends(http, owner):
@@ -184,9 +187,9 @@ def test_an_open_stream_whose_turn_ended_without_its_terminal_event_ends_after_i
         return Event(0, "turn.snapshot", data, json.dumps(data))
 
     frames = relay_events(Relay(get_redis), log, 2, 0.05, snapshot)
-    assert next(frames) == "retry: 2000\n\n"
-    assert [next(frames) for _ in range(IDLE_PINGS_BEFORE_CHECK + 1)] == [": ping\n\n"] * (IDLE_PINGS_BEFORE_CHECK + 1)
+    assert next(frames) == b"retry: 2000\n\n"
+    assert [next(frames) for _ in range(IDLE_PINGS_BEFORE_CHECK + 1)] == [b": ping\n\n"] * (IDLE_PINGS_BEFORE_CHECK + 1)
     ended["now"] = True  # the turn's end committed; its terminal event never reached Redis
     rest = list(frames)
-    assert rest[-1].startswith("event: turn.snapshot") and '"succeeded"' in rest[-1]
+    assert rest[-1].startswith(b"event: turn.snapshot") and b'"succeeded"' in rest[-1]
     assert len(rest) <= IDLE_PINGS_BEFORE_CHECK * 2  # within a few pings, not never

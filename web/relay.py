@@ -7,57 +7,117 @@ SUBSCRIBE/UNSUBSCRIBE are reference-counted. The reader never blocks: a
 stream whose queue is full is ended, and its client resumes from the event
 log with Last-Event-ID. `close()` ends every stream the same way when the
 process shuts down, so clients reconnect to another process.
+
+The hot path is cheap per client: the reader turns a message into its SSE
+frame once (seq and type are read from the JSON's fixed prefix, not parsed)
+and hands the same bytes to every stream of the channel; a stream writes all
+the frames queued since its last write in one chunk (one send).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import socket
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections import deque
+from collections.abc import Callable, Generator, Iterable
+from typing import NamedTuple
 
 import redis
+from flask import Response, request, stream_with_context
 
-from shared.events import Event, EventLog
+from shared.events import TERMINAL_TYPES, Event, EventLog, peek
 from shared.models import TERMINAL
+from web.errors import ApiError
 
 # Snapshot statuses after which nothing more will come (turns; replays).
 FINISHED = frozenset(TERMINAL) | {"finished"}
+_TERMINAL = frozenset(t.encode() for t in TERMINAL_TYPES)
 
 log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 1000
-# A stream idle this many pings in a row asks Postgres whether its turn ended:
-# a terminal event that never reached the log (Redis failed just after the
-# turn's end committed) must not leave the client waiting forever.
+# A stream idle this many pings in a row re-reads its log and asks Postgres
+# whether its turn ended: a terminal event that never reached the log (Redis
+# failed just after the turn's end committed) or whose Pub/Sub message was
+# lost must not leave the client waiting forever.
 IDLE_PINGS_BEFORE_CHECK = 4
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PING = b": ping\n\n"
+RETRY = b"retry: 2000\n\n"
+
+
+class Frame(NamedTuple):
+    seq: int
+    terminal: bool
+    data: bytes  # the whole SSE message, encoded once
+
+
+def encode(raw: bytes) -> Frame:
+    """The frame of one logged event (its JSON as published)."""
+    seq, type_ = peek(raw)
+    return Frame(seq, type_ in _TERMINAL, b"event: %s\nid: %d\ndata: %s\n\n" % (type_, seq, raw))
+
+
+def frame(event: Event) -> bytes:
+    """The frame of an Event. Synthetic events (seq 0: accepted, snapshot)
+    carry no id, so they never move the client's Last-Event-ID."""
+    if event.seq == 0:
+        return f"event: {event.type}\ndata: {event.raw}\n\n".encode()
+    return encode(event.raw.encode()).data
 
 
 class Subscription:
-    __slots__ = ("channel", "queue", "ended")
+    """One stream's queue of frames: filled by the reader, drained by the stream."""
+
+    __slots__ = ("channel", "pending", "wake", "ended", "recheck")
 
     def __init__(self, channel: str) -> None:
         self.channel = channel
-        self.queue: queue.Queue[bytes] = queue.Queue(maxsize=QUEUE_SIZE)
+        self.pending: deque[Frame] = deque()
+        self.wake = threading.Event()  # a gevent Event under gunicorn
         # Set when the stream must end (its queue overflowed, the process is
         # shutting down); its client resumes from the log.
         self.ended = False
+        # Set when the reader reconnected: events published meanwhile are only
+        # in the log, so the stream re-reads it.
+        self.recheck = False
+
+    def push(self, item: Frame) -> None:
+        """Queue a frame (the reader); never blocks."""
+        if len(self.pending) >= QUEUE_SIZE:
+            self.end()
+            return
+        self.pending.append(item)
+        if not self.wake.is_set():
+            self.wake.set()
 
     def end(self) -> None:
         self.ended = True
-        try:
-            self.queue.put_nowait(b"")  # wake the stream
-        except queue.Full:
-            pass  # it has events to take, and sees `ended` after the next
+        self.wake.set()
+
+    def poke(self) -> None:
+        self.recheck = True
+        self.wake.set()
+
+    def take(self, timeout: float) -> list[Frame]:
+        """Every frame queued, waiting up to `timeout` for one ([] if none came,
+        or when woken to end or recheck)."""
+        if not self.pending and not self.wake.wait(timeout):
+            return []
+        self.wake.clear()
+        pending = self.pending
+        return [pending.popleft() for _ in range(len(pending))]
 
 
 class Relay:
     def __init__(self, client_factory: Callable[[], redis.Redis]) -> None:
         self._client_factory = client_factory
         self._lock = threading.Lock()
-        self._subs: dict[str, set[Subscription]] = {}
-        self._confirmed: dict[str, threading.Event] = {}
+        self._subs: dict[bytes, set[Subscription]] = {}
+        self._confirmed: dict[bytes, threading.Event] = {}
         self._pubsub: redis.client.PubSub | None = None
         self._reader: threading.Thread | None = None
         self._closed = False
@@ -68,18 +128,19 @@ class Relay:
         sub = Subscription(channel)
         if self._closed:
             sub.end()
+        name = channel.encode()
         with self._lock:
             self._ensure_reader()
-            subs = self._subs.setdefault(channel, set())
+            subs = self._subs.setdefault(name, set())
             subs.add(sub)
             if len(subs) == 1:
-                self._confirmed[channel] = threading.Event()
+                self._confirmed[name] = threading.Event()
                 try:
-                    self._pubsub.subscribe(channel)
+                    self._pubsub.subscribe(name)
                 except redis.exceptions.RedisError:
                     self._drop(sub)  # else later streams would wait on a subscription never made
                     raise
-            confirmed = self._confirmed[channel]
+            confirmed = self._confirmed[name]
         if not confirmed.wait(timeout):
             self.unsubscribe(sub)
             raise redis.exceptions.ConnectionError("Redis did not confirm the subscription")
@@ -96,23 +157,33 @@ class Relay:
 
     def _drop(self, sub: Subscription) -> bool:
         """Forget a stream (lock held); True if it was its channel's last."""
-        subs = self._subs.get(sub.channel)
+        name = sub.channel.encode()
+        subs = self._subs.get(name)
         if subs is None:
             return False
         subs.discard(sub)
         if subs:
             return False
-        del self._subs[sub.channel]
-        self._confirmed.pop(sub.channel, None)
+        del self._subs[name]
+        self._confirmed.pop(name, None)
         return True
+
+    def stats(self) -> dict[str, int]:
+        """Channels subscribed and streams registered (for health and tests)."""
+        with self._lock:
+            return {"channels": len(self._subs), "streams": sum(len(s) for s in self._subs.values())}
 
     def close(self) -> None:
         """End every stream, now and from now on (the process is stopping)."""
         with self._lock:
             self._closed = True
+        self._each(Subscription.end)
+
+    def _each(self, action: Callable[[Subscription], None]) -> None:
+        with self._lock:
             subs = [sub for subs in self._subs.values() for sub in subs]
         for sub in subs:
-            sub.end()
+            action(sub)
 
     def _ensure_reader(self) -> None:
         if self._reader is not None:
@@ -129,28 +200,28 @@ class Relay:
                 log.warning("relay lost Redis (%s); reconnecting", exc)
                 while not self._resubscribe():
                     time.sleep(0.5)
+                self._each(Subscription.poke)  # events published meanwhile are in the logs
 
     def _read(self) -> None:
+        subs_of = self._subs.get
         while True:
             message = self._pubsub.get_message(timeout=1.0)
-            if message is None or message["type"] not in ("message", "subscribe"):
+            if message is None:
                 continue
-            kind, channel = message["type"], message["channel"].decode()
+            kind = message["type"]
             if kind == "message":
-                for sub in tuple(self._subs.get(channel, ())):
-                    try:
-                        sub.queue.put_nowait(message["data"])
-                    except queue.Full:
-                        sub.ended = True
+                subs = subs_of(message["channel"])
+                if subs:
+                    item = encode(message["data"])
+                    for sub in tuple(subs):
+                        sub.push(item)
             elif kind == "subscribe":
-                confirmed = self._confirmed.get(channel)
+                confirmed = self._confirmed.get(message["channel"])
                 if confirmed is not None:
                     confirmed.set()
 
     def _resubscribe(self) -> bool:
-        """A new connection with every live channel; False while Redis is away.
-        Streams notice events missed meanwhile on their next idle check (they
-        re-read the log after their last seq), so nothing is lost."""
+        """A new connection with every live channel; False while Redis is away."""
         with self._lock:
             try:
                 self._pubsub.reset()
@@ -168,14 +239,6 @@ class Relay:
             return True
 
 
-def frame(event: Event) -> str:
-    """One SSE message. Synthetic events (seq 0: accepted, snapshot) carry no
-    id, so they never move the client's Last-Event-ID."""
-    if event.seq == 0:
-        return f"event: {event.type}\ndata: {event.raw}\n\n"
-    return f"event: {event.type}\nid: {event.seq}\ndata: {event.raw}\n\n"
-
-
 def relay_events(
     relay: Relay,
     events: EventLog,
@@ -183,55 +246,75 @@ def relay_events(
     ping_seconds: float,
     snapshot: Callable[[], Event | None],
     finished: bool | None = None,
-) -> Iterator[str]:
-    """Yield SSE frames after `after` until the terminal event.
+) -> Generator[bytes, None, int | None]:
+    """Yield SSE frames after `after` until the terminal event; returns the
+    last seq sent once the terminal event went out, None if the stream had
+    to end before (the client resumes from the log).
 
     Subscribe first, then read the backlog from the stream, then drain live
-    events skipping any seq already sent: no gap and no duplicate. When idle
-    (every ping), re-read the stream after the last seq sent, so an event lost
-    in Pub/Sub is still delivered; if the log is gone, `snapshot()` supplies
-    the state from Postgres, as it does every IDLE_PINGS_BEFORE_CHECK idle
-    pings, so a stream whose terminal event was lost still ends.
+    events skipping any seq already sent: no gap and no duplicate. Events
+    missing before a batch (trimmed, lost with Redis, or published while the
+    reader reconnected) are read from the log, and what the log lacks is
+    reported with `snapshot()` (the state from Postgres). Every
+    IDLE_PINGS_BEFORE_CHECK idle pings the stream re-reads its log and asks
+    Postgres, so a stream whose terminal event was lost still ends.
     `finished`, when the caller knows: a new stream (after 0) of a turn not
     yet ended waits for its events without asking Postgres; one of a turn
     that ended, with nothing after `after` held, gets its end from Postgres.
     """
     sub = relay.subscribe(events.channel)
     last = after
-    idle = 0  # pings in a row with nothing to send
 
-    def snapshot_or_log() -> tuple[Event | None, list[Event]]:
-        """With nothing held after `last`: Postgres's state, or (when the turn
-        ended but its log now holds events after `last`) those events. A turn
-        can run from start to end between the first read of the log and the
-        snapshot; its events then beat a snapshot without usage or tools."""
+    def logged() -> list[Frame]:
+        return [encode(e.raw.encode()) for e in events.read_after(last)]
+
+    def check() -> tuple[Event | None, list[Frame]]:
+        """With nothing new in the live queue: the log after `last`, or (when
+        it holds nothing) Postgres's state. A turn can run from start to end
+        between a read of the log and the snapshot; its events then beat a
+        snapshot without usage or tools, so the log is read again."""
+        held = logged()
+        if held:
+            return None, held
         snap = snapshot()
         if snap is None or snap.data["status"] not in FINISHED:
             return snap, []
-        written = events.read_after(last)
-        return (None, written) if written else (snap, [])
+        held = logged()
+        return (None, held) if held else (snap, [])
 
-    def deliver(batch: list[Event]) -> Generator[str, None, bool]:
-        """Frames for events after `last`; returns True once the stream is
-        over. Events missing before the batch (trimmed, or lost with Redis)
-        are reported with a snapshot first."""
+    def take(batch: list[Frame], out: list[bytes]) -> bool:
+        """Add the frames after `last` to `out`; True once the stream is over."""
         nonlocal last
-        if batch and batch[0].seq > last + 1:
-            snap = snapshot()
-            if snap is not None:
-                yield frame(snap)
-                if snap.data["status"] in FINISHED:
-                    return True
-        for event in batch:
-            yield frame(event)
-            last = event.seq
-            if event.terminal:
+        for at, item in enumerate(batch):
+            if item.seq <= last:
+                continue
+            if item.seq != last + 1:
+                return fill_gap(batch[at:], out)
+            out.append(item.data)
+            last = item.seq
+            if item.terminal:
                 return True
         return False
 
+    def fill_gap(rest: list[Frame], out: list[bytes]) -> bool:
+        """Events are missing after `last`: take them from the log (which holds
+        every event before it is published); what it lacks too is reported
+        with a snapshot first."""
+        nonlocal last
+        source = logged() or rest
+        if source[0].seq > last + 1:
+            snap = snapshot()
+            if snap is not None:
+                out.append(frame(snap))
+                if snap.data["status"] in FINISHED:
+                    return True
+            last = source[0].seq - 1
+        return take(source, out)
+
     try:
-        yield "retry: 2000\n\n"
-        backlog = events.read_after(last)
+        yield RETRY
+        out: list[bytes] = []
+        backlog = logged()
         if finished is False and last == 0:
             gone = False  # a turn not yet ended: its events come through the subscription
         elif finished:
@@ -241,35 +324,65 @@ def relay_events(
         if not backlog and gone:
             # Not written yet, expired, lost, or missing its end: say which with
             # Postgres's state.
-            snap, backlog = snapshot_or_log()
+            snap, backlog = check()
             if snap is not None and (snap.data["status"] in FINISHED or last > 0):
                 yield frame(snap)
                 if snap.data["status"] in FINISHED:
-                    return
-        if (yield from deliver(backlog)):
-            return
+                    return last
+        done = take(backlog, out)
+        idle = 0  # pings in a row with nothing to send
         while True:
-            try:
-                raw = sub.queue.get(timeout=ping_seconds)
-            except queue.Empty:
-                yield ": ping\n\n"
-                idle += 1
-                missed = events.read_after(last)
-                if not missed and (events.last_seq() == 0 or idle % IDLE_PINGS_BEFORE_CHECK == 0):
-                    snap, missed = snapshot_or_log()
-                    if snap is not None and snap.data["status"] in FINISHED:
-                        yield frame(snap)
-                        return
-                if (yield from deliver(missed)):
-                    return
-                continue
+            if out:
+                yield b"".join(out)
+                out.clear()
+            if done:
+                return last
+            batch = sub.take(ping_seconds)
             if sub.ended:
-                return  # the client reconnects and resumes from the log
-            event = Event.parse(raw)
-            idle = 0
-            if event.seq <= last:
+                return None  # the client reconnects and resumes from the log
+            if batch:
+                idle = 0
+                done = take(batch, out)
                 continue
-            if (yield from deliver([event] if event.seq == last + 1 else events.read_after(last))):
-                return
+            if not sub.recheck:
+                yield PING
+                idle += 1
+                if idle % IDLE_PINGS_BEFORE_CHECK:
+                    continue
+            sub.recheck = False
+            snap, held = check()
+            if snap is not None and snap.data["status"] in FINISHED:
+                yield frame(snap)
+                return last
+            done = take(held, out)
     finally:
         relay.unsubscribe(sub)
+
+
+def last_event_id() -> str:
+    """The client's Last-Event-ID header (or ?after=), "0" if none."""
+    return request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
+
+
+def parse_seq(raw: str) -> int:
+    try:
+        after = int(raw)
+    except ValueError:
+        raise ApiError(422, "Last-Event-ID (or after) must be a whole number", {"field": "after"}) from None
+    if after < 0:
+        raise ApiError(422, "Last-Event-ID (or after) must not be negative", {"field": "after"})
+    return after
+
+
+def sse_response(frames: Iterable[bytes], ping_seconds: float) -> Response:
+    """A streaming SSE response. A client that stops reading (its socket
+    blocks a write) or whose host vanished (sent data stays unacknowledged)
+    is dropped after two pings, so its greenlet, socket and subscription are
+    freed; it resumes from the log if it comes back."""
+    deadline = 2 * ping_seconds
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.settimeout(deadline)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(deadline * 1000))
+    return Response(stream_with_context(frames), mimetype="text/event-stream", headers=SSE_HEADERS)

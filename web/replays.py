@@ -12,9 +12,8 @@ from shared.events import Event, EventLog
 from shared.models import ChatSession, Message, Replay, Turn
 from shared.replays import create_replay, item_rows, summary
 from web.errors import ApiError
-from web.relay import relay_events
+from web.relay import last_event_id, parse_seq, relay_events, sse_response
 from web.resources import owned, valid_id
-from web.turns import SSE_HEADERS
 from web.validation import ReplayCreate, parse_body
 
 bp = Blueprint("replays", __name__)
@@ -62,6 +61,7 @@ def results(replay_id: str):
 def events(replay_id: str):
     settings = current_app.extensions["turnstream.settings"]
     relay = current_app.extensions["turnstream.relay"]
+    after = parse_seq(last_event_id())
     with db_session() as db:
         replay = owned(db, Replay, replay_id)
     log = EventLog("replay", replay.id)
@@ -72,8 +72,8 @@ def events(replay_id: str):
         data = {"replay_id": replay.id, "seq": 0, "type": "replay.snapshot", **state}
         return Event(0, "replay.snapshot", data, json.dumps(data))
 
-    stream = relay_events(relay, log, 0, settings.sse_ping_seconds, snapshot)
-    return Response(stream, mimetype="text/event-stream", headers=SSE_HEADERS)
+    stream = relay_events(relay, log, after, settings.sse_ping_seconds, snapshot)
+    return sse_response(stream, settings.sse_ping_seconds)
 
 
 def result_line(item, turn: Turn | None) -> dict:

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
 import time
 
-from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from shared.db import db_session
 from shared.events import Event, EventLog
 from shared.models import TERMINAL, ChatSession, Turn
 from shared.turns import TurnConflict, cancel_turn, lock_session, submit_turn
 from web.errors import ApiError
-from web.relay import relay_events
+from web.relay import last_event_id, parse_seq, relay_events, sse_response
 from web.resources import owned, turn_json, valid_id
 from web.validation import ChatRequest, TurnCreate, parse_body
 
 bp = Blueprint("turns", __name__)
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @bp.post("/api/sessions/<session_id>/turns")
@@ -68,7 +65,7 @@ def cancel(turn_id: str):
 
 @bp.get("/api/turns/<turn_id>/events")
 def turn_events(turn_id: str):
-    after = _after()
+    after = parse_seq(last_event_id())
     with db_session() as db:
         turn = owned(db, Turn, turn_id)
     events = EventLog("turn", turn.id)
@@ -97,7 +94,7 @@ def chat():
     events = EventLog("turn", turn_id)
     if body.stream:
         accepted = json.dumps({"seq": 0, "type": "turn.accepted", "turn_id": turn_id, "session_id": session_id})
-        return _sse(events, 0, turn_id, finished=False, first=f"event: turn.accepted\ndata: {accepted}\n\n")
+        return _sse(events, 0, turn_id, finished=False, first=f"event: turn.accepted\ndata: {accepted}\n\n".encode())
     relay = current_app.extensions["turnstream.relay"]
     sub = relay.subscribe(events.channel)
     try:
@@ -125,23 +122,9 @@ def chat():
 def _wait_terminal(sub, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
-        try:
-            raw = sub.queue.get(timeout=left)
-        except queue.Empty:
-            return
-        if sub.ended or Event.parse(raw).terminal:
+        batch = sub.take(left)
+        if sub.ended or any(item.terminal for item in batch):
             return  # ended: the answer is read from Postgres as it stands
-
-
-def _after() -> int:
-    raw = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
-    try:
-        after = int(raw)
-    except ValueError:
-        raise ApiError(422, "Last-Event-ID (or after) must be a whole number", {"field": "after"}) from None
-    if after < 0:
-        raise ApiError(422, "Last-Event-ID (or after) must not be negative", {"field": "after"})
-    return after
 
 
 def _snapshot(turn_id: str) -> Event | None:
@@ -156,15 +139,13 @@ def _snapshot(turn_id: str) -> Event | None:
     return Event(seq=0, type="turn.snapshot", data=data, raw=json.dumps(data))
 
 
-def _sse(events: EventLog, after: int, turn_id: str, finished: bool, first: str = "") -> Response:
+def _sse(events: EventLog, after: int, turn_id: str, finished: bool, first: bytes = b"") -> Response:
     relay = current_app.extensions["turnstream.relay"]
-    settings = current_app.extensions["turnstream.settings"]
+    ping = current_app.extensions["turnstream.settings"].sse_ping_seconds
 
     def generate():
         if first:
             yield first
-        yield from relay_events(
-            relay, events, after, settings.sse_ping_seconds, lambda: _snapshot(turn_id), finished=finished
-        )
+        yield from relay_events(relay, events, after, ping, lambda: _snapshot(turn_id), finished=finished)
 
-    return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=SSE_HEADERS)
+    return sse_response(generate(), ping)

@@ -64,6 +64,7 @@ class Settings:
     worker_shutdown_grace: float
     worker_stall_seconds: float
     db_pool_size: int
+    redis_pool_size: int
 
     @property
     def offline_model(self) -> bool:
@@ -121,6 +122,7 @@ class Settings:
             worker_shutdown_grace=r.float("WORKER_SHUTDOWN_GRACE_SECONDS", 20.0, lo=0.0),
             worker_stall_seconds=r.float("WORKER_STALL_SECONDS", 60.0, lo=2.0),
             db_pool_size=r.int("DB_POOL_SIZE", 10, lo=1, hi=500),
+            redis_pool_size=r.int("REDIS_POOL_SIZE", 2, lo=1, hi=1000),
         )
         if settings.stale_running_seconds < 2 * settings.heartbeat_seconds:
             raise ConfigError("STALE_RUNNING_SECONDS must be at least twice HEARTBEAT_SECONDS.")

@@ -12,14 +12,24 @@ from shared.config import get_settings
 log = logging.getLogger(__name__)
 
 
+OPTIONS = {"health_check_interval": 30, "socket_connect_timeout": 5, "socket_keepalive": True}
+
+
 @functools.cache
 def get_redis() -> redis.Redis:
-    return redis.Redis.from_url(
-        get_settings().redis_url,
-        health_check_interval=30,
-        socket_connect_timeout=5,
-        socket_keepalive=True,
+    """The process's client, over at most REDIS_POOL_SIZE connections: callers
+    beyond that wait for one, so a web process holds a few connections
+    whatever its number of streams."""
+    settings = get_settings()
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_pool_size, timeout=10, **OPTIONS
     )
+    return redis.Redis(connection_pool=pool)
+
+
+def new_redis() -> redis.Redis:
+    """A client of its own, for a connection held for good (Pub/Sub)."""
+    return redis.Redis.from_url(get_settings().redis_url, **OPTIONS)
 
 
 def key(*parts: str) -> str:

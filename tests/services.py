@@ -172,11 +172,13 @@ def start_beat(logdir: Path, env: dict[str, str], name: str = "beat") -> Proc:
     return Proc(name, args, logdir, env)
 
 
-def start_gunicorn(logdir: Path, env: dict[str, str], workers: int = 1) -> tuple[Proc, int]:
+def start_gunicorn(
+    logdir: Path, env: dict[str, str], workers: int = 1, app: str = "web:create_app()", name: str = "gunicorn"
+) -> tuple[Proc, int]:
     port = free_port()
     proc = Proc(
-        "gunicorn",
-        [str(VENV_BIN / "gunicorn"), "-c", "deploy/gunicorn.conf.py", "-w", str(workers), "web:create_app()"],
+        name,
+        [str(VENV_BIN / "gunicorn"), "-c", "deploy/gunicorn.conf.py", "-w", str(workers), app],
         logdir,
         {**env, "PORT": str(port)},
     )

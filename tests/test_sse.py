@@ -124,7 +124,7 @@ def test_a_turn_that_runs_start_to_end_between_the_first_read_and_the_snapshot_s
     import uuid
 
     from shared.events import Event, EventLog
-    from shared.redis import get_redis
+    from shared.redis import new_redis
     from web.relay import Relay, relay_events
 
     log = EventLog("turn", f"race-{uuid.uuid4().hex[:8]}")
@@ -135,7 +135,7 @@ def test_a_turn_that_runs_start_to_end_between_the_first_read_and_the_snapshot_s
         data = {"turn_id": log.ident, "seq": 0, "type": "turn.snapshot", "status": "succeeded", "text": "hi"}
         return Event(0, "turn.snapshot", data, json.dumps(data))
 
-    frames = relay_events(Relay(get_redis), log, 0, 0.2, snapshot)
+    frames = relay_events(Relay(new_redis, 0.2), log, 0, snapshot)
     assert next(frames) == b"retry: 2000\n\n"
     head = next(frames)  # the log's events, in one write
     assert [line for line in head.split(b"\n") if line.startswith(b"event:")] == [
@@ -173,7 +173,7 @@ def test_an_open_stream_whose_turn_ended_without_its_terminal_event_ends_after_i
     import uuid
 
     from shared.events import Event, EventLog
-    from shared.redis import get_redis
+    from shared.redis import new_redis
     from web.relay import IDLE_PINGS_BEFORE_CHECK, Relay, relay_events
 
     log = EventLog("turn", f"lost-end-{uuid.uuid4().hex[:8]}")
@@ -186,7 +186,7 @@ def test_an_open_stream_whose_turn_ended_without_its_terminal_event_ends_after_i
         data = {"turn_id": log.ident, "seq": 0, "type": "turn.snapshot", "status": status, "text": "all of it"}
         return Event(0, "turn.snapshot", data, json.dumps(data))
 
-    frames = relay_events(Relay(get_redis), log, 2, 0.05, snapshot)
+    frames = relay_events(Relay(new_redis, 0.05), log, 2, snapshot)
     assert next(frames) == b"retry: 2000\n\n"
     assert [next(frames) for _ in range(IDLE_PINGS_BEFORE_CHECK + 1)] == [b": ping\n\n"] * (IDLE_PINGS_BEFORE_CHECK + 1)
     ended["now"] = True  # the turn's end committed; its terminal event never reached Redis

@@ -13,7 +13,7 @@ from shared.config import Settings, get_settings
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the Flask app. Reads settings (and fails fast on bad ones); opens
     no connection: engines, Redis clients and the relay start on first use."""
-    from shared.redis import get_redis
+    from shared.redis import new_redis
     from web import auth, cli, health, page, replays, sessions, turns
     from web.errors import register_error_handlers
     from web.relay import Relay
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.json.sort_keys = False
     app.extensions["turnstream.settings"] = settings
-    app.extensions["turnstream.relay"] = Relay(get_redis)
+    app.extensions["turnstream.relay"] = Relay(new_redis, settings.sse_ping_seconds)
     register_error_handlers(app)
     app.before_request(auth.authenticate)
     for module in (auth, cli, health, page, replays, sessions, turns):

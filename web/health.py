@@ -1,8 +1,9 @@
-"""Health: database, Redis and the number of live workers."""
+"""Health: database, Redis, the number of live workers, and this web
+process's SSE streams."""
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 from sqlalchemy import text
 
 from shared.broker import get_celery
@@ -30,5 +31,6 @@ def health():
         checks["workers"] = len(get_celery().control.ping(timeout=0.5)) if checks["redis"] == "ok" else 0
     except Exception:
         checks["workers"] = 0
+    checks["relay"] = current_app.extensions["turnstream.relay"].stats()  # this process's streams
     ok = checks["database"] == "ok" and checks["redis"] == "ok"
     return jsonify({"status": "ok" if ok else "unavailable", "checks": checks}), 200 if ok else 503

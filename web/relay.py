@@ -69,15 +69,32 @@ def frame(event: Event) -> bytes:
     return encode(event.raw.encode()).data
 
 
+class Channel:
+    """A subscribed channel: its streams, and one wake-up they all wait on.
+    A message is queued on each stream, then the channel's waiters are woken
+    together (one notification per message, not one per stream)."""
+
+    __slots__ = ("name", "subs", "event", "confirmed")
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.subs: set[Subscription] = set()
+        self.event = threading.Event()  # a gevent Event under gunicorn
+        self.confirmed = threading.Event()  # Redis confirmed the SUBSCRIBE
+
+    def notify(self) -> None:
+        event, self.event = self.event, threading.Event()
+        event.set()
+
+
 class Subscription:
     """One stream's queue of frames: filled by the reader, drained by the stream."""
 
-    __slots__ = ("channel", "pending", "wake", "ended", "recheck")
+    __slots__ = ("channel", "pending", "ended", "recheck")
 
-    def __init__(self, channel: str) -> None:
+    def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.pending: deque[Frame] = deque()
-        self.wake = threading.Event()  # a gevent Event under gunicorn
         # Set when the stream must end (its queue overflowed, the process is
         # shutting down); its client resumes from the log.
         self.ended = False
@@ -86,38 +103,39 @@ class Subscription:
         self.recheck = False
 
     def push(self, item: Frame) -> None:
-        """Queue a frame (the reader); never blocks."""
+        """Queue a frame (the reader; it then notifies the channel); never blocks."""
         if len(self.pending) >= QUEUE_SIZE:
-            self.end()
-            return
-        self.pending.append(item)
-        if not self.wake.is_set():
-            self.wake.set()
+            self.ended = True
+        else:
+            self.pending.append(item)
 
     def end(self) -> None:
         self.ended = True
-        self.wake.set()
+        self.channel.notify()
 
     def poke(self) -> None:
         self.recheck = True
-        self.wake.set()
+        self.channel.notify()
 
-    def take(self, timeout: float) -> list[Frame]:
-        """Every frame queued, waiting up to `timeout` for one ([] if none came,
-        or when woken to end or recheck)."""
-        if not self.pending and not self.wake.wait(timeout):
-            return []
-        self.wake.clear()
+    def take(self) -> list[Frame]:
+        """Every frame queued; with none, waits for the channel's next wake-up
+        (a message, or the relay's tick) and returns what came ([] if none)."""
+        event = self.channel.event  # before looking: a message queued after it sets this one
+        if not self.pending and not self.ended and not self.recheck:
+            event.wait()
         pending = self.pending
         return [pending.popleft() for _ in range(len(pending))]
 
 
 class Relay:
-    def __init__(self, client_factory: Callable[[], redis.Redis]) -> None:
+    def __init__(self, client_factory: Callable[[], redis.Redis], ping_seconds: float) -> None:
         self._client_factory = client_factory
+        self.ping_seconds = ping_seconds
+        # Idle streams wake this often to see whether a ping is due, so a ping
+        # goes out between ping_seconds and 1.25 x that after the last write.
+        self._tick = ping_seconds / 4
         self._lock = threading.Lock()
-        self._subs: dict[bytes, set[Subscription]] = {}
-        self._confirmed: dict[bytes, threading.Event] = {}
+        self._channels: dict[bytes, Channel] = {}
         self._pubsub: redis.client.PubSub | None = None
         self._reader: threading.Thread | None = None
         self._closed = False
@@ -125,63 +143,51 @@ class Relay:
     def subscribe(self, channel: str, timeout: float = 5.0) -> Subscription:
         """Register a stream; returns once Redis confirmed the subscription,
         so every event published from now on reaches the queue."""
-        sub = Subscription(channel)
-        if self._closed:
-            sub.end()
         name = channel.encode()
         with self._lock:
             self._ensure_reader()
-            subs = self._subs.setdefault(name, set())
-            subs.add(sub)
-            if len(subs) == 1:
-                self._confirmed[name] = threading.Event()
+            chan = self._channels.get(name)
+            if chan is None:
+                chan = self._channels[name] = Channel(name)
                 try:
                     self._pubsub.subscribe(name)
                 except redis.exceptions.RedisError:
-                    self._drop(sub)  # else later streams would wait on a subscription never made
+                    del self._channels[name]  # else later streams would wait on a subscription never made
                     raise
-            confirmed = self._confirmed[name]
-        if not confirmed.wait(timeout):
+            sub = Subscription(chan)
+            chan.subs.add(sub)
+        if self._closed:
+            sub.ended = True
+        if not chan.confirmed.wait(timeout):
             self.unsubscribe(sub)
             raise redis.exceptions.ConnectionError("Redis did not confirm the subscription")
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
+        chan = sub.channel
         with self._lock:
-            if not self._drop(sub):
+            chan.subs.discard(sub)
+            if chan.subs or self._channels.get(chan.name) is not chan:
                 return
+            del self._channels[chan.name]
             try:
-                self._pubsub.unsubscribe(sub.channel)
+                self._pubsub.unsubscribe(chan.name)
             except redis.exceptions.RedisError:
-                log.warning("unsubscribe from %s failed; the reader resubscribes what is live", sub.channel)
-
-    def _drop(self, sub: Subscription) -> bool:
-        """Forget a stream (lock held); True if it was its channel's last."""
-        name = sub.channel.encode()
-        subs = self._subs.get(name)
-        if subs is None:
-            return False
-        subs.discard(sub)
-        if subs:
-            return False
-        del self._subs[name]
-        self._confirmed.pop(name, None)
-        return True
+                log.warning("unsubscribe from %s failed; the reader resubscribes what is live", chan.name)
 
     def stats(self) -> dict[str, int]:
         """Channels subscribed and streams registered (for health and tests)."""
         with self._lock:
-            return {"channels": len(self._subs), "streams": sum(len(s) for s in self._subs.values())}
+            return {"channels": len(self._channels), "streams": sum(len(c.subs) for c in self._channels.values())}
 
     def close(self) -> None:
         """End every stream, now and from now on (the process is stopping)."""
-        with self._lock:
-            self._closed = True
+        self._closed = True
         self._each(Subscription.end)
 
     def _each(self, action: Callable[[Subscription], None]) -> None:
         with self._lock:
-            subs = [sub for subs in self._subs.values() for sub in subs]
+            subs = [sub for chan in self._channels.values() for sub in chan.subs]
         for sub in subs:
             action(sub)
 
@@ -191,6 +197,15 @@ class Relay:
         self._pubsub = self._client_factory().pubsub()
         self._reader = threading.Thread(target=self._run, name="relay-reader", daemon=True)
         self._reader.start()
+        threading.Thread(target=self._ticker, name="relay-ticker", daemon=True).start()
+
+    def _ticker(self) -> None:
+        while True:
+            time.sleep(self._tick)
+            with self._lock:
+                channels = list(self._channels.values())
+            for chan in channels:
+                chan.notify()
 
     def _run(self) -> None:
         while True:
@@ -203,22 +218,23 @@ class Relay:
                 self._each(Subscription.poke)  # events published meanwhile are in the logs
 
     def _read(self) -> None:
-        subs_of = self._subs.get
+        channel_of = self._channels.get
         while True:
             message = self._pubsub.get_message(timeout=1.0)
             if message is None:
                 continue
             kind = message["type"]
             if kind == "message":
-                subs = subs_of(message["channel"])
-                if subs:
+                chan = channel_of(message["channel"])
+                if chan is not None:
                     item = encode(message["data"])
-                    for sub in tuple(subs):
+                    for sub in tuple(chan.subs):
                         sub.push(item)
+                    chan.notify()
             elif kind == "subscribe":
-                confirmed = self._confirmed.get(message["channel"])
-                if confirmed is not None:
-                    confirmed.set()
+                chan = channel_of(message["channel"])
+                if chan is not None:
+                    chan.confirmed.set()
 
     def _resubscribe(self) -> bool:
         """A new connection with every live channel; False while Redis is away."""
@@ -227,12 +243,10 @@ class Relay:
                 self._pubsub.reset()
             except redis.exceptions.RedisError:
                 pass
-            client = self._client_factory()
-            self._pubsub = client.pubsub()
+            self._pubsub = self._client_factory().pubsub()
             try:
-                client.ping()  # with no channel to subscribe, this says Redis is back
-                if self._subs:
-                    self._pubsub.subscribe(*self._subs)
+                if self._channels:  # with none, the next stream's SUBSCRIBE connects
+                    self._pubsub.subscribe(*self._channels)
             except redis.exceptions.RedisError as exc:
                 log.warning("relay: Redis still unreachable (%s)", exc)
                 return False
@@ -243,7 +257,6 @@ def relay_events(
     relay: Relay,
     events: EventLog,
     after: int,
-    ping_seconds: float,
     snapshot: Callable[[], Event | None],
     finished: bool | None = None,
 ) -> Generator[bytes, None, int | None]:
@@ -331,13 +344,15 @@ def relay_events(
                     return last
         done = take(backlog, out)
         idle = 0  # pings in a row with nothing to send
+        written = time.monotonic()
         while True:
             if out:
                 yield b"".join(out)
                 out.clear()
+                written = time.monotonic()
             if done:
                 return last
-            batch = sub.take(ping_seconds)
+            batch = sub.take()
             if sub.ended:
                 return None  # the client reconnects and resumes from the log
             if batch:
@@ -345,7 +360,10 @@ def relay_events(
                 done = take(batch, out)
                 continue
             if not sub.recheck:
+                if time.monotonic() - written < relay.ping_seconds:
+                    continue
                 yield PING
+                written = time.monotonic()
                 idle += 1
                 if idle % IDLE_PINGS_BEFORE_CHECK:
                     continue

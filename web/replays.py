@@ -72,7 +72,7 @@ def events(replay_id: str):
         data = {"replay_id": replay.id, "seq": 0, "type": "replay.snapshot", **state}
         return Event(0, "replay.snapshot", data, json.dumps(data))
 
-    stream = relay_events(relay, log, after, settings.sse_ping_seconds, snapshot)
+    stream = relay_events(relay, log, after, snapshot)
     return sse_response(stream, settings.sse_ping_seconds)
 
 

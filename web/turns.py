@@ -121,8 +121,8 @@ def chat():
 
 def _wait_terminal(sub, seconds: float) -> None:
     deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        batch = sub.take(left)
+    while time.monotonic() < deadline:
+        batch = sub.take()  # the relay's tick wakes it at least every ping/4
         if sub.ended or any(item.terminal for item in batch):
             return  # ended: the answer is read from Postgres as it stands
 
@@ -146,6 +146,6 @@ def _sse(events: EventLog, after: int, turn_id: str, finished: bool, first: byte
     def generate():
         if first:
             yield first
-        yield from relay_events(relay, events, after, ping, lambda: _snapshot(turn_id), finished=finished)
+        yield from relay_events(relay, events, after, lambda: _snapshot(turn_id), finished=finished)
 
     return sse_response(generate(), ping)

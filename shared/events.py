@@ -294,6 +294,13 @@ def _merge_deltas(batch: list) -> list:
     return merged
 
 
+def announce_turn(session_id: str, turn_id: str) -> None:
+    """Tell the session's followers (GET /api/sessions/{id}/events) that a
+    turn was accepted. A lost announcement is found by their idle check."""
+    data = {"seq": 0, "session_id": session_id, "type": "session.turn", "turn_id": turn_id}
+    get_redis().publish(key("session", session_id), json.dumps(data, separators=(",", ":")))
+
+
 @functools.cache
 def get_publisher() -> Publisher:
     """The process's publisher (workers)."""

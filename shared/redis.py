@@ -28,8 +28,11 @@ def get_redis() -> redis.Redis:
 
 
 def new_redis() -> redis.Redis:
-    """A client of its own, for a connection held for good (Pub/Sub)."""
-    return redis.Redis.from_url(get_settings().redis_url, **OPTIONS)
+    """A client of its own, for a connection held for good (the relay's
+    Pub/Sub). RESP2: a message is a plain reply there, where RESP3 (redis-py's
+    default) sends each through its push-notification handlers. No read
+    timeout: a quiet channel is not a dead connection (keepalive finds those)."""
+    return redis.Redis.from_url(get_settings().redis_url, protocol=2, socket_timeout=None, **OPTIONS)
 
 
 def key(*parts: str) -> str:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, aliased
 
 from shared.broker import send_turn
 from shared.db import after_commit
-from shared.events import EventLog
+from shared.events import EventLog, announce_turn
 from shared.models import ACTIVE, ChatSession, Message, Turn
 
 
@@ -70,6 +70,7 @@ def submit_turn(
     db.add(Message(session_id=chat.id, turn_id=turn.id, role="user", content=message))
     if not busy:
         after_commit(db, send_turn, turn.id)
+    after_commit(db, announce_turn, chat.id, turn.id)
     return turn, True
 
 

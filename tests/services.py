@@ -278,6 +278,17 @@ def _db_ready() -> bool:
     return True
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue
+    return sorted(found)
+
+
 def wait_for_worker(worker: Proc) -> None:
     from shared.broker import get_celery
 

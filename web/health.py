@@ -3,7 +3,10 @@ process's SSE streams."""
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify
+import gc
+
+from flask import Blueprint, current_app, jsonify, request
+from greenlet import greenlet
 from sqlalchemy import text
 
 from shared.broker import get_celery
@@ -32,5 +35,7 @@ def health():
     except Exception:
         checks["workers"] = 0
     checks["relay"] = current_app.extensions["turnstream.relay"].stats()  # this process's streams
+    if request.args.get("detail"):  # walks the heap: for operators and tests, not probes
+        checks["relay"]["greenlets"] = sum(isinstance(o, greenlet) for o in gc.get_objects())
     ok = checks["database"] == "ok" and checks["redis"] == "ok"
     return jsonify({"status": "ok" if ok else "unavailable", "checks": checks}), 200 if ok else 503

@@ -17,6 +17,7 @@ the frames queued since its last write in one chunk (one send).
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import threading
 import time
@@ -25,7 +26,7 @@ from collections.abc import Callable, Generator, Iterable
 from typing import NamedTuple
 
 import redis
-from flask import Response, request, stream_with_context
+from flask import Response, request
 
 from shared.events import TERMINAL_TYPES, Event, EventLog, peek
 from shared.models import TERMINAL
@@ -136,7 +137,7 @@ class Relay:
         self._tick = ping_seconds / 4
         self._lock = threading.Lock()
         self._channels: dict[bytes, Channel] = {}
-        self._pubsub: redis.client.PubSub | None = None
+        self._conn: redis.connection.AbstractConnection | None = None  # subscribed mode, read by the reader
         self._reader: threading.Thread | None = None
         self._closed = False
 
@@ -150,7 +151,7 @@ class Relay:
             if chan is None:
                 chan = self._channels[name] = Channel(name)
                 try:
-                    self._pubsub.subscribe(name)
+                    self._send("SUBSCRIBE", name)
                 except redis.exceptions.RedisError:
                     del self._channels[name]  # else later streams would wait on a subscription never made
                     raise
@@ -171,7 +172,7 @@ class Relay:
                 return
             del self._channels[chan.name]
             try:
-                self._pubsub.unsubscribe(chan.name)
+                self._send("UNSUBSCRIBE", chan.name)
             except redis.exceptions.RedisError:
                 log.warning("unsubscribe from %s failed; the reader resubscribes what is live", chan.name)
 
@@ -194,10 +195,23 @@ class Relay:
     def _ensure_reader(self) -> None:
         if self._reader is not None:
             return
-        self._pubsub = self._client_factory().pubsub()
+        self._conn = self._connect()
         self._reader = threading.Thread(target=self._run, name="relay-reader", daemon=True)
         self._reader.start()
         threading.Thread(target=self._ticker, name="relay-ticker", daemon=True).start()
+
+    def _connect(self) -> redis.connection.AbstractConnection:
+        """A connection of its own (redis-py's: TLS, auth and the hiredis
+        parser), used in subscribed mode without redis-py's PubSub layer,
+        which costs more per message than everything else the relay does."""
+        conn = self._client_factory().connection_pool.make_connection()
+        conn.connect()
+        return conn
+
+    def _send(self, *command: str | bytes) -> None:
+        """Send a (UN)SUBSCRIBE; the reader takes the reply. Lock held, so
+        commands of two greenlets never interleave on the socket."""
+        self._conn.send_command(*command, check_health=False)
 
     def _ticker(self) -> None:
         while True:
@@ -218,35 +232,37 @@ class Relay:
                 self._each(Subscription.poke)  # events published meanwhile are in the logs
 
     def _read(self) -> None:
+        """Take messages as they come: a socket read brings many, which the
+        parser then hands out one by one without another read."""
         channel_of = self._channels.get
+        read = self._conn.read_response
         while True:
-            message = self._pubsub.get_message(timeout=1.0)
-            if message is None:
-                continue
-            kind = message["type"]
-            if kind == "message":
-                chan = channel_of(message["channel"])
+            reply = read()
+            kind = reply[0]
+            if kind == b"message":
+                chan = channel_of(reply[1])
                 if chan is not None:
-                    item = encode(message["data"])
+                    try:
+                        item = encode(reply[2])
+                    except (ValueError, KeyError):
+                        log.warning("relay: not an event on %s: %.200r", reply[1], reply[2])
+                        continue
                     for sub in tuple(chan.subs):
                         sub.push(item)
                     chan.notify()
-            elif kind == "subscribe":
-                chan = channel_of(message["channel"])
+            elif kind == b"subscribe":
+                chan = channel_of(reply[1])
                 if chan is not None:
                     chan.confirmed.set()
 
     def _resubscribe(self) -> bool:
         """A new connection with every live channel; False while Redis is away."""
         with self._lock:
+            self._conn.disconnect()
             try:
-                self._pubsub.reset()
-            except redis.exceptions.RedisError:
-                pass
-            self._pubsub = self._client_factory().pubsub()
-            try:
-                if self._channels:  # with none, the next stream's SUBSCRIBE connects
-                    self._pubsub.subscribe(*self._channels)
+                self._conn = self._connect()
+                if self._channels:
+                    self._send("SUBSCRIBE", *self._channels)
             except redis.exceptions.RedisError as exc:
                 log.warning("relay: Redis still unreachable (%s)", exc)
                 return False
@@ -343,8 +359,11 @@ def relay_events(
                 if snap.data["status"] in FINISHED:
                     return last
         done = take(backlog, out)
-        idle = 0  # pings in a row with nothing to send
-        written = time.monotonic()
+        # Pings in a row with nothing to send, and the last write. Streams that
+        # opened together (a reconnect storm) start at random points of the
+        # cycle, so their pings and idle checks do not all fall at once.
+        idle = random.randrange(IDLE_PINGS_BEFORE_CHECK)
+        written = time.monotonic() - random.random() * relay.ping_seconds
         while True:
             if out:
                 yield b"".join(out)
@@ -377,6 +396,45 @@ def relay_events(
         relay.unsubscribe(sub)
 
 
+def delivered(events: EventLog, ended: bool, after: int) -> bool:
+    """Whether a client holding `after` has every event of a turn that ended."""
+    if not ended:
+        return False
+    end = events.last_event()
+    return end is not None and end.terminal and after >= end.seq
+
+
+def prefixed(frames: Generator[bytes, None, int | None], prefix: bytes) -> Generator[bytes, None, int | None]:
+    """A turn's frames inside a session's stream: each id becomes `<turn id>:<seq>`."""
+    try:
+        while True:
+            try:
+                chunk = next(frames)
+            except StopIteration as stop:
+                return stop.value
+            yield chunk.replace(b"\nid: ", b"\nid: " + prefix)
+    finally:
+        frames.close()
+
+
+def wait_for_message(relay: Relay, sub: Subscription) -> Generator[bytes, None, bool]:
+    """Ping until the subscription's channel carries a message (True), an
+    idle check is due (True), or the stream must end (False)."""
+    written, idle = time.monotonic(), 0
+    while True:
+        batch = sub.take()
+        if sub.ended:
+            return False
+        if batch or sub.recheck:
+            sub.recheck = False
+            return True
+        if time.monotonic() - written >= relay.ping_seconds:
+            yield PING
+            written, idle = time.monotonic(), idle + 1
+            if idle % IDLE_PINGS_BEFORE_CHECK == 0:
+                return True
+
+
 def last_event_id() -> str:
     """The client's Last-Event-ID header (or ?after=), "0" if none."""
     return request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
@@ -403,4 +461,6 @@ def sse_response(frames: Iterable[bytes], ping_seconds: float) -> Response:
         sock.settimeout(deadline)
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(deadline * 1000))
-    return Response(stream_with_context(frames), mimetype="text/event-stream", headers=SSE_HEADERS)
+    # No request context rides along (the frames need none), and bytes pass
+    # through as they are: two generator layers less per stream.
+    return Response(frames, mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True)

@@ -59,7 +59,6 @@ def results(replay_id: str):
 
 @bp.get("/api/replays/<replay_id>/events")
 def events(replay_id: str):
-    settings = current_app.extensions["turnstream.settings"]
     relay = current_app.extensions["turnstream.relay"]
     after = parse_seq(last_event_id())
     with db_session() as db:
@@ -73,7 +72,7 @@ def events(replay_id: str):
         return Event(0, "replay.snapshot", data, json.dumps(data))
 
     stream = relay_events(relay, log, after, snapshot)
-    return sse_response(stream, settings.sse_ping_seconds)
+    return sse_response(stream, relay.ping_seconds)
 
 
 def result_line(item, turn: Turn | None) -> dict:

@@ -5,16 +5,31 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 from sqlalchemy import func, select, tuple_
 
 from shared.db import db_session
-from shared.models import ACTIVE, ChatSession, Message, Turn
+from shared.events import EventLog
+from shared.models import ACTIVE, TERMINAL, ChatSession, Message, Turn
+from shared.redis import key
 from shared.turns import cancel_turn
 from web.errors import ApiError
-from web.resources import message_count, message_json, owned, session_json
+from web.relay import (
+    RETRY,
+    Relay,
+    delivered,
+    last_event_id,
+    parse_seq,
+    prefixed,
+    relay_events,
+    sse_response,
+    wait_for_message,
+)
+from web.resources import message_count, message_json, owned, session_json, valid_id
+from web.turns import turn_snapshot
 from web.validation import SessionCreate, parse_body
 
 bp = Blueprint("sessions", __name__)
@@ -80,6 +95,77 @@ def list_messages(session_id: str):
             .order_by(Turn.number, Message.role.desc())
         ).all()
         return jsonify({"items": [message_json(m) for m in messages]})
+
+
+@bp.get("/api/sessions/<session_id>/events")
+def session_events(session_id: str):
+    """Follow a session: the events of whatever turn runs in it, then of each
+    turn after it, as they come, so a second tab or device can join. Each
+    id is `<turn id>:<seq>`; a reconnect with it resumes there."""
+    resume, after = _position(last_event_id())
+    with db_session() as db:
+        chat = owned(db, ChatSession, session_id)
+        ours = select(Turn.id).where(Turn.id == resume, Turn.session_id == chat.id)
+        if resume is not None and db.scalar(ours) is None:
+            raise ApiError(422, "Last-Event-ID names no turn of this session", {"field": "after"})
+    relay = current_app.extensions["turnstream.relay"]
+    return sse_response(_follow(relay, chat.id, resume, after), relay.ping_seconds)
+
+
+def _position(raw: str) -> tuple[str | None, int]:
+    """A session stream's Last-Event-ID: `<turn id>:<seq>`, or "0" for none."""
+    if raw == "0":
+        return None, 0
+    turn_id, sep, seq = raw.partition(":")
+    if not sep:
+        raise ApiError(422, "Last-Event-ID must be <turn id>:<seq> on a session stream", {"field": "after"})
+    return valid_id(turn_id), parse_seq(seq)
+
+
+def _follow(relay: Relay, session_id: str, resume: str | None, after: int) -> Iterator[bytes]:
+    sub = relay.subscribe(key("session", session_id))  # first: no turn accepted from now on is missed
+    try:
+        yield RETRY
+        number = None  # the number of the last turn followed
+        while True:
+            turn = _next_turn(session_id, number, resume, after)
+            if isinstance(turn, int):  # nothing to follow yet: wait for an accepted turn
+                number = turn
+                if not (yield from wait_for_message(relay, sub)):
+                    return
+                continue
+            turn_id, number, finished = turn
+            start, resume, after = (after if turn_id == resume else 0), None, 0
+            frames = relay_events(relay, EventLog("turn", turn_id), start, lambda t=turn_id: turn_snapshot(t), finished)
+            if (yield from prefixed(frames, f"{turn_id}:".encode())) is None:
+                return  # the stream had to end: the client resumes from its Last-Event-ID
+    finally:
+        relay.unsubscribe(sub)
+
+
+def _next_turn(session_id: str, number: int | None, resume: str | None, after: int) -> tuple[str, int, bool] | int:
+    """The turn to follow next, as (id, number, ended); or, if there is none
+    yet, the number after which to look when a turn is accepted.
+
+    A resumed stream continues its turn unless all of it was delivered; a new
+    one starts with the session's running (or first queued) turn; after
+    that, turns follow in order."""
+    query = select(Turn.id, Turn.number, Turn.status).where(Turn.session_id == session_id).order_by(Turn.number)
+    with db_session() as db:
+        if resume is not None:
+            row = db.execute(query.where(Turn.id == resume)).one()
+            if not delivered(EventLog("turn", row.id), row.status in TERMINAL, after):
+                return row.id, row.number, row.status in TERMINAL
+            number = row.number
+        if number is None:
+            row = db.execute(query.where(Turn.status.in_(ACTIVE)).limit(1)).first()
+            if row is None:
+                return db.scalar(select(ChatSession.turn_count).where(ChatSession.id == session_id)) or 0
+        else:
+            row = db.execute(query.where(Turn.number > number).limit(1)).first()
+            if row is None:
+                return number
+    return row.id, row.number, row.status in TERMINAL
 
 
 def _int_arg(name: str, default: int, lo: int, hi: int) -> int:

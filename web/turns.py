@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
@@ -13,7 +14,7 @@ from shared.events import Event, EventLog
 from shared.models import TERMINAL, ChatSession, Turn
 from shared.turns import TurnConflict, cancel_turn, lock_session, submit_turn
 from web.errors import ApiError
-from web.relay import last_event_id, parse_seq, relay_events, sse_response
+from web.relay import delivered, last_event_id, parse_seq, relay_events, sse_response
 from web.resources import owned, turn_json, valid_id
 from web.validation import ChatRequest, TurnCreate, parse_body
 
@@ -69,10 +70,8 @@ def turn_events(turn_id: str):
     with db_session() as db:
         turn = owned(db, Turn, turn_id)
     events = EventLog("turn", turn.id)
-    if turn.status in TERMINAL:
-        end = events.last_event()
-        if end is not None and end.terminal and after >= end.seq:
-            return "", 204  # everything was delivered: the browser stops retrying
+    if delivered(events, turn.status in TERMINAL, after):
+        return "", 204  # the browser stops retrying
     return _sse(events, after, turn.id, finished=turn.status in TERMINAL)
 
 
@@ -127,7 +126,7 @@ def _wait_terminal(sub, seconds: float) -> None:
             return  # ended: the answer is read from Postgres as it stands
 
 
-def _snapshot(turn_id: str) -> Event | None:
+def turn_snapshot(turn_id: str) -> Event | None:
     """The turn's state from Postgres, for a client whose events are gone."""
     with db_session() as db:
         turn = db.get(Turn, turn_id)
@@ -141,11 +140,12 @@ def _snapshot(turn_id: str) -> Event | None:
 
 def _sse(events: EventLog, after: int, turn_id: str, finished: bool, first: bytes = b"") -> Response:
     relay = current_app.extensions["turnstream.relay"]
-    ping = current_app.extensions["turnstream.settings"].sse_ping_seconds
+    frames = relay_events(relay, events, after, lambda: turn_snapshot(turn_id), finished=finished)
+    if first:
+        frames = _after_first(first, frames)
+    return sse_response(frames, relay.ping_seconds)
 
-    def generate():
-        if first:
-            yield first
-        yield from relay_events(relay, events, after, lambda: _snapshot(turn_id), finished=finished)
 
-    return sse_response(generate(), ping)
+def _after_first(first: bytes, frames: Iterator[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from frames

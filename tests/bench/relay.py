@@ -58,7 +58,10 @@ ENV = {
     "WEB_WORKER_CONNECTIONS": "20000",
 }
 DELTA = "x" * 40  # a few tokens of text
-SETTLE = 1.5  # seconds after the publisher stops for the last events to land
+SETTLE = 1.5
+# Connections opened at once while a scenario sets up: a steady ramp, not a
+# reconnect storm (which the tests cover).
+CONNECTING = 50  # seconds after the publisher stops for the last events to land
 
 
 @dataclass
@@ -89,7 +92,7 @@ class Server:
         return "/not-found"  # any answer says it serves (/api/health would open Celery connections)
 
     def worker_pid(self) -> int:
-        return children(self.proc.popen.pid)[0]
+        return services.children(self.proc.popen.pid)[0]
 
 
 class Setup:
@@ -175,13 +178,14 @@ class Sse(asyncio.Protocol):
         if self.frozen:
             transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         transport.write(self.request)
-        if self.frozen:
-            transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         now = time.time()
         if not self.ready:
             self.ready = b"\nretry:" in data
+        if self.frozen:  # from the first bytes on, it never reads again
+            self.transport.pause_reading()
+            return
         buf = self.buf + data if self.buf else data
         cut = buf.rfind(b"\n\n")
         if cut < 0:
@@ -201,7 +205,7 @@ class Sse(asyncio.Protocol):
 
 async def connect(server: Server, setup: Setup, idents: list[str], latencies: list[float], frozen: int = 0):
     loop = asyncio.get_running_loop()
-    gate = asyncio.Semaphore(200)
+    gate = asyncio.Semaphore(CONNECTING)
 
     async def one(n: int, ident: str) -> Sse:
         async with gate:
@@ -286,7 +290,7 @@ async def deliver(
     cpu = tree_cpu(pid) - cpu_before
     close(clients)
     readers = [c for c in clients if not c.frozen]
-    expected = sent // turns * len(readers)  # every channel gets sent/turns events (round-robin), give or take one
+    expected = sent * len(readers) / turns  # round-robin: each channel gets sent/turns events, give or take one
     got = sum(c.events for c in readers)
     lat = latencies or [float("nan")]
     return {
@@ -297,21 +301,12 @@ async def deliver(
         "p50_ms": ms(statistics.median(lat)),
         "p99_ms": ms(p(lat, 99)),
         "max_ms": ms(max(lat)),
+        "published": sent,
+        "received": got,
         "delivered_share": round(got / expected, 4) if expected else None,
         "web_cpu_us_per_delivery": round(cpu / got * 1e6, 1) if got else None,
         "web_cpu_share": round(cpu / (seconds + SETTLE), 2),
     }
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError):
-            continue
-    return sorted(found)
 
 
 def rss_bytes(pid: int) -> int:

@@ -29,7 +29,9 @@ def get_engine() -> Engine:
         # when returned. A worker thread holds one only between model calls.
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
-        pool_timeout=10,
+        # Wait this long for a free connection: a reconnect storm of thousands
+        # of SSE clients queues here for a while, and should not fail.
+        pool_timeout=30,
         connect_args={"connect_timeout": 5},
     )
 

@@ -2,16 +2,18 @@
 stream of that process.
 
 One reader (a greenlet under gunicorn's gevent worker; a thread elsewhere)
-owns the connection. Streams register a bounded queue per channel;
-SUBSCRIBE/UNSUBSCRIBE are reference-counted. The reader never blocks: a
-stream whose queue is full is ended, and its client resumes from the event
-log with Last-Event-ID. `close()` ends every stream the same way when the
-process shuts down, so clients reconnect to another process.
+owns the connection. Each stream has a bounded queue on its channel;
+SUBSCRIBE/UNSUBSCRIBE are reference-counted per channel. The reader never
+blocks: a stream whose queue is full is ended, and its client resumes from
+the event log with Last-Event-ID. `close()` ends every stream the same way
+when the process shuts down, so clients reconnect to another process.
 
 The hot path is cheap per client: the reader turns a message into its SSE
-frame once (seq and type are read from the JSON's fixed prefix, not parsed)
-and hands the same bytes to every stream of the channel; a stream writes all
-the frames queued since its last write in one chunk (one send).
+frame once (seq and type are read from the JSON's fixed prefix, not parsed),
+queues the same bytes on every stream of the channel and wakes them with one
+notification; a stream writes all the frames queued since its last write in
+one chunk (one send). Idle streams wait with no timer of their own: a ticker
+wakes them every ping/4 to see whether a ping is due.
 """
 
 from __future__ import annotations

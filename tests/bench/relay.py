@@ -385,8 +385,10 @@ async def measure(server: Server, setup: Setup, r: redis.Redis, redis_port: int,
     run = {"r": r, "redis_port": redis_port, "seconds": args.seconds}
     print(f"{server.name}: (a) 1,000 streams on 1,000 turns, 20 events/s each …", flush=True)
     results["a"] = await deliver(server, setup, **run, streams=1000, turns=1000, rate=20_000)
+    print(f"  {results['a']}", flush=True)
     print(f"{server.name}: (b) 1,000 clients on one turn, 10 events/s …", flush=True)
     results["b"] = await deliver(server, setup, **run, streams=1000, turns=1, rate=10)
+    print(f"  {results['b']}", flush=True)
     print(f"{server.name}: the most events/s with p99 under 100 ms …", flush=True)
     results["max"] = await max_rate(server, setup, r, redis_port, args.seconds)
     print(f"{server.name}: a frozen client among 100 …", flush=True)
@@ -444,7 +446,6 @@ def main() -> None:
         r = redis.Redis(port=redis_port)
         r.config_set("maxclients", files - 32)  # flask-sse holds one connection per stream
         turns, key = make_turns(max(args.sizes) + 12_000)
-        setup = Setup(turns, key, ENV["REDIS_PREFIX"])
         servers = [
             Server("flask-sse", "tests.bench.flask_sse_app:app", env),
             Server("turnstream", "web:create_app()", env),
@@ -454,6 +455,7 @@ def main() -> None:
             if args.only and server.name != args.only:
                 continue
             server.start(logdir)
+            setup = Setup(turns, key, ENV["REDIS_PREFIX"])  # flask-sse only borrows the ids as channel names
             results[server.name] = asyncio.run(measure(server, setup, r, redis_port, args, logdir))
             server.proc.stop()
     rows_of(results, args)

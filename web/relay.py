@@ -13,7 +13,7 @@ frame once (seq and type are read from the JSON's fixed prefix, not parsed),
 queues the same bytes on every stream of the channel and wakes them with one
 notification; a stream writes all the frames queued since its last write in
 one chunk (one send). Idle streams wait with no timer of their own: a ticker
-wakes them every ping/4 to see whether a ping is due.
+wakes each when its ping is due.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import redis
 from flask import Response, request
+from sqlalchemy.exc import SQLAlchemyError
 
 from shared.events import TERMINAL_TYPES, Event, EventLog, peek
 from shared.models import TERMINAL
@@ -93,7 +94,7 @@ class Channel:
 class Subscription:
     """One stream's queue of frames: filled by the reader, drained by the stream."""
 
-    __slots__ = ("channel", "pending", "ended", "recheck")
+    __slots__ = ("channel", "pending", "ended", "recheck", "wake_tick")
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
@@ -104,6 +105,7 @@ class Subscription:
         # Set when the reader reconnected: events published meanwhile are only
         # in the log, so the stream re-reads it.
         self.recheck = False
+        self.wake_tick = 0  # the relay's tick at which it asked to be woken
 
     def push(self, item: Frame) -> None:
         """Queue a frame (the reader; it then notifies the channel); never blocks."""
@@ -134,9 +136,13 @@ class Relay:
     def __init__(self, client_factory: Callable[[], redis.Redis], ping_seconds: float) -> None:
         self._client_factory = client_factory
         self.ping_seconds = ping_seconds
-        # Idle streams wake this often to see whether a ping is due, so a ping
-        # goes out between ping_seconds and 1.25 x that after the last write.
+        # Idle streams ask to be woken when their ping is due; the ticker wakes
+        # them at the next tick after that (ping_seconds / 4 later at most), and
+        # only them: waking every stream at every tick makes each pass of the
+        # scheduler as long as the number of streams.
         self._tick = ping_seconds / 4
+        self._due: dict[int, set[Channel]] = {}  # tick number -> channels to wake
+        self._ticked = int(time.monotonic() / self._tick)  # the last tick woken
         self._lock = threading.Lock()
         self._channels: dict[bytes, Channel] = {}
         self._conn: redis.connection.AbstractConnection | None = None  # subscribed mode, read by the reader
@@ -215,13 +221,21 @@ class Relay:
         commands of two greenlets never interleave on the socket."""
         self._conn.send_command(*command, check_health=False)
 
+    def wake_at(self, sub: Subscription, when: float) -> None:
+        """Wake the stream's channel at the first tick after `when` (monotonic)."""
+        tick = max(int(when / self._tick) + 1, self._ticked + 1)
+        if sub.wake_tick != tick:
+            sub.wake_tick = tick
+            self._due.setdefault(tick, set()).add(sub.channel)
+
     def _ticker(self) -> None:
         while True:
             time.sleep(self._tick)
-            with self._lock:
-                channels = list(self._channels.values())
-            for chan in channels:
-                chan.notify()
+            now = int(time.monotonic() / self._tick)
+            for tick in range(self._ticked + 1, now + 1):
+                self._ticked = tick
+                for chan in self._due.pop(tick, ()):
+                    chan.notify()
 
     def _run(self) -> None:
         while True:
@@ -373,6 +387,7 @@ def relay_events(
                 written = time.monotonic()
             if done:
                 return last
+            relay.wake_at(sub, written + relay.ping_seconds)
             batch = sub.take()
             if sub.ended:
                 return None  # the client reconnects and resumes from the log
@@ -389,7 +404,11 @@ def relay_events(
                 if idle % IDLE_PINGS_BEFORE_CHECK:
                     continue
             sub.recheck = False
-            snap, held = check()
+            try:
+                snap, held = check()
+            except (redis.RedisError, SQLAlchemyError) as exc:
+                log.warning("idle check of %s failed (%s); the next one retries", sub.channel.name, exc)
+                continue
             if snap is not None and snap.data["status"] in FINISHED:
                 yield frame(snap)
                 return last
@@ -424,6 +443,7 @@ def wait_for_message(relay: Relay, sub: Subscription) -> Generator[bytes, None, 
     idle check is due (True), or the stream must end (False)."""
     written, idle = time.monotonic(), 0
     while True:
+        relay.wake_at(sub, written + relay.ping_seconds)
         batch = sub.take()
         if sub.ended:
             return False

@@ -98,7 +98,7 @@ def chat():
     sub = relay.subscribe(events.channel)
     try:
         if not any(e.terminal for e in events.read_after(0)):
-            _wait_terminal(sub, settings.chat_wait_seconds)
+            _wait_terminal(relay, sub, settings.chat_wait_seconds)
     finally:
         relay.unsubscribe(sub)
     with db_session() as db:
@@ -118,10 +118,11 @@ def chat():
         )
 
 
-def _wait_terminal(sub, seconds: float) -> None:
+def _wait_terminal(relay, sub, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        batch = sub.take()  # the relay's tick wakes it at least every ping/4
+        relay.wake_at(sub, deadline)
+        batch = sub.take()
         if sub.ended or any(item.terminal for item in batch):
             return  # ended: the answer is read from Postgres as it stands
 

@@ -204,8 +204,12 @@ class EventLog:
 
     def read_after(self, after: int) -> list[Event]:
         """Events with seq > after still held in the stream, oldest first."""
+        return [Event.parse(raw) for raw in self.read_raw_after(after)]
+
+    def read_raw_after(self, after: int) -> list[bytes]:
+        """The same events as published (JSON bytes), unparsed."""
         entries = self.redis.xrange(self.stream_key, min=f"(0-{after}", max="+")
-        return [Event.parse(fields[b"d"]) for _id, fields in entries]
+        return [fields[b"d"] for _id, fields in entries]
 
     def last_event(self) -> Event | None:
         """The newest event still held, if any."""

@@ -164,14 +164,14 @@ def test_events_published_while_the_backlog_is_read_arrive_once_and_in_order(sta
 
         first = True
 
-        def read_after(self, after):
+        def read_raw_after(self, after):
             if not self.first:
-                return super().read_after(after)
+                return super().read_raw_after(after)
             self.first = False
             self.append("message.delta", delta="c")  # live and in the backlog
             self.append("message.delta", delta="d")
             time.sleep(0.2)
-            held = super().read_after(after)
+            held = super().read_raw_after(after)
             self.append("message.delta", delta="e")  # live only
             return held
 

@@ -311,7 +311,7 @@ def relay_events(
     last = after
 
     def logged() -> list[Frame]:
-        return [encode(e.raw.encode()) for e in events.read_after(last)]
+        return [encode(raw) for raw in events.read_raw_after(last)]
 
     def check() -> tuple[Event | None, list[Frame]]:
         """With nothing new in the live queue: the log after `last`, or (when

@@ -22,12 +22,22 @@ accesslog = "-"
 
 
 def post_worker_init(worker):
-    """On SIGTERM (a deploy) gunicorn stops accepting and waits up to
-    graceful_timeout for open requests; an SSE stream never ends by itself,
-    so end them all at once: each client reconnects (to another process)
-    with Last-Event-ID and loses nothing."""
+    """Once the app is loaded in the worker process."""
+    import gc
+
     import gevent
 
+    # What the app holds from its start (modules, the ORM's mappers; about
+    # 100,000 objects) is never garbage: leave it out of the collector's
+    # full passes, which otherwise scan it while every stream waits (a full
+    # pass with 1,000 streams took 102 ms, and 43 ms without it).
+    gc.collect()
+    gc.freeze()
+
+    # On SIGTERM (a deploy) gunicorn stops accepting and waits up to
+    # graceful_timeout for open requests; an SSE stream never ends by itself,
+    # so end them all at once: each client reconnects (to another process)
+    # with Last-Event-ID and loses nothing.
     def end_streams_at_exit():
         while worker.alive:
             gevent.sleep(0.5)

@@ -48,6 +48,9 @@ QUEUE_SIZE = 1000
 # lost must not leave the client waiting forever.
 IDLE_PINGS_BEFORE_CHECK = 4
 
+# Idle streams the ticker wakes at once before it lets other work in.
+WAKE_BATCH = 50
+
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PING = b": ping\n\n"
 RETRY = b"retry: 2000\n\n"
@@ -234,8 +237,14 @@ class Relay:
             now = int(time.monotonic() / self._tick)
             for tick in range(self._ticked + 1, now + 1):
                 self._ticked = tick
-                for chan in self._due.pop(tick, ()):
+                for at, chan in enumerate(self._due.pop(tick, ()), 1):
                     chan.notify()
+                    if at % WAKE_BATCH == 0:
+                        # Streams that went quiet together are due together: a
+                        # burst of clients that left all fail their ping at
+                        # once. Wake them a batch at a time, with the hub's I/O
+                        # in between, so live streams are not held behind them.
+                        time.sleep(0.001)
 
     def _run(self) -> None:
         while True:

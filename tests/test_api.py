@@ -49,6 +49,12 @@ def test_another_owners_session_is_404_exactly_like_a_missing_one(client, owner)
     _error(client.post(f"/api/sessions/{sid}/turns", json={"message": "x"}, headers=other), 404, "not_found")
     _error(client.delete(f"/api/sessions/{sid}", headers=other), 404, "not_found")
     assert sid not in [s["id"] for s in client.get("/api/sessions", headers=other).get_json()["items"]]
+    turn = client.post(f"/api/sessions/{sid}/turns", json={"message": "mine"}, headers=owner).get_json()
+    for path in (f"/api/turns/{turn['id']}", turn["events_url"]):
+        foreign = _error(client.get(path, headers=other), 404, "not_found")
+        assert foreign == _error(
+            client.get(path.replace(turn["id"], str(uuid.uuid4())), headers=other), 404, "not_found"
+        )
 
 
 def test_credentials_are_required_and_checked(client, owner):

@@ -28,7 +28,7 @@ from typing import Any
 import redis
 
 from shared.config import get_settings
-from shared.redis import get_redis, key
+from shared.redis import get_redis, key, take_batch
 
 TURN_TERMINAL_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
 REPLAY_TERMINAL_TYPES = frozenset({"replay.finished"})
@@ -247,19 +247,9 @@ class Publisher:
         self._queue.put((log, type_, fields, future))
         return future.result() if future is not None else None
 
-    def _take(self) -> list[tuple[EventLog, str, dict[str, Any], Future | None]]:
-        """Wait for one event, then take whatever else is queued already."""
-        batch = [self._queue.get()]
-        try:
-            while len(batch) < self.max_batch:
-                batch.append(self._queue.get_nowait())
-        except queue.Empty:
-            pass
-        return batch
-
     def _run(self) -> None:
         while True:
-            batch = _merge_deltas(self._take())
+            batch = _merge_deltas(take_batch(self._queue, self.max_batch))
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 for log, type_, fields, _future in batch:

@@ -58,10 +58,12 @@ ENV = {
     "WEB_WORKER_CONNECTIONS": "20000",
 }
 DELTA = "x" * 40  # a few tokens of text
-SETTLE = 1.5
-# Connections opened at once while a scenario sets up: a steady ramp, not a
-# reconnect storm (which the tests cover).
-CONNECTING = 50  # seconds after the publisher stops for the last events to land
+SETTLE = 1.5  # seconds after the publisher stops for the last events to land
+# Streams starting at once while a scenario sets up: a steady ramp, not a
+# reconnect storm (which the tests cover). A Turnstream stream has started
+# when its `retry:` came; flask-sse sends nothing before its first event, so
+# its connections count as started once open.
+CONNECTING = 50
 
 
 @dataclass
@@ -171,6 +173,7 @@ class Sse(asyncio.Protocol):
         self.buf = b""
         self.events = 0
         self.ready = False  # Turnstream sends `retry:` once it subscribed
+        self.started = asyncio.get_running_loop().create_future()  # ready, or closed before
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport) -> None:
@@ -183,6 +186,8 @@ class Sse(asyncio.Protocol):
         now = time.time()
         if not self.ready:
             self.ready = b"\nretry:" in data
+            if self.ready and not self.started.done():
+                self.started.set_result(True)
         if self.frozen:  # from the first bytes on, it never reads again
             self.transport.pause_reading()
             return
@@ -201,6 +206,8 @@ class Sse(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.transport = None
+        if not self.started.done():
+            self.started.set_result(False)
 
 
 async def connect(server: Server, setup: Setup, idents: list[str], latencies: list[float], frozen: int = 0):
@@ -212,6 +219,8 @@ async def connect(server: Server, setup: Setup, idents: list[str], latencies: li
             _t, proto = await loop.create_connection(
                 lambda: Sse(setup.request(server, ident), latencies, n < frozen), "127.0.0.1", server.port
             )
+            if server.turnstream:
+                await asyncio.wait([proto.started], timeout=30)
             return proto
 
     return await asyncio.gather(*(one(n, ident) for n, ident in enumerate(idents)))

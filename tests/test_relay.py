@@ -266,6 +266,20 @@ def test_a_client_that_stops_reading_is_dropped_and_does_not_hold_up_another(web
     frozen.close()
 
 
+def test_a_client_that_closes_its_connection_is_freed_at_the_next_ping(web_server, owner):
+    from shared.events import EventLog
+
+    turn_id = running_turn(owner)
+    channel = EventLog("turn", turn_id).channel
+    sock = open_stream(web_server, turn_id, owner)
+    assert subscribers(channel) == 1
+    closed_at = time.monotonic()
+    sock.close()  # a FIN: writing a ping to it still succeeds
+    wait_for(lambda: subscribers(channel) == 0, 3 * PING, "the closed stream freed")
+    # the next ping is due within a ping of the last write, woken at the tick after (a quarter ping)
+    assert time.monotonic() - closed_at < 1.25 * PING + 0.4
+
+
 def test_a_thousand_connects_and_disconnects_leave_no_descriptors_greenlets_or_subscriptions(
     web_server, owner, stack, http
 ):

@@ -66,8 +66,10 @@ def test_finished_turn_answers_204_once_everything_was_delivered(http, owner):
 
 def test_idle_stream_sends_ping_comments(http, owner):
     sid = _session(http, owner)
-    # SSE_PING_SECONDS=1 in the test environment; the first token comes after 2.5 s
-    turn = _turn(http, owner, sid, "wait [[first=2.5]]")
+    # SSE_PING_SECONDS=1 in the test environment; the first token comes after
+    # 3.5 s. Pings go out at the relay's tick (a quarter ping) after they are
+    # due, the first at a random point of the cycle: 2 come within 2.5 s.
+    turn = _turn(http, owner, sid, "wait [[first=3.5]]")
     comments = []
     with http.stream("GET", turn["events_url"], headers=owner) as response:
         for item in iter_sse(response):

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import NamedTuple
 
 import redis
@@ -484,14 +484,41 @@ def parse_seq(raw: str) -> int:
 def sse_response(frames: Iterable[bytes], ping_seconds: float) -> Response:
     """A streaming SSE response. A client that stops reading (its socket
     blocks a write) or whose host vanished (sent data stays unacknowledged)
-    is dropped after two pings, so its greenlet, socket and subscription are
-    freed; it resumes from the log if it comes back."""
+    is dropped after two pings, and one that closed its connection at its
+    next ping, so its greenlet, socket and subscription are freed; it
+    resumes from the log if it comes back."""
     deadline = 2 * ping_seconds
     sock = request.environ.get("gunicorn.socket")
     if sock is not None:
         sock.settimeout(deadline)
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(deadline * 1000))
+        frames = _until_closed(frames, getattr(sock, "_sock", sock))
     # No request context rides along (the frames need none), and bytes pass
-    # through as they are: two generator layers less per stream.
+    # through as they are.
     return Response(frames, mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True)
+
+
+def _until_closed(frames: Iterable[bytes], sock: socket.socket) -> Iterator[bytes]:
+    """The frames until the client closes its end, looked at before each
+    ping: a write to a closed connection succeeds (the peer answers it with
+    a reset), so without looking the stream would live to the ping after.
+    `sock` is the OS socket itself (gevent's wrapper would wait for data)."""
+    try:
+        for chunk in frames:
+            if chunk == PING and _closed(sock):
+                return
+            yield chunk
+    finally:
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # open, nothing sent: an SSE client sends nothing after its request
+    except OSError:
+        return True

@@ -298,6 +298,14 @@ async def deliver(
     await asyncio.sleep(SETTLE)
     cpu = tree_cpu(pid) - cpu_before
     close(clients)
+    freed = None
+    if server.turnstream:
+        # The next scenario starts once these streams are gone: a thousand
+        # clients leaving at once is its own event, not part of the next figure.
+        left = time.monotonic()
+        while subscribers(r, channels) and time.monotonic() - left < 4 * float(ENV["SSE_PING_SECONDS"]):
+            await asyncio.sleep(0.1)
+        freed = round(time.monotonic() - left, 1)
     readers = [c for c in clients if not c.frozen]
     expected = sent * len(readers) / turns  # round-robin: each channel gets sent/turns events, give or take one
     got = sum(c.events for c in readers)
@@ -315,6 +323,7 @@ async def deliver(
         "delivered_share": round(got / expected, 4) if expected else None,
         "web_cpu_us_per_delivery": round(cpu / got * 1e6, 1) if got else None,
         "web_cpu_share": round(cpu / (seconds + SETTLE), 2),
+        "seconds_to_free_streams_after_clients_left": freed,
     }
 
 

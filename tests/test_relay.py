@@ -148,6 +148,42 @@ def test_a_stream_whose_queue_fills_is_ended_and_resumes_from_the_log(stack, mon
     assert [int(line[4:]) for line in chunk.split(b"\n") if line.startswith(b"id: ")] == list(range(2, 22))
 
 
+def test_a_crowded_channel_wakes_its_streams_by_lane_and_each_gets_every_message(stack):
+    import uuid
+
+    from shared.events import EventLog
+    from shared.redis import new_redis
+    from web.relay import WAKE_BATCH, Relay
+
+    relay = Relay(new_redis, 0.4)  # ticks of 0.1 s
+    log = EventLog("turn", f"lanes-{uuid.uuid4().hex[:8]}")
+    subs = [relay.subscribe(log.channel) for _ in range(2 * WAKE_BATCH + 10)]
+    try:
+        assert len(subs[0].channel.lanes) == 3 and sorted({s.lane for s in subs}) == [0, 1, 2]
+
+        def wait_all(action) -> dict:
+            got: dict[int, list] = {}
+            threads = [threading.Thread(target=lambda i=i, s=s: got.update({i: s.take()})) for i, s in enumerate(subs)]
+            for t in threads:
+                t.start()
+            time.sleep(0.05)
+            action()
+            for t in threads:
+                t.join(5)
+            return got
+
+        got = wait_all(lambda: log.append("turn.started", attempt=1))
+        assert all([f.seq for f in got[i]] == [1] for i in range(len(subs))), got
+        # idle: the ticker wakes every lane of a channel that asked for it, and only then
+        started = time.monotonic()
+        got = wait_all(lambda: [relay.wake_at(s, time.monotonic()) for s in subs])
+        assert len(got) == len(subs) and not any(got.values())
+        assert time.monotonic() - started < 0.5
+    finally:
+        for sub in subs:
+            relay.unsubscribe(sub)
+
+
 # 2. Lossless: subscribe, backlog, then live, across an injected delay.
 
 

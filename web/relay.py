@@ -77,30 +77,45 @@ def frame(event: Event) -> bytes:
 
 
 class Channel:
-    """A subscribed channel: its streams, and one wake-up they all wait on.
+    """A subscribed channel: its streams, and the wake-ups they wait on.
     A message is queued on each stream, then the channel's waiters are woken
-    together (one notification per message, not one per stream)."""
+    together (one notification per message, not one per stream).
 
-    __slots__ = ("name", "subs", "event", "confirmed")
+    Streams wait in lanes of up to WAKE_BATCH (a channel with one stream has
+    one lane), so the ticker can wake a crowded channel's idle streams a
+    lane at a time: a thousand clients of one turn that left together would
+    otherwise fail their pings in one pass, holding every other stream."""
+
+    __slots__ = ("name", "subs", "lanes", "confirmed")
 
     def __init__(self, name: bytes) -> None:
         self.name = name
         self.subs: set[Subscription] = set()
-        self.event = threading.Event()  # a gevent Event under gunicorn
+        self.lanes = [threading.Event()]  # gevent Events under gunicorn
         self.confirmed = threading.Event()  # Redis confirmed the SUBSCRIBE
 
-    def notify(self) -> None:
-        event, self.event = self.event, threading.Event()
-        event.set()
+    def lane_for_new_stream(self) -> int:
+        lane = len(self.subs) // WAKE_BATCH
+        if lane == len(self.lanes):
+            self.lanes.append(threading.Event())
+        return min(lane, len(self.lanes) - 1)
+
+    def notify(self, lane: int | None = None) -> None:
+        """Wake the streams of one lane, or of all."""
+        lanes = self.lanes
+        for at in range(len(lanes)) if lane is None else (lane,):
+            event, lanes[at] = lanes[at], threading.Event()
+            event.set()
 
 
 class Subscription:
     """One stream's queue of frames: filled by the reader, drained by the stream."""
 
-    __slots__ = ("channel", "pending", "ended", "recheck", "wake_tick")
+    __slots__ = ("channel", "lane", "pending", "ended", "recheck", "wake_tick")
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
+        self.lane = channel.lane_for_new_stream()
         self.pending: deque[Frame] = deque()
         # Set when the stream must end (its queue overflowed, the process is
         # shutting down); its client resumes from the log.
@@ -128,7 +143,7 @@ class Subscription:
     def take(self) -> list[Frame]:
         """Every frame queued; with none, waits for the channel's next wake-up
         (a message, or the relay's tick) and returns what came ([] if none)."""
-        event = self.channel.event  # before looking: a message queued after it sets this one
+        event = self.channel.lanes[self.lane]  # before looking: a message queued after it sets this one
         if not self.pending and not self.ended and not self.recheck:
             event.wait()
         pending = self.pending
@@ -237,14 +252,19 @@ class Relay:
             now = int(time.monotonic() / self._tick)
             for tick in range(self._ticked + 1, now + 1):
                 self._ticked = tick
-                for at, chan in enumerate(self._due.pop(tick, ()), 1):
-                    chan.notify()
-                    if at % WAKE_BATCH == 0:
-                        # Streams that went quiet together are due together: a
-                        # burst of clients that left all fail their ping at
-                        # once. Wake them a batch at a time, with the hub's I/O
-                        # in between, so live streams are not held behind them.
-                        time.sleep(0.001)
+                woken = 0
+                for chan in self._due.pop(tick, ()):
+                    for lane in range(len(chan.lanes)):
+                        chan.notify(lane)
+                        woken += min(len(chan.subs), WAKE_BATCH)  # about a lane's streams
+                        if woken >= WAKE_BATCH:
+                            # Streams that went quiet together are due together:
+                            # a burst of clients that left all fail their ping
+                            # at once. Wake them a batch at a time, with the
+                            # hub's I/O in between, so live streams are not
+                            # held behind them.
+                            woken = 0
+                            time.sleep(0.001)
 
     def _run(self) -> None:
         while True:

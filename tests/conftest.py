@@ -84,11 +84,17 @@ def http(web_server):
 
 
 def wait_turn(client, headers: dict, turn_id: str, timeout: float = 30) -> dict:
-    """Poll a turn until it reaches a terminal state; returns its JSON."""
+    """Poll a turn until it reaches a terminal state and its log holds the
+    terminal event (appended just after the end commits, so Postgres can
+    say it first); returns its JSON."""
+    from shared.events import EventLog
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         turn = client.get(f"/api/turns/{turn_id}", headers=headers).get_json()
         if turn["status"] in ("succeeded", "failed", "cancelled"):
-            return turn
+            end = EventLog("turn", turn_id).last_event()
+            if end is not None and end.terminal:
+                return turn
         time.sleep(0.05)
-    raise AssertionError(f"turn {turn_id} did not finish in {timeout}s: {turn}")
+    raise AssertionError(f"turn {turn_id} did not finish, with its terminal event logged, in {timeout}s: {turn}")

@@ -67,20 +67,13 @@ def test_sigterm_to_a_worker_finishes_short_turns_and_hands_back_long_ones(stack
     for t in long:  # another worker (the session's) takes them over
         done = wait_turn(client, owner, t, timeout=30)
         assert done["status"] == "succeeded" and done["attempts"] == 2
-        events = services.wait_until(lambda t=t: _ended_log(t), 5, "the terminal event")
+        events = EventLog("turn", t).read_after(0)
         restarted = max(i for i, e in enumerate(events) if e.type == "turn.restarted")
         after = "".join(e.data["delta"] for e in events[restarted:] if e.type == "message.delta")
         assert after == done["answer"]
         assert [e.type for e in events].count("turn.completed") == 1
         messages = client.get(f"/api/sessions/{done['session_id']}/messages", headers=owner).get_json()["items"]
         assert [m["role"] for m in messages] == ["user", "assistant"]
-
-
-def _ended_log(turn_id: str) -> list | None:
-    """The turn's events once the terminal one is in: it is appended just
-    after the turn's end commits, so Postgres can say "succeeded" first."""
-    events = EventLog("turn", turn_id).read_after(0)
-    return events if events and events[-1].terminal else None
 
 
 def test_sigterm_to_web_ends_streams_and_clients_resume_on_another_process(stack, web_server, owner):

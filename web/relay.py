@@ -95,10 +95,11 @@ class Channel:
         self.confirmed = threading.Event()  # Redis confirmed the SUBSCRIBE
 
     def lane_for_new_stream(self) -> int:
+        """Streams join one at a time, so a new lane is at most the next one."""
         lane = len(self.subs) // WAKE_BATCH
         if lane == len(self.lanes):
             self.lanes.append(threading.Event())
-        return min(lane, len(self.lanes) - 1)
+        return lane
 
     def notify(self, lane: int | None = None) -> None:
         """Wake the streams of one lane, or of all."""

@@ -77,10 +77,16 @@ def after_commit(session: Session, fn: Callable[..., object], *args: object, **k
 @event.listens_for(Session, "after_commit")
 def _run_after_commit(session: Session) -> None:
     for fn, args, kwargs in session.info.pop("after_commit", []):
-        try:
-            fn(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - the commit stands; raising here would only break the session
-            log.exception("after commit: %s failed", getattr(fn, "__qualname__", fn))
+        committed(fn, *args, **kwargs)
+
+
+def committed(fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+    """fn(*args), run after a transaction committed: a failure is logged, not
+    raised (see after_commit)."""
+    try:
+        fn(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the commit stands; recovery works from it
+        log.exception("after commit: %s failed", getattr(fn, "__qualname__", fn))
 
 
 @event.listens_for(Session, "after_rollback")

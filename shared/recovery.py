@@ -29,7 +29,7 @@ from shared.config import get_settings
 from shared.db import after_commit, db_session
 from shared.models import ACTIVE, Replay, ReplayItem, Turn
 from shared.redis import get_redis, key
-from shared.turns import is_next_in_session
+from shared.turns import NEXT_IN_SESSION
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def resend_queued(all_ages: bool = False) -> int:
     with db_session() as db:
         ids = db.scalars(
             select(Turn.id)
-            .where(Turn.status == "queued", Turn.created_at < func.now() - age, is_next_in_session())
+            .where(Turn.status == "queued", Turn.created_at < func.now() - age, NEXT_IN_SESSION)
             .order_by(Turn.created_at)
         ).all()
     if not all_ages:

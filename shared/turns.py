@@ -10,84 +10,112 @@ worker waiting on a lock.
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, and_, exists, func, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, exists, func, insert, select, update
 from sqlalchemy.orm import Session, aliased
 
 from shared.broker import send_turn
 from shared.db import after_commit
 from shared.events import EventLog, announce_turn
-from shared.models import ACTIVE, ChatSession, Message, Turn
+from shared.models import ACTIVE, ChatSession, Message, Turn, new_id
 
 
 class TurnConflict(Exception):
     """The turn cannot be accepted as asked (multitask reject, key reuse)."""
 
 
-def lock_session(db: Session, session_id: str, owner_id: str) -> ChatSession | None:
-    """The caller's session, row-locked for the rest of the transaction."""
-    return db.scalar(
-        select(ChatSession).where(ChatSession.id == session_id, ChatSession.owner_id == owner_id).with_for_update()
-    )
+# Statements run on every turn are built once, with bind parameters:
+# building one costs more CPU than running it (tests/bench/pipeline.py).
+_LOCK = (
+    select(ChatSession.id, ChatSession.owner_id)
+    .where(ChatSession.id == bindparam("session_id"), ChatSession.owner_id == bindparam("owner_id"))
+    .with_for_update()
+)
+_BY_KEY = select(Turn.__table__).where(
+    Turn.owner_id == bindparam("owner_id"), Turn.idempotency_key == bindparam("idempotency_key")
+)
+_ACTIVE_IN_SESSION = select(Turn.id).where(Turn.session_id == bindparam("session_id"), Turn.status.in_(ACTIVE)).limit(1)
+_BUMP = (
+    update(ChatSession)
+    .where(ChatSession.id == bindparam("session_id"))
+    .values(turn_count=ChatSession.turn_count + 1, updated_at=func.now())
+    .returning(ChatSession.turn_count)
+)
+_NEW_TURN = insert(Turn.__table__).values(status="queued").returning(Turn.__table__)
+_QUESTION = insert(Message.__table__).values(role="user")
+
+
+def lock_session(db: Session, session_id: str, owner_id: str) -> Row | None:
+    """The caller's session (its id and owner_id), row-locked for the rest
+    of the transaction."""
+    return db.execute(_LOCK, {"session_id": session_id, "owner_id": owner_id}).one_or_none()
 
 
 def submit_turn(
     db: Session,
-    chat: ChatSession,
+    chat: Row | ChatSession,
     message: str,
     *,
     multitask: str = "enqueue",
     idempotency_key: str | None = None,
     request_hash: str | None = None,
-) -> tuple[Turn, bool]:
+) -> tuple[Row, bool]:
     """Record a user message and its queued turn; send it after commit.
 
-    `chat` must have been locked with `lock_session` in this transaction.
-    Returns (turn, created); an Idempotency-Key replay returns the original.
+    `chat` must have been locked with `lock_session` (or created) in this
+    transaction. Returns (the turn's row, created); an Idempotency-Key
+    replay returns the original.
     """
     if idempotency_key is not None:
-        existing = db.scalar(
-            select(Turn).where(Turn.owner_id == chat.owner_id, Turn.idempotency_key == idempotency_key)
-        )
+        existing = db.execute(_BY_KEY, {"owner_id": chat.owner_id, "idempotency_key": idempotency_key}).one_or_none()
         if existing is not None:
             if existing.request_hash != request_hash or existing.session_id != chat.id:
                 raise TurnConflict("Idempotency-Key was already used with a different request")
             return existing, False
-    busy = _has_active_turn(db, chat.id)
+    busy = db.scalar(_ACTIVE_IN_SESSION, {"session_id": chat.id}) is not None
     if busy and multitask == "reject":
         raise TurnConflict("a turn is already running in this session")
-    chat.turn_count += 1
-    chat.updated_at = func.now()
-    turn = Turn(
-        session_id=chat.id,
-        owner_id=chat.owner_id,
-        number=chat.turn_count,
-        status="queued",
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-    )
-    db.add(turn)
-    db.flush()
-    db.add(Message(session_id=chat.id, turn_id=turn.id, role="user", content=message))
+    number = db.scalar(_BUMP, {"session_id": chat.id})
+    turn = db.execute(
+        _NEW_TURN,
+        {
+            "id": new_id(),
+            "session_id": chat.id,
+            "owner_id": chat.owner_id,
+            "number": number,
+            "idempotency_key": idempotency_key,
+            "request_hash": request_hash,
+        },
+    ).one()
+    db.execute(_QUESTION, {"id": new_id(), "session_id": chat.id, "turn_id": turn.id, "content": message})
     if not busy:
         after_commit(db, send_turn, turn.id)
     after_commit(db, announce_turn, chat.id, turn.id)
     return turn, True
 
 
-def schedule_next(db: Session, session_id: str) -> None:
-    """After a turn of this session ended: send the next queued one, if no
-    other turn is running. Call with the session row locked."""
-    running = aliased(Turn)
-    nxt = db.scalar(
-        select(Turn.id)
-        .where(
-            Turn.session_id == session_id,
-            Turn.status == "queued",
-            ~exists().where(running.session_id == session_id, running.status == "running"),
-        )
-        .order_by(Turn.number)
-        .limit(1)
+_running = aliased(Turn)
+_NEXT_QUEUED = (
+    select(Turn.id)
+    .where(
+        Turn.session_id == bindparam("session_id"),
+        Turn.status == "queued",
+        ~exists().where(_running.session_id == bindparam("session_id"), _running.status == "running"),
     )
+    .order_by(Turn.number)
+    .limit(1)
+)
+
+
+def next_queued(db: Session | Connection, session_id: str) -> str | None:
+    """The session's turn to send now that one of its turns ended: its first
+    queued turn, if none is running. Call with the session row locked."""
+    return db.scalar(_NEXT_QUEUED, {"session_id": session_id})
+
+
+def schedule_next(db: Session, session_id: str) -> None:
+    """After a turn of this session ended: send the next queued one after
+    commit, if no other turn is running. Call with the session row locked."""
+    nxt = next_queued(db, session_id)
     if nxt is not None:
         after_commit(db, send_turn, nxt)
 
@@ -109,13 +137,8 @@ def cancel_turn(db: Session, turn: Turn) -> None:
         log.request_cancel()
 
 
-def _has_active_turn(db: Session, session_id: str) -> bool:
-    return db.scalar(select(Turn.id).where(Turn.session_id == session_id, Turn.status.in_(ACTIVE)).limit(1)) is not None
-
-
-def is_next_in_session() -> ColumnElement[bool]:
-    """SQL condition on Turn: no earlier turn of its session is still active."""
-    earlier = aliased(Turn)
-    return ~exists().where(
-        and_(earlier.session_id == Turn.session_id, earlier.number < Turn.number, earlier.status.in_(ACTIVE))
-    )
+_earlier = aliased(Turn)
+# SQL condition on Turn: no earlier turn of its session is still active.
+NEXT_IN_SESSION = ~exists().where(
+    and_(_earlier.session_id == Turn.session_id, _earlier.number < Turn.number, _earlier.status.in_(ACTIVE))
+)

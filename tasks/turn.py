@@ -13,17 +13,17 @@ import kombu.exceptions
 import redis
 from celery import Task, shared_task
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from shared.broker import RUN_TURN, send_replay_advance
+from shared.broker import RUN_TURN, send_replay_advance, send_turn
 from shared.config import get_settings
-from shared.db import after_commit, db_session
+from shared.db import committed, db_session, get_engine
 from shared.events import EventLog, EventLogLost, get_publisher
-from shared.models import ChatSession, Message, ReplayItem, Turn
+from shared.models import ChatSession, Message, ReplayItem, Turn, new_id
 from shared.recovery import requeue_turn
 from shared.redis import check_eviction_policy
-from shared.turns import is_next_in_session, schedule_next
+from shared.turns import NEXT_IN_SESSION, next_queued
 from tasks.agent import Outcome, backoff, run_agent
 from tasks.heartbeat import get_heartbeat
 from tasks.model import get_client
@@ -56,81 +56,97 @@ class Claim:
     history: list[dict[str, Any]]
 
 
+# Built once (building a statement costs more CPU than running it), and run
+# on a Core connection: a turn needs no ORM unit of work.
+_CLAIM = (
+    update(Turn)
+    .where(Turn.id == bindparam("turn_id"), Turn.status == "queued", NEXT_IN_SESSION)
+    .values(
+        status="running",
+        attempts=Turn.attempts + 1,
+        started_at=func.coalesce(Turn.started_at, func.now()),
+        model=bindparam("model"),
+    )
+    .returning(Turn.session_id, Turn.number, Turn.attempts)
+)
+_HISTORY = (
+    select(Message.role, Message.content)
+    .join(Turn, Turn.id == Message.turn_id)
+    .where(Message.session_id == bindparam("session_id"), Turn.number <= bindparam("number"))
+    .order_by(Turn.number, Message.role.desc())  # 'user' before 'assistant'
+)
+# Locks the session row (as every change that starts or ends a turn does);
+# no row: the session was deleted while the turn ran.
+_TOUCH_SESSION = (
+    update(ChatSession)
+    .where(ChatSession.id == bindparam("session_id"))
+    .values(updated_at=func.now())
+    .returning(ChatSession.id)
+)
+# Guarded by the attempt; the turn's replay, if any, comes back with it.
+_FINISH = (
+    update(Turn)
+    .where(Turn.id == bindparam("turn_id"), Turn.status == "running", Turn.attempts == bindparam("attempt"))
+    .values(finished_at=func.now())
+    .returning(select(ReplayItem.replay_id).where(ReplayItem.turn_id == Turn.id).scalar_subquery().label("replay_id"))
+)
+_ANSWER = insert(Message).values(role="assistant")
+
+
 def claim_turn(turn_id: str) -> Claim | None:
     """queued -> running, atomically, only if no earlier turn of its session
     is still active. Returns None when there is nothing to do: the turn is
     gone, finished, already running elsewhere, or waiting its turn."""
-    with db_session() as db:
-        row = db.execute(
-            update(Turn)
-            .where(
-                Turn.id == turn_id,
-                Turn.status == "queued",
-                is_next_in_session(),
-            )
-            .values(
-                status="running",
-                attempts=Turn.attempts + 1,
-                started_at=func.coalesce(Turn.started_at, func.now()),
-                model=get_settings().openai_model,
-            )
-            .returning(Turn.session_id, Turn.number, Turn.attempts)
-        ).one_or_none()
+    with get_engine().begin() as db:
+        row = db.execute(_CLAIM, {"turn_id": turn_id, "model": get_settings().openai_model}).one_or_none()
         if row is None:
             return None
         session_id, number, attempt = row
-        history = db.execute(
-            select(Message.role, Message.content)
-            .join(Turn, Turn.id == Message.turn_id)
-            .where(Message.session_id == session_id, Turn.number <= number)
-            .order_by(Turn.number, Message.role.desc())  # 'user' before 'assistant'
-        ).all()
+        history = db.execute(_HISTORY, {"session_id": session_id, "number": number}).all()
     return Claim(turn_id, session_id, number, attempt, [{"role": r, "content": c} for r, c in history])
 
 
 def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | None:
-    """Write the final state and the answer in one transaction; returns the
-    terminal event to emit once it committed. The update is guarded by the
-    attempt number, so an attempt that no longer owns the turn writes nothing
-    and emits nothing (None)."""
+    """Write the final state and the answer in one transaction, then send
+    what comes next (the session's next turn, the replay's next item);
+    returns the terminal event to emit. The update is guarded by the attempt
+    number, so an attempt that no longer owns the turn writes nothing and
+    emits nothing (None)."""
     status, text = outcome.status, outcome.text
-    with db_session() as db:
-        chat = db.get(ChatSession, claim.session_id, with_for_update=True)
-        if chat is None:  # the session was deleted while the turn ran
+    with get_engine().connect() as db:
+        if db.scalar(_TOUCH_SESSION, {"session_id": claim.session_id}) is None:
             return "turn.cancelled", {}
-        # The turn's replay, if any, comes back with the update: one round trip.
-        replay_of_turn = (
-            select(ReplayItem.replay_id).where(ReplayItem.turn_id == Turn.id).scalar_subquery().label("replay_id")
-        )
         done = db.execute(
-            update(Turn)
-            .where(Turn.id == claim.turn_id, Turn.status == "running", Turn.attempts == claim.attempt)
-            .values(
-                status=status,
-                answer=text if status != "failed" else None,
-                usage=outcome.usage,
-                tools=outcome.tools,
-                error=outcome.error,
-                finished_at=func.now(),
-            )
-            .returning(replay_of_turn)
+            _FINISH,
+            {
+                "turn_id": claim.turn_id,
+                "attempt": claim.attempt,
+                "status": status,
+                "answer": text if status != "failed" else None,
+                "usage": outcome.usage,
+                "tools": outcome.tools,
+                "error": outcome.error,
+            },
         ).one_or_none()
         if done is None:
-            return None
+            return None  # rolled back as the connection closes
         if text and status != "failed":
-            db.add(
-                Message(
-                    session_id=claim.session_id,
-                    turn_id=claim.turn_id,
-                    role="assistant",
-                    content=text,
-                    tool_calls=outcome.tools or None,
-                )
+            db.execute(
+                _ANSWER,
+                {
+                    "id": new_id(),
+                    "session_id": claim.session_id,
+                    "turn_id": claim.turn_id,
+                    "content": text,
+                    "tool_calls": outcome.tools or None,
+                },
             )
-        chat.updated_at = func.now()
-        schedule_next(db, claim.session_id)
-        if done.replay_id is not None:
-            after_commit(db, send_replay_advance, done.replay_id)
+        nxt = next_queued(db, claim.session_id)
+        db.commit()
+    if nxt is not None:
+        committed(send_turn, nxt)
+    if done.replay_id is not None:
+        committed(send_replay_advance, done.replay_id)
     if status == "succeeded":
         return "turn.completed", {"answer": text, "usage": outcome.usage, "tools": outcome.tools}
     if status == "failed":

@@ -10,13 +10,13 @@ worker waiting on a lock.
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Row, and_, bindparam, exists, func, insert, select, update
+from sqlalchemy import Boolean, Connection, Row, and_, bindparam, exists, func, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from shared.broker import send_turn
 from shared.db import after_commit
 from shared.events import EventLog, announce_turn
-from shared.models import ACTIVE, ChatSession, Message, Turn, new_id
+from shared.models import ACTIVE, ChatSession, Turn, new_id
 
 
 class TurnConflict(Exception):
@@ -33,15 +33,28 @@ _LOCK = (
 _BY_KEY = select(Turn.__table__).where(
     Turn.owner_id == bindparam("owner_id"), Turn.idempotency_key == bindparam("idempotency_key")
 )
-_ACTIVE_IN_SESSION = select(Turn.id).where(Turn.session_id == bindparam("session_id"), Turn.status.in_(ACTIVE)).limit(1)
-_BUMP = (
-    update(ChatSession)
-    .where(ChatSession.id == bindparam("session_id"))
-    .values(turn_count=ChatSession.turn_count + 1, updated_at=func.now())
-    .returning(ChatSession.turn_count)
-)
-_NEW_TURN = insert(Turn.__table__).values(status="queued").returning(Turn.__table__)
-_QUESTION = insert(Message.__table__).values(role="user")
+# One statement after the lock: bump the session's count, insert the turn
+# and its question, and say whether another turn of the session is active.
+# Its snapshot is taken after the lock was granted, so it sees a turn that
+# ended meanwhile; it cannot see its own new turn.
+_SUBMIT = text("""
+    WITH bumped AS (
+        UPDATE sessions SET turn_count = turn_count + 1, updated_at = now()
+        WHERE id = :session_id
+        RETURNING turn_count
+    ), turn AS (
+        INSERT INTO turns (id, session_id, owner_id, number, status, idempotency_key, request_hash)
+        SELECT :turn_id, :session_id, :owner_id, turn_count, 'queued', :idempotency_key, :request_hash FROM bumped
+        RETURNING *
+    ), question AS (
+        INSERT INTO messages (id, session_id, turn_id, role, content)
+        SELECT :message_id, :session_id, id, 'user', :content FROM turn
+    )
+    SELECT turn.*, EXISTS (
+        SELECT FROM turns WHERE session_id = :session_id AND status = ANY(:active)
+    ) AS busy
+    FROM turn
+""").columns(busy=Boolean, **{c.name: c.type for c in Turn.__table__.c})  # matched by name
 
 
 def lock_session(db: Session, session_id: str, owner_id: str) -> Row | None:
@@ -71,22 +84,22 @@ def submit_turn(
             if existing.request_hash != request_hash or existing.session_id != chat.id:
                 raise TurnConflict("Idempotency-Key was already used with a different request")
             return existing, False
-    busy = db.scalar(_ACTIVE_IN_SESSION, {"session_id": chat.id}) is not None
-    if busy and multitask == "reject":
-        raise TurnConflict("a turn is already running in this session")
-    number = db.scalar(_BUMP, {"session_id": chat.id})
     turn = db.execute(
-        _NEW_TURN,
+        _SUBMIT,
         {
-            "id": new_id(),
             "session_id": chat.id,
             "owner_id": chat.owner_id,
-            "number": number,
+            "turn_id": new_id(),
+            "message_id": new_id(),
+            "content": message,
             "idempotency_key": idempotency_key,
             "request_hash": request_hash,
+            "active": list(ACTIVE),
         },
     ).one()
-    db.execute(_QUESTION, {"id": new_id(), "session_id": chat.id, "turn_id": turn.id, "content": message})
+    busy = turn.busy
+    if busy and multitask == "reject":
+        raise TurnConflict("a turn is already running in this session")  # the transaction rolls back
     if not busy:
         after_commit(db, send_turn, turn.id)
     after_commit(db, announce_turn, chat.id, turn.id)

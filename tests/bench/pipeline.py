@@ -4,7 +4,7 @@
 
 Starts Postgres, Redis, the offline model (instant: no first-token delay, no
 token delay), one `gunicorn -k gevent` web process and one worker process
-(threads pool, 100 threads) that also loads the baseline task
+(threads pool, twice `--concurrent` threads) that also loads the baseline task
 (tests/bench/bare.py; `--threads` to change). Measured in the same run:
 
 1. Baseline: the bare Celery task PUBLISHes to a channel this process
@@ -17,7 +17,11 @@ token delay), one `gunicorn -k gevent` web process and one worker process
 4. Completed turns per second with 10-token instant answers: `--concurrent`
    clients each submit a turn and read its stream to `turn.completed`,
    counted by the client and checked against Postgres.
-5. Redis round trips per event in the worker (its publisher's counters).
+5. Time to first token with `--concurrent` turns in flight: as many clients
+   run turns back to back for `--load-seconds`, each answered at a chat
+   model's pace (60 tokens, 50 ms apart); the burst in 3. measures a queue,
+   this measures the load.
+6. Redis round trips per event in the worker (its publisher's counters).
 
 Prints a table, writes JSON, and exits non-zero if a turn was lost.
 """
@@ -52,7 +56,9 @@ ENV = {
     "SECRET_KEY": "bench",
 }
 MESSAGE = "pipeline [[tokens=10]]"
-THREADS = 100
+# A model at a chat model's pace: 60 tokens, 50 ms apart.
+PACED = "pipeline [[tokens=60]] [[delay=0.05]]"
+PACED_SECONDS = 3.0
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -201,13 +207,16 @@ class Client:
             made += await asyncio.gather(*(self.session() for _ in range(min(50, n - len(made)))))
         return made
 
-    async def turn(self, session_id: str, until: str) -> tuple[float, str]:
+    async def turn(
+        self, session_id: str, until: str, message: str = MESSAGE, mark: str | None = None
+    ) -> tuple[float, str]:
         """Submit a turn and read its events until `until`; returns the
-        seconds from sending the POST to that event, and the turn id."""
-        start = time.perf_counter()
+        seconds from sending the POST to the first `mark` event (`until` if
+        None), and the turn id."""
+        start, marked = time.perf_counter(), None
         reader, writer = await asyncio.open_connection(self.host, self.port)
         try:
-            await self._send(writer, "POST", f"/api/sessions/{session_id}/turns", {"message": MESSAGE})
+            await self._send(writer, "POST", f"/api/sessions/{session_id}/turns", {"message": message})
             status, turn = await self._json(reader)
             if status != 202:
                 raise SystemExit(f"POST turns answered {status}: {turn}")
@@ -215,10 +224,12 @@ class Client:
             status, _ = await self._head(reader)
             # The body is chunked; every frame is written whole, so its lines
             # arrive intact between the chunk-size lines.
-            wanted, seen = f"event: {until}\n".encode(), []
+            wanted, first, seen = f"event: {until}\n".encode(), f"event: {mark or until}\n".encode(), []
             while line := await reader.readline():
+                if line == first and marked is None:
+                    marked = time.perf_counter() - start
                 if line == wanted:
-                    return time.perf_counter() - start, turn["id"]
+                    return marked, turn["id"]
                 seen.append(line)
         finally:
             writer.close()
@@ -253,6 +264,30 @@ async def throughput(
     return wall, ids, {name: after[name] - before[name] for name in before}
 
 
+async def under_load(client: Client, concurrent: int, seconds: float) -> tuple[list[float], list[str]]:
+    """Time to first token with `concurrent` turns in flight: as many
+    clients each run turns back to back (a fresh session each) with a paced
+    model (PACED: about 3 s a turn), starting spread over one turn's length.
+    Returns the times of the turns started after that ramp, and every id."""
+    sessions = await client.sessions(int(seconds * concurrent / PACED_SECONDS * 1.5) + concurrent)
+    times: list[float] = []
+    ids: list[str] = []
+    start = time.perf_counter()
+    ramped, deadline = start + PACED_SECONDS, start + seconds
+
+    async def loop(i: int) -> None:
+        await asyncio.sleep(i * PACED_SECONDS / concurrent)
+        while sessions and time.perf_counter() < deadline:
+            began = time.perf_counter()
+            t, turn_id = await client.turn(sessions.pop(), "turn.completed", PACED, mark="message.delta")
+            ids.append(turn_id)
+            if began >= ramped:
+                times.append(t)
+
+    await asyncio.gather(*(loop(i) for i in range(concurrent)))
+    return times, ids
+
+
 def succeeded(ids: list[str]) -> int:
     from shared.db import db_session
     from shared.models import Turn
@@ -277,7 +312,7 @@ def publisher_counters(worker: services.Proc) -> dict:
 
 
 async def turnstream(
-    base: str, headers: dict, samples: int, concurrent: int, turns: int, procs: list[services.Proc]
+    base: str, headers: dict, samples: int, concurrent: int, turns: int, load_seconds: float, procs: list[services.Proc]
 ) -> dict:
     client = Client(base, headers)
     sessions = await client.sessions(turns)
@@ -287,7 +322,17 @@ async def turnstream(
     print(f"turnstream: {turns} turns, {concurrent} in flight …", flush=True)
     wall, ids, cpu = await throughput(client, sessions, concurrent, procs)
     cpu_ms_per_turn = {name: round(seconds / len(ids) * 1000, 2) for name, seconds in cpu.items()}
-    return {"one": one, "many": many, "wall": wall, "ids": ids, "cpu_ms_per_turn": cpu_ms_per_turn}
+    print(f"turnstream: time to first token with {concurrent} paced turns in flight …", flush=True)
+    loaded, load_ids = await under_load(client, concurrent, load_seconds)
+    return {
+        "one": one,
+        "many": many,
+        "loaded": loaded,
+        "wall": wall,
+        "ids": ids,
+        "load_ids": load_ids,
+        "cpu_ms_per_turn": cpu_ms_per_turn,
+    }
 
 
 def main() -> None:
@@ -295,9 +340,17 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--concurrent", type=int, default=100)
     parser.add_argument("--turns", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=THREADS, help="the worker's pool threads")
+    parser.add_argument(
+        "--threads", type=int, help="the worker's pool threads (default: twice --concurrent, as a worker needs)"
+    )
+    parser.add_argument("--load-seconds", type=float, default=15, help="the run with paced turns in flight")
     parser.add_argument("--out", default=".bench/pipeline.json")
     args = parser.parse_args()
+    # A turn holds its thread until its task returns, a little after the
+    # client saw it end; with exactly as many threads as turns in flight, a
+    # new turn waits for one (added TTFT p50 75-160 ms at 100 in flight
+    # against 31 ms with 200 threads).
+    args.threads = args.threads or 2 * args.concurrent
     logging.basicConfig(level=logging.WARNING)
     model_args = ("--first-token-delay", "0", "--token-delay", "0")
     with services.stack("turnstream-bench-pipeline-", ENV, model_args, mcp=False) as info:
@@ -318,14 +371,18 @@ def main() -> None:
         print("the model's own time to first token …", flush=True)
         model = model_ttft(50)
         print("turnstream: time to first token, then completed turns per second …", flush=True)
-        run = asyncio.run(turnstream(base, headers, args.samples, args.concurrent, args.turns, info["procs"]))
-        stored = succeeded(run["ids"])
+        run = asyncio.run(
+            turnstream(base, headers, args.samples, args.concurrent, args.turns, args.load_seconds, info["procs"])
+        )
+        every_id = run["ids"] + run["load_ids"]
+        stored = succeeded(every_id)
         worker.stop()
         counters = publisher_counters(worker)
 
     one, many = run["one"], run["many"]
     added_one = [t - model for t in one]
     added_many = [t - model for t in many]
+    added_loaded = [t - model for t in run["loaded"]]
     turns_per_s = len(run["ids"]) / run["wall"]
     results = {
         "worker_threads": args.threads,
@@ -335,8 +392,14 @@ def main() -> None:
         "added_ttft_1": {"p50_ms": ms(statistics.median(added_one)), "p99_ms": ms(p(added_one, 99))},
         f"ttft_{args.concurrent}": {"p50_ms": ms(statistics.median(many)), "p99_ms": ms(p(many, 99))},
         f"added_ttft_{args.concurrent}": {"p50_ms": ms(statistics.median(added_many)), "p99_ms": ms(p(added_many, 99))},
+        f"added_ttft_{args.concurrent}_in_flight": {
+            "p50_ms": ms(statistics.median(added_loaded)),
+            "p99_ms": ms(p(added_loaded, 99)),
+            "turns_measured": len(added_loaded),
+            "model": PACED,
+        },
         "turns": len(run["ids"]),
-        "turns_completed_by_client": len(run["ids"]),
+        "turns_completed_by_client": len(every_id),
         "turns_succeeded_in_postgres": stored,
         "turns_per_s": round(turns_per_s, 1),
         "ratios": {
@@ -365,15 +428,20 @@ def main() -> None:
             f"{results['added_ttft_1']['p50_ms']} / {results['added_ttft_1']['p99_ms']}",
         ),
         (
-            f"Turnstream TTFT, {c} at once, ms p50 / p99",
+            f"Turnstream TTFT, {c} sent at once (a burst), ms p50 / p99",
             f"{results[f'ttft_{c}']['p50_ms']} / {results[f'ttft_{c}']['p99_ms']}",
         ),
         (
             "  added (minus the model's), ms p50 / p99",
             f"{results[f'added_ttft_{c}']['p50_ms']} / {results[f'added_ttft_{c}']['p99_ms']}",
         ),
+        (
+            f"added TTFT with {c} paced turns in flight, ms p50 / p99 (target p99 <= 50)",
+            f"{results[f'added_ttft_{c}_in_flight']['p50_ms']} / {results[f'added_ttft_{c}_in_flight']['p99_ms']}"
+            f" ({len(added_loaded)} turns)",
+        ),
         (f"Turnstream completed turns/s ({c} clients)", results["turns_per_s"]),
-        ("turns: completed (client) / succeeded (Postgres)", f"{len(run['ids'])} / {stored}"),
+        ("turns: completed (client) / succeeded (Postgres)", f"{len(every_id)} / {stored}"),
         (
             "added TTFT p50 / baseline round trip p50 (target <= 3)",
             results["ratios"]["added_ttft_p50_over_baseline_round_trip_p50"],
@@ -387,8 +455,8 @@ def main() -> None:
     ]
     rows += [(f"CPU ms per completed turn: {name}", v) for name, v in run["cpu_ms_per_turn"].items()]
     report(rows, results, args.out)
-    if stored != len(run["ids"]):
-        raise SystemExit(f"{len(run['ids']) - stored} turns were lost")
+    if stored != len(every_id):
+        raise SystemExit(f"{len(every_id) - stored} turns were lost")
 
 
 if __name__ == "__main__":

@@ -37,10 +37,10 @@ def get_engine() -> Engine:
 
 
 @functools.cache
-def read_engine() -> Engine:
-    """The same pool in autocommit, for a lone read on a hot path: no BEGIN
-    before it and no ROLLBACK when the connection goes back (two round
-    trips less), and no ORM session around it."""
+def autocommit_engine() -> Engine:
+    """The same pool in autocommit, for a lone statement on a hot path (a
+    statement is atomic on its own): no BEGIN before it and no COMMIT or
+    ROLLBACK after it (two round trips less), and no ORM session around it."""
     return get_engine().execution_options(isolation_level="AUTOCOMMIT")
 
 

@@ -13,12 +13,13 @@ import kombu.exceptions
 import redis
 from celery import Task, shared_task
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import and_, bindparam, func, insert, join, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import aliased
 
 from shared.broker import RUN_TURN, send_replay_advance, send_turn
 from shared.config import get_settings
-from shared.db import committed, db_session, get_engine
+from shared.db import autocommit_engine, committed, db_session, get_engine
 from shared.events import EventLog, EventLogLost, get_publisher
 from shared.models import ChatSession, Message, ReplayItem, Turn, new_id
 from shared.recovery import requeue_turn
@@ -69,11 +70,18 @@ _CLAIM = (
     )
     .returning(Turn.session_id, Turn.number, Turn.attempts)
 )
-_HISTORY = (
-    select(Message.role, Message.content)
-    .join(Turn, Turn.id == Message.turn_id)
-    .where(Message.session_id == bindparam("session_id"), Turn.number <= bindparam("number"))
-    .order_by(Turn.number, Message.role.desc())  # 'user' before 'assistant'
+# The claim and the history the model is sent, in one statement (in
+# autocommit: one round trip). The history's snapshot is the claim's: every
+# earlier turn's messages committed before this turn was sent.
+_claimed = _CLAIM.cte("claimed")
+_past = aliased(Turn)
+_CLAIM_WITH_HISTORY = (
+    select(_claimed, Message.role, Message.content)
+    .outerjoin(
+        join(Message, _past, _past.id == Message.turn_id),
+        and_(Message.session_id == _claimed.c.session_id, _past.number <= _claimed.c.number),
+    )
+    .order_by(_past.number, Message.role.desc())  # 'user' before 'assistant'
 )
 # Locks the session row (as every change that starts or ends a turn does);
 # no row: the session was deleted while the turn ran.
@@ -97,13 +105,13 @@ def claim_turn(turn_id: str) -> Claim | None:
     """queued -> running, atomically, only if no earlier turn of its session
     is still active. Returns None when there is nothing to do: the turn is
     gone, finished, already running elsewhere, or waiting its turn."""
-    with get_engine().begin() as db:
-        row = db.execute(_CLAIM, {"turn_id": turn_id, "model": get_settings().openai_model}).one_or_none()
-        if row is None:
-            return None
-        session_id, number, attempt = row
-        history = db.execute(_HISTORY, {"session_id": session_id, "number": number}).all()
-    return Claim(turn_id, session_id, number, attempt, [{"role": r, "content": c} for r, c in history])
+    with autocommit_engine().connect() as db:
+        rows = db.execute(_CLAIM_WITH_HISTORY, {"turn_id": turn_id, "model": get_settings().openai_model}).all()
+    if not rows:
+        return None
+    session_id, number, attempt = rows[0].session_id, rows[0].number, rows[0].attempts
+    history = [{"role": r.role, "content": r.content} for r in rows if r.role is not None]
+    return Claim(turn_id, session_id, number, attempt, history)
 
 
 def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | None:

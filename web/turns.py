@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy import bindparam, select
 
-from shared.db import db_session, read_engine
+from shared.db import autocommit_engine, db_session
 from shared.events import Event, EventLog
 from shared.models import TERMINAL, ChatSession, Turn
 from shared.turns import TurnConflict, cancel_turn, lock_session, submit_turn
@@ -75,7 +75,7 @@ _OWNED_STATUS = select(Turn.status).where(Turn.id == bindparam("turn_id"), Turn.
 def turn_events(turn_id: str):
     after = parse_seq(last_event_id())
     turn_id = valid_id(turn_id)
-    with read_engine().connect() as conn:
+    with autocommit_engine().connect() as conn:
         status = conn.scalar(_OWNED_STATUS, {"turn_id": turn_id, "owner_id": g.owner_id})
     if status is None:
         raise ApiError(404, "no such turn")

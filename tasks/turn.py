@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -252,7 +253,9 @@ def warm_up(sender: Any, **_: Any) -> None:
     before the first turn instead of during a burst of them: build the model
     client, and start every pool thread (the threads pool starts one per
     task until it is full, each start then waiting for the GIL that running
-    turns hold)."""
+    turns hold). Then freeze what start-up made, as web does: a full
+    collection, which holds the GIL and so stops every turn, no longer scans
+    it."""
     watch_consumer(sender, on_stall=get_heartbeat().hand_back_all)
     check_eviction_policy()
     get_client()
@@ -261,6 +264,8 @@ def warm_up(sender: Any, **_: Any) -> None:
         started = threading.Barrier(sender.pool.limit)
         for _ in range(sender.pool.limit):
             executor.submit(started.wait, 10)
+    gc.collect()
+    gc.freeze()
 
 
 @worker_shutting_down.connect

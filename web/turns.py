@@ -40,7 +40,6 @@ def create_turn(session_id: str):
             )
         except TurnConflict as exc:
             raise ApiError(409, str(exc)) from None
-        db.flush()
         data = turn_json(turn)
     return jsonify(data), 202 if created else 200
 

@@ -148,3 +148,56 @@ def test_model_error_fails_the_turn_with_a_clear_code(client, owner):
     assert events[-1].type == "turn.failed" and events[-1].data["error"]["code"] == "model_unavailable"
     messages = client.get(f"/api/sessions/{sid}/messages", headers=owner).get_json()["items"]
     assert [m["role"] for m in messages] == ["user"]
+
+
+def test_a_turn_submitted_while_the_last_one_ends_is_sent_once_that_end_commits(client, owner, monkeypatch):
+    """Submission and completion race under the session lock: the turn that
+    ends sends the next queued one, and a turn submitted after that end
+    committed must see the session free and send itself. A submit that
+    waited for the lock must read the session after the wait (an earlier
+    snapshot still shows the ended turn running, and nobody sends)."""
+    import threading
+    import time
+
+    from sqlalchemy import update
+
+    import shared.turns
+    from shared.db import get_engine
+    from shared.models import ChatSession, Turn
+    from shared.turns import lock_session, next_queued, submit_turn
+
+    sent: list[str] = []
+    monkeypatch.setattr(shared.turns, "send_turn", sent.append)  # no worker runs these turns
+    sid = _session(client, owner)
+    with db_session() as db:
+        owner_id = db.get(ChatSession, sid).owner_id
+        first, _ = submit_turn(db, lock_session(db, sid, owner_id), "first")
+    assert sent == [first.id]
+    with get_engine().connect() as db:
+        db.execute(update(Turn).where(Turn.id == first.id).values(status="running"))
+        db.commit()
+
+    submitted: dict[str, str] = {}
+
+    def submit() -> None:
+        with db_session() as db:
+            turn, _ = submit_turn(db, lock_session(db, sid, owner_id), "second")
+            submitted["id"] = turn.id
+
+    # The first turn ends: session locked, turn succeeded, nothing queued to send yet.
+    ending = get_engine().connect()
+    try:
+        assert lock_session(ending, sid, owner_id) is not None
+        ending.execute(update(Turn).where(Turn.id == first.id).values(status="succeeded"))
+        assert next_queued(ending, sid) is None
+        waiting = threading.Thread(target=submit)
+        waiting.start()
+        time.sleep(0.5)
+        assert waiting.is_alive(), "the submit should wait for the session lock"
+        ending.commit()
+    finally:
+        ending.close()
+    waiting.join(10)
+    assert sent == [first.id, submitted["id"]]
+    with db_session() as db:  # leave nothing queued for the sweeper
+        db.execute(update(Turn).where(Turn.session_id == sid).values(status="cancelled"))

@@ -1,6 +1,7 @@
 """Pipeline benchmark: what Turnstream adds on top of bare Celery.
 
-    python -m tests.bench.pipeline [--samples 100] [--concurrent 100] [--turns 1000] [--out .bench/pipeline.json]
+    python -m tests.bench.pipeline [--samples 100] [--concurrent 100] [--turns 1000] [--load-seconds 15]
+        [--out .bench/pipeline.json]
 
 Starts Postgres, Redis, the offline model (instant: no first-token delay, no
 token delay), one `gunicorn -k gevent` web process and one worker process

@@ -1,11 +1,11 @@
 """Turn submission and the per-session run order, shared by web and worker.
 
 Every change that starts or ends a turn takes the session's row lock
-(`SELECT ... FOR UPDATE`), so submission and completion are serialised per
-session: a new turn is sent at once only when nothing else in its session is
-active, otherwise the turn that finishes before it sends it. That keeps turns
-of one session running one at a time in the order they were accepted, with no
-worker waiting on a lock.
+(submission with `SELECT ... FOR UPDATE`, completion by updating the row), so
+submission and completion are serialised per session: a new turn is sent at
+once only when nothing else in its session is active, otherwise the turn that
+finishes before it sends it. That keeps turns of one session running one at a
+time in the order they were accepted, with no worker waiting on a lock.
 """
 
 from __future__ import annotations

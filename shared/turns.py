@@ -57,7 +57,7 @@ _SUBMIT = text("""
 """).columns(busy=Boolean, **{c.name: c.type for c in Turn.__table__.c})  # matched by name
 
 
-def lock_session(db: Session, session_id: str, owner_id: str) -> Row | None:
+def lock_session(db: Session | Connection, session_id: str, owner_id: str) -> Row | None:
     """The caller's session (its id and owner_id), row-locked for the rest
     of the transaction."""
     return db.execute(_LOCK, {"session_id": session_id, "owner_id": owner_id}).one_or_none()

@@ -173,7 +173,7 @@ class Client:
         self.host, self.port = host, int(port)
         self.headers = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
 
-    async def _send(self, writer: asyncio.StreamWriter, method: str, path: str, body: dict | None = None) -> None:
+    def _send(self, writer: asyncio.StreamWriter, method: str, path: str, body: dict | None = None) -> None:
         data = json.dumps(body).encode() if body is not None else b""
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.headers}"
         if body is not None:
@@ -196,7 +196,7 @@ class Client:
     async def session(self) -> str:
         reader, writer = await asyncio.open_connection(self.host, self.port)
         try:
-            await self._send(writer, "POST", "/api/sessions", {})
+            self._send(writer, "POST", "/api/sessions", {})
             return (await self._json(reader))[1]["id"]
         finally:
             writer.close()
@@ -217,11 +217,11 @@ class Client:
         start, marked = time.perf_counter(), None
         reader, writer = await asyncio.open_connection(self.host, self.port)
         try:
-            await self._send(writer, "POST", f"/api/sessions/{session_id}/turns", {"message": message})
+            self._send(writer, "POST", f"/api/sessions/{session_id}/turns", {"message": message})
             status, turn = await self._json(reader)
             if status != 202:
                 raise SystemExit(f"POST turns answered {status}: {turn}")
-            await self._send(writer, "GET", turn["events_url"])
+            self._send(writer, "GET", turn["events_url"])
             status, _ = await self._head(reader)
             # The body is chunked; every frame is written whole, so its lines
             # arrive intact between the chunk-size lines.

@@ -358,33 +358,34 @@ def relay_events(
         return (None, held) if held else (snap, [])
 
     def take(batch: list[Frame], out: list[bytes]) -> bool:
-        """Add the frames after `last` to `out`; True once the stream is over."""
+        """Add the frames after `last` to `out`; True once the stream is over.
+        Where events are missing after `last`, they are taken from the log
+        (which holds every event before it is published); what it lacks too
+        is reported with a snapshot first. (One function, not two calling
+        each other: closures that refer to each other are a reference cycle,
+        which only the garbage collector's full passes would free.)"""
         nonlocal last
-        for at, item in enumerate(batch):
+        at = 0
+        while at < len(batch):
+            item = batch[at]
+            at += 1
             if item.seq <= last:
                 continue
             if item.seq != last + 1:
-                return fill_gap(batch[at:], out)
+                batch, at = logged() or batch[at - 1 :], 0
+                if batch[0].seq > last + 1:
+                    snap = snapshot()
+                    if snap is not None:
+                        out.append(frame(snap))
+                        if snap.data["status"] in FINISHED:
+                            return True
+                    last = batch[0].seq - 1
+                continue
             out.append(item.data)
             last = item.seq
             if item.terminal:
                 return True
         return False
-
-    def fill_gap(rest: list[Frame], out: list[bytes]) -> bool:
-        """Events are missing after `last`: take them from the log (which holds
-        every event before it is published); what it lacks too is reported
-        with a snapshot first."""
-        nonlocal last
-        source = logged() or rest
-        if source[0].seq > last + 1:
-            snap = snapshot()
-            if snap is not None:
-                out.append(frame(snap))
-                if snap.data["status"] in FINISHED:
-                    return True
-            last = source[0].seq - 1
-        return take(source, out)
 
     try:
         yield RETRY

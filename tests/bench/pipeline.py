@@ -1,12 +1,13 @@
 """Pipeline benchmark: what Turnstream adds on top of bare Celery.
 
     python -m tests.bench.pipeline [--samples 100] [--concurrent 100] [--turns 1000] [--load-seconds 15]
-        [--out .bench/pipeline.json]
+        [--workers 1] [--out .bench/pipeline.json]
 
 Starts Postgres, Redis, the offline model (instant: no first-token delay, no
 token delay), one `gunicorn -k gevent` web process and one worker process
-(threads pool, twice `--concurrent` threads) that also loads the baseline task
-(tests/bench/bare.py; `--threads` to change). Measured in the same run:
+(`--workers` for more; threads pool, twice `--concurrent` threads in all,
+`--threads` per process to change) that also loads the baseline task
+(tests/bench/bare.py). Measured in the same run:
 
 1. Baseline: the bare Celery task PUBLISHes to a channel this process
    listens on. Round trip (send_task to receipt) one at a time, p50 and p99;
@@ -21,7 +22,8 @@ token delay), one `gunicorn -k gevent` web process and one worker process
 5. Time to first token with `--concurrent` turns in flight: as many clients
    run turns back to back for `--load-seconds`, each answered at a chat
    model's pace (60 tokens, 50 ms apart); the burst in 3. measures a queue,
-   this measures the load.
+   this measures the load; with each service's CPU use meanwhile (% of one
+   core: a worker near 100% is bound by its interpreter lock).
 6. Redis round trips per event in the worker (its publisher's counters).
 
 Prints a table, writes JSON, and exits non-zero if a turn was lost.
@@ -265,11 +267,14 @@ async def throughput(
     return wall, ids, {name: after[name] - before[name] for name in before}
 
 
-async def under_load(client: Client, concurrent: int, seconds: float) -> tuple[list[float], list[str]]:
+async def under_load(
+    client: Client, concurrent: int, seconds: float, procs: list[services.Proc]
+) -> tuple[list[float], list[str], dict[str, float]]:
     """Time to first token with `concurrent` turns in flight: as many
     clients each run turns back to back (a fresh session each) with a paced
     model (PACED: about 3 s a turn), starting spread over one turn's length.
-    Returns the times of the turns started after that ramp, and every id."""
+    Returns the times of the turns started after that ramp, every id, and
+    each service's CPU use after the ramp (% of one core)."""
     sessions = await client.sessions(int(seconds * concurrent / PACED_SECONDS * 1.5) + concurrent)
     times: list[float] = []
     ids: list[str] = []
@@ -285,8 +290,15 @@ async def under_load(client: Client, concurrent: int, seconds: float) -> tuple[l
             if began >= ramped:
                 times.append(t)
 
-    await asyncio.gather(*(loop(i) for i in range(concurrent)))
-    return times, ids
+    async def busy() -> dict[str, float]:
+        await asyncio.sleep(ramped - time.perf_counter())
+        before, began = cpu_by_service(procs), time.perf_counter()
+        await asyncio.sleep(deadline - began)
+        after, wall = cpu_by_service(procs), time.perf_counter() - began
+        return {name: round((after[name] - before[name]) / wall * 100) for name in before}
+
+    *_, use = await asyncio.gather(*(loop(i) for i in range(concurrent)), busy())
+    return times, ids, use
 
 
 def succeeded(ids: list[str]) -> int:
@@ -297,13 +309,12 @@ def succeeded(ids: list[str]) -> int:
         return db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status == "succeeded"))
 
 
-def publisher_counters(worker: services.Proc) -> dict:
-    found = re.findall(
-        r"event publisher: (\d+) events submitted, (\d+) sent, in (\d+) round trips", worker.log_tail(400)
-    )
-    if not found:
+def publisher_counters(workers: list[services.Proc]) -> dict:
+    pattern = r"event publisher: (\d+) events submitted, (\d+) sent, in (\d+) round trips"
+    found = [re.findall(pattern, worker.log_tail(400)) for worker in workers]
+    if not all(found):
         return {}
-    submitted, sent, trips = map(int, found[-1])
+    submitted, sent, trips = (sum(column) for column in zip(*(map(int, lines[-1]) for lines in found), strict=True))
     return {
         "events_submitted": submitted,
         "events_sent_after_merging": sent,
@@ -324,7 +335,7 @@ async def turnstream(
     wall, ids, cpu = await throughput(client, sessions, concurrent, procs)
     cpu_ms_per_turn = {name: round(seconds / len(ids) * 1000, 2) for name, seconds in cpu.items()}
     print(f"turnstream: time to first token with {concurrent} paced turns in flight …", flush=True)
-    loaded, load_ids = await under_load(client, concurrent, load_seconds)
+    loaded, load_ids, load_cpu = await under_load(client, concurrent, load_seconds, procs)
     return {
         "one": one,
         "many": many,
@@ -333,6 +344,7 @@ async def turnstream(
         "ids": ids,
         "load_ids": load_ids,
         "cpu_ms_per_turn": cpu_ms_per_turn,
+        "load_cpu": load_cpu,
     }
 
 
@@ -342,8 +354,9 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=100)
     parser.add_argument("--turns", type=int, default=1000)
     parser.add_argument(
-        "--threads", type=int, help="the worker's pool threads (default: twice --concurrent, as a worker needs)"
+        "--threads", type=int, help="pool threads per worker (default: twice --concurrent over --workers)"
     )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (the baseline task uses them too)")
     parser.add_argument("--load-seconds", type=float, default=15, help="the run with paced turns in flight")
     parser.add_argument("--out", default=".bench/pipeline.json")
     args = parser.parse_args()
@@ -351,16 +364,20 @@ def main() -> None:
     # client saw it end; with exactly as many threads as turns in flight, a
     # new turn waits for one (added TTFT p50 75-160 ms at 100 in flight
     # against 31 ms with 200 threads).
-    args.threads = args.threads or 2 * args.concurrent
+    args.threads = args.threads or -(-2 * args.concurrent // args.workers)
     logging.basicConfig(level=logging.WARNING)
     model_args = ("--first-token-delay", "0", "--token-delay", "0")
     with services.stack("turnstream-bench-pipeline-", ENV, model_args, mcp=False) as info:
         from web.auth import create_key
 
         logdir, env = info["logdir"], info["env"]
-        worker = services.start_worker(logdir, env, "pipeline", args.threads, extra=("--include", "tests.bench.bare"))
-        info["procs"].append(worker)
-        services.wait_for_worker(worker)
+        workers = [
+            services.start_worker(logdir, env, name, args.threads, extra=("--include", "tests.bench.bare"))
+            for name in (["pipeline"] if args.workers == 1 else [f"pipeline{i}" for i in range(1, args.workers + 1)])
+        ]
+        info["procs"] += workers
+        for worker in workers:
+            services.wait_for_worker(worker)
         web, port = services.start_gunicorn(logdir, env, workers=1)
         info["procs"].append(web)
         base = f"http://127.0.0.1:{port}"
@@ -377,8 +394,9 @@ def main() -> None:
         )
         every_id = run["ids"] + run["load_ids"]
         stored = succeeded(every_id)
-        worker.stop()
-        counters = publisher_counters(worker)
+        for worker in workers:
+            worker.stop()
+        counters = publisher_counters(workers)
 
     one, many = run["one"], run["many"]
     added_one = [t - model for t in one]
@@ -386,6 +404,7 @@ def main() -> None:
     added_loaded = [t - model for t in run["loaded"]]
     turns_per_s = len(run["ids"]) / run["wall"]
     results = {
+        "worker_processes": args.workers,
         "worker_threads": args.threads,
         "baseline": base_figures,
         "model_ttft_ms_p50": ms(model),
@@ -411,6 +430,7 @@ def main() -> None:
         },
         "publisher": counters,
         "cpu_ms_per_turn_by_service": run["cpu_ms_per_turn"],
+        "cpu_percent_of_a_core_in_flight": run["load_cpu"],
     }
     c = args.concurrent
     rows = [
@@ -455,6 +475,7 @@ def main() -> None:
         ),
     ]
     rows += [(f"CPU ms per completed turn: {name}", v) for name, v in run["cpu_ms_per_turn"].items()]
+    rows += [(f"CPU % of a core with {c} paced turns in flight: {name}", v) for name, v in run["load_cpu"].items()]
     report(rows, results, args.out)
     if stored != len(every_id):
         raise SystemExit(f"{len(every_id) - stored} turns were lost")

@@ -314,7 +314,7 @@ def publisher_counters(workers: list[services.Proc]) -> dict:
     found = [re.findall(pattern, worker.log_tail(400)) for worker in workers]
     if not all(found):
         return {}
-    submitted, sent, trips = (sum(column) for column in zip(*(map(int, lines[-1]) for lines in found), strict=True))
+    submitted, sent, trips = (sum(int(lines[-1][i]) for lines in found) for i in range(3))  # each worker's last
     return {
         "events_submitted": submitted,
         "events_sent_after_merging": sent,

@@ -93,6 +93,8 @@ _TOUCH_SESSION = (
     .returning(ChatSession.id)
 )
 # Guarded by the attempt; the turn's replay, if any, comes back with it.
+# status, answer, usage, tools and error are SET from the execute() parameters
+# of the same names (Core adds a column to SET for each parameter naming one).
 _FINISH = (
     update(Turn)
     .where(Turn.id == bindparam("turn_id"), Turn.status == "running", Turn.attempts == bindparam("attempt"))

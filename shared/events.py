@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import functools
 import json
-import queue
-import threading
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from shared.config import get_settings
-from shared.redis import get_redis, key, take_batch
+from shared.redis import Batcher, get_redis, key
 
 TURN_TERMINAL_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
 REPLAY_TERMINAL_TYPES = frozenset({"replay.finished"})
@@ -234,40 +231,26 @@ class Publisher:
 
     def __init__(self, client: redis.Redis | None = None, max_batch: int = 500) -> None:
         self.redis = client or get_redis()
-        self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[EventLog, str, dict[str, Any], Future | None]] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="event-publisher", daemon=True)
-        self._thread.start()
-        # Counters: events handed in, sent after merging deltas, round trips.
-        self.submitted = self.events_sent = self.batches = 0
+        self.batcher = Batcher(self._send, "event-publisher", max_batch, prepare=_merge_deltas)
 
     def submit(self, log: EventLog, type_: str, fields: dict[str, Any], wait: bool) -> Any:
-        self.submitted += 1  # racy across threads by a count or two: a figure, not a ledger
-        future = Future() if wait else None
-        self._queue.put((log, type_, fields, future))
-        return future.result() if future is not None else None
+        return self.batcher.submit((log, type_, fields), wait)
 
-    def _run(self) -> None:
-        while True:
-            batch = _merge_deltas(take_batch(self._queue, self.max_batch))
+    def _send(self, batch: list[tuple[EventLog, str, dict[str, Any]]]) -> list:
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for log, type_, fields in batch:
+                log.send(pipe, type_, fields)
+            replies = pipe.execute(raise_on_error=False)
+        except Exception as exc:  # noqa: BLE001 - every log of the batch fails (below), not only its waiters
+            replies = [exc] * len(batch)
+        results = []
+        for (log, _type, _fields), reply in zip(batch, replies, strict=True):
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                for log, type_, fields, _future in batch:
-                    log.send(pipe, type_, fields)
-                replies = pipe.execute(raise_on_error=False)
-            except Exception as exc:  # noqa: BLE001 - this thread must live on: the error goes to the logs
-                replies = [exc] * len(batch)
-            self.batches += 1
-            self.events_sent += len(batch)
-            for (log, _type, _fields, future), reply in zip(batch, replies, strict=True):
-                try:
-                    result = log.took(reply)
-                except Exception as exc:  # noqa: BLE001 - handed to whoever waits, or kept on the log
-                    if future is not None:
-                        future.set_exception(exc)
-                    continue
-                if future is not None:
-                    future.set_result(result)
+                results.append(log.took(reply))
+            except Exception as exc:  # noqa: BLE001 - handed to whoever waits, or kept on the log
+                results.append(exc)
+        return results
 
 
 def _merge_deltas(batch: list) -> list:
@@ -275,12 +258,12 @@ def _merge_deltas(batch: list) -> list:
     merged: list = []
     last_delta: dict[int, int] = {}  # id(log) -> index in merged of its trailing delta
     for item in batch:
-        log, type_, fields, future = item
+        (log, type_, fields), future = item
         at = last_delta.pop(id(log), None)
         if type_ == "message.delta" and future is None and fields.keys() == {"delta"}:
             if at is not None:
-                prev = merged[at]
-                merged[at] = (log, type_, {"delta": prev[2]["delta"] + fields["delta"]}, None)
+                prev = merged[at][0][2]["delta"]
+                merged[at] = ((log, type_, {"delta": prev + fields["delta"]}), None)
                 last_delta[id(log)] = at
                 continue
             last_delta[id(log)] = len(merged)

@@ -1,4 +1,5 @@
-"""The process's Redis client, built on first use."""
+"""The process's Redis client, built on first use, and the `Batcher` that
+lets many callers share its round trips."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import functools
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -45,10 +47,71 @@ def take_batch(source: queue.SimpleQueue, most: int) -> list:
     return batch
 
 
+class Batcher:
+    """Work handed in by many threads (greenlets under gevent) and done by
+    one thread of its own, in batches, in the order it came: `handle` gets
+    a batch of items and returns one result (or exception) per item.
+
+    Nothing waits for a batch to fill: an idle batcher takes an item at
+    once, and only items that queue up while a batch is in flight share the
+    next one. So a lone caller pays a hand-off, and a crowd shares round
+    trips. Its thread is long-lived, so per-thread state (Celery's, under
+    gevent, is per greenlet) is built once, not per caller."""
+
+    def __init__(
+        self,
+        handle: Callable[[list], list],
+        name: str,
+        max_batch: int = 500,
+        prepare: Callable[[list], list] | None = None,
+    ) -> None:
+        self.handle = handle
+        self.name = name
+        self.max_batch = max_batch
+        # Rewrites a batch of (item, future or None) before it is handled.
+        self.prepare = prepare
+        self._queue: queue.SimpleQueue[tuple[Any, Future | None]] = queue.SimpleQueue()
+        self._start = threading.Lock()
+        self._thread: threading.Thread | None = None
+        # Figures for tests and benchmarks (racy by a count or two across threads).
+        self.submitted = self.handled = self.batches = 0
+
+    def submit(self, item: Any, wait: bool = True) -> Any:
+        """Queue an item; with `wait`, its result (or raise its exception)."""
+        if self._thread is None:
+            with self._start:  # started on first use: a forked process gets its own
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                    self._thread.start()
+        self.submitted += 1
+        future = Future() if wait else None
+        self._queue.put((item, future))
+        return future.result() if future is not None else None
+
+    def _run(self) -> None:
+        while True:
+            batch = take_batch(self._queue, self.max_batch)
+            if self.prepare is not None:
+                batch = self.prepare(batch)
+            try:
+                results = self.handle([item for item, _future in batch])
+            except Exception as exc:  # noqa: BLE001 - each caller gets the error; this thread lives on
+                results = [exc] * len(batch)
+            self.batches += 1
+            self.handled += len(batch)
+            for (_item, future), result in zip(batch, results, strict=True):
+                if future is None:
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+
 class Pipelined(redis.Redis):
     """A client whose commands, from any number of greenlets, go to Redis
-    together: one sender takes whatever is queued, sends it as one pipeline
-    and hands each caller its reply.
+    together: a `Batcher` sends whatever is queued as one pipeline and hands
+    each caller its reply.
 
     A gevent process runs thousands of streams over a few connections. A
     command holding a pooled connection holds it until its greenlet runs
@@ -57,42 +120,18 @@ class Pipelined(redis.Redis):
     and most streams gave up waiting for one. Batched, a pass serves every
     command queued."""
 
-    MAX_BATCH = 500
-
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._queue: queue.SimpleQueue[tuple[tuple, dict, Future]] = queue.SimpleQueue()
-        self._start = threading.Lock()
-        self._sender: threading.Thread | None = None
-        self.commands = self.batches = 0  # figures for tests and benchmarks
+        self.batcher = Batcher(self._send, "redis-pipelined")
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        if self._sender is None:
-            with self._start:
-                if self._sender is None:
-                    self._sender = threading.Thread(target=self._send, name="redis-pipelined", daemon=True)
-                    self._sender.start()
-        future: Future = Future()
-        self._queue.put((args, options, future))
-        return future.result()
+        return self.batcher.submit((args, options))
 
-    def _send(self) -> None:
-        while True:
-            batch = take_batch(self._queue, self.MAX_BATCH)
-            self.commands += len(batch)
-            self.batches += 1
-            try:
-                pipe = self.pipeline(transaction=False)
-                for args, options, _future in batch:
-                    pipe.execute_command(*args, **options)
-                replies = pipe.execute(raise_on_error=False)
-            except Exception as exc:  # noqa: BLE001 - each caller gets the error; the sender lives on
-                replies = [exc] * len(batch)
-            for (_args, _options, future), reply in zip(batch, replies, strict=True):
-                if isinstance(reply, Exception):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+    def _send(self, commands: list[tuple[tuple, dict]]) -> list:
+        pipe = self.pipeline(transaction=False)
+        for args, options in commands:
+            pipe.execute_command(*args, **options)
+        return pipe.execute(raise_on_error=False)
 
 
 def new_redis() -> redis.Redis:

@@ -299,7 +299,5 @@ def close_tools(**_: Any) -> None:
     if get_toolbox.cache_info().currsize:
         get_toolbox().close()
     if get_publisher.cache_info().currsize:
-        p = get_publisher()
-        log.info(
-            "event publisher: %d events submitted, %d sent, in %d round trips", p.submitted, p.events_sent, p.batches
-        )
+        b = get_publisher().batcher
+        log.info("event publisher: %d events submitted, %d sent, in %d round trips", b.submitted, b.handled, b.batches)

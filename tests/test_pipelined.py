@@ -41,8 +41,8 @@ def test_concurrent_commands_share_round_trips_and_keep_their_replies(stack):
             assert isinstance(got[i], redis.ResponseError) and "WRONGTYPE" in str(got[i])
         else:
             assert got[i] == i
-    assert client.commands == n + 1
-    assert client.batches < n / 4, (client.batches, client.commands)
+    assert client.batcher.handled == n + 1
+    assert client.batcher.batches < n / 4, (client.batcher.batches, client.batcher.handled)
 
 
 def test_errors_reach_the_waiting_callers_and_the_sender_lives_on(stack):
@@ -60,4 +60,4 @@ def test_errors_reach_the_waiting_callers_and_the_sender_lives_on(stack):
     except redis.ConnectionError:
         pass
     assert client.get(key) == b"1"
-    assert client.batches == 4
+    assert client.batcher.batches == 4

@@ -31,7 +31,7 @@ def test_many_threads_keep_each_logs_order_and_text(stack):
         text = "".join(e.data["delta"] for e in events if e.type == "message.delta")
         assert text == "".join(f"{i} " for i in range(300))
     # deltas queued while a batch was in flight were merged and sent together
-    assert publisher.batches < publisher.events_sent <= 8 * 302
+    assert publisher.batcher.batches < publisher.batcher.handled <= 8 * 302
 
 
 def test_cancel_request_reaches_the_emitter(stack):

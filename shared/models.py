@@ -104,7 +104,8 @@ class Turn(Base):
     tools: Mapped[list[Any] | None] = mapped_column(JSONB)
     error: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = _now()
-    started_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]  # the first attempt's claim
+    claimed_at: Mapped[datetime | None]  # the running attempt's claim (shared/recovery.py)
     finished_at: Mapped[datetime | None]
 
     # Server defaults come back with the INSERT (RETURNING), not a second query.

@@ -2,8 +2,10 @@
 
 - Every running turn has a heartbeat key that its worker refreshes
   (tasks/heartbeat.py); it expires STALE_RUNNING_SECONDS after the worker
-  stopped. A running turn without one goes back to `queued` and is sent again;
-  its next claim is a new attempt (capped by TURN_MAX_ATTEMPTS).
+  stopped. A running turn without one, claimed at least that long ago, goes
+  back to `queued` and is sent again; its next claim is a new attempt (capped
+  by TURN_MAX_ATTEMPTS). A fresher claim counts as a beat: its worker sets
+  the key at its next beat, not in a round trip before every claim.
 - A queued turn older than STALE_QUEUED_SECONDS that was not sent in the last
   STALE_QUEUED_SECONDS (its message may be lost: broker data loss, a crash
   between commit and send, a worker that died holding it) is sent again.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.broker import send_replay_advance, send_turn, sent_key
@@ -40,6 +42,13 @@ def alive_key(turn_id: str) -> str:
     """Present while a worker runs the turn: refreshed every HEARTBEAT_SECONDS,
     it expires STALE_RUNNING_SECONDS after the worker stopped (tasks/heartbeat.py)."""
     return key("turn", turn_id, "alive")
+
+
+def claimed_lately() -> ColumnElement[bool]:
+    """A turn claimed less than STALE_RUNNING_SECONDS ago: it counts as
+    beating until its worker's first beat (NULL for rows claimed before
+    the claim was timed, whose workers set the key before claiming)."""
+    return Turn.claimed_at > func.now() - timedelta(seconds=get_settings().stale_running_seconds)
 
 
 def alive(turn_ids: list[str]) -> list[bool]:
@@ -92,7 +101,11 @@ def requeue_stale_running() -> int:
     if get_redis().info("server")["uptime_in_seconds"] < get_settings().stale_running_seconds:
         return 0
     with db_session() as db:
-        rows = db.execute(select(Turn.id, Turn.attempts).where(Turn.status == "running")).all()
+        rows = db.execute(
+            select(Turn.id, Turn.attempts).where(
+                Turn.status == "running", func.coalesce(claimed_lately(), False).is_(False)
+            )
+        ).all()
     stale = [row for row, live in zip(rows, alive([r.id for r in rows]), strict=True) if not live]
     requeued = 0
     for turn_id, attempt in stale:

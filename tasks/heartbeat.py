@@ -1,9 +1,11 @@
 """Heartbeats of the turns a worker process runs.
 
-Every running turn has a key in Redis (`shared.turns.alive_key`) that this
-process refreshes every HEARTBEAT_SECONDS and that expires after
+Every running turn has a key in Redis (`shared.recovery.alive_key`) that
+this process sets every HEARTBEAT_SECONDS and that expires after
 STALE_RUNNING_SECONDS. A worker that dies (SIGKILL, a lost machine) stops
-refreshing, and the sweeper hands its turns back to the queue.
+refreshing, and the sweeper hands its turns back to the queue. Until the
+first beat after a claim, the claim's time (`claimed_at`) stands for it:
+the sweeper leaves a turn claimed less than STALE_RUNNING_SECONDS ago alone.
 
 The same beat asks Postgres whether each attempt still owns its turn. One
 that does not (the sweeper or an operator re-queued it) is stopped like a
@@ -39,11 +41,6 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="turn-heartbeat", daemon=True)
         self._thread.start()
-
-    def mark(self, turn_id: str) -> None:
-        """Mark a turn alive now: call before claiming it, so the sweeper
-        never sees a fresh claim without a heartbeat."""
-        get_redis().set(alive_key(turn_id), 1, ex=get_settings().stale_running_seconds)
 
     def track(self, turn_id: str, attempt: int, events: EventLog) -> None:
         with self._lock:

@@ -67,6 +67,7 @@ _CLAIM = (
         status="running",
         attempts=Turn.attempts + 1,
         started_at=func.coalesce(Turn.started_at, func.now()),
+        claimed_at=func.now(),
         model=bindparam("model"),
     )
     .returning(Turn.session_id, Turn.number, Turn.attempts)
@@ -170,7 +171,6 @@ def run_turn(self: Task, turn_id: str) -> None:
     """Run one chat turn. Safe to receive twice: only a claim runs it."""
     heartbeat = get_heartbeat()
     try:
-        heartbeat.mark(turn_id)
         claim = claim_turn(turn_id)
     except TRANSIENT as exc:  # nothing was written: try again soon
         raise self.retry(exc=exc, countdown=backoff(self.request.retries + 1), max_retries=10) from exc

@@ -10,8 +10,9 @@ workers.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import func, update
 
 from shared.db import db_session
 from shared.events import EventLog
@@ -25,8 +26,9 @@ from tests.conftest import wait_turn
 from tests.services import wait_until
 
 
-def _orphan(client, owner, message: str, attempts: int = 0) -> tuple[str, str]:
-    """A turn claimed by a worker that died at once: running, no heartbeat."""
+def _orphan(client, owner, message: str, attempts: int = 0, claimed_ago: float = 3.0) -> tuple[str, str]:
+    """A turn claimed `claimed_ago` seconds ago by a worker that died at
+    once: running, no heartbeat (STALE_RUNNING_SECONDS is 2 here)."""
     import shared.turns
 
     sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
@@ -43,7 +45,26 @@ def _orphan(client, owner, message: str, attempts: int = 0) -> tuple[str, str]:
         with db_session() as db:
             db.execute(update(Turn).where(Turn.id == turn_id).values(attempts=attempts))
     assert claim_turn(turn_id) is not None
+    _claimed_ago(turn_id, claimed_ago)
     return sid, turn_id
+
+
+def _claimed_ago(turn_id: str, seconds: float) -> None:
+    with db_session() as db:
+        db.execute(update(Turn).where(Turn.id == turn_id).values(claimed_at=func.now() - timedelta(seconds=seconds)))
+
+
+def test_a_fresh_claim_counts_as_a_beat_until_stale_running_seconds(client, owner):
+    """A worker sets a turn's heartbeat at its first beat after the claim,
+    not in a round trip before it: until then the claim's time stands in."""
+    _sid, turn_id = _orphan(client, owner, "just claimed", claimed_ago=0)
+    assert alive([turn_id]) == [False]
+    sweep_turns()
+    assert client.get(f"/api/turns/{turn_id}", headers=owner).get_json()["status"] == "running"
+    _claimed_ago(turn_id, 3)  # its worker never beat
+    sweep_turns()
+    done = wait_turn(client, owner, turn_id)
+    assert done["status"] == "succeeded" and done["attempts"] == 2
 
 
 def test_a_dead_workers_turn_is_requeued_by_the_sweeper_and_answered_once(client, owner):

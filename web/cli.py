@@ -15,7 +15,7 @@ from tqdm import tqdm
 from shared.broker import send_turn
 from shared.db import db_session
 from shared.models import ACTIVE, STATUSES, TERMINAL, Replay, Turn
-from shared.recovery import alive, requeue_stale_running, requeue_turn, resend_queued
+from shared.recovery import alive, claimed_lately, requeue_stale_running, requeue_turn, resend_queued
 from shared.replays import create_replay, item_rows, summary
 
 bp = Blueprint("cli", __name__, cli_group=None)
@@ -122,15 +122,15 @@ def turns_list(statuses: tuple[str, ...], limit: int) -> None:
     """Turns, oldest first, with their age and (running ones) heartbeat."""
     with db_session() as db:
         rows = db.execute(
-            select(Turn.id, Turn.status, Turn.attempts, func.now() - Turn.created_at)
+            select(Turn.id, Turn.status, Turn.attempts, func.now() - Turn.created_at, claimed_lately())
             .where(Turn.status.in_(statuses or ACTIVE))
             .order_by(Turn.created_at)
             .limit(limit)
         ).all()
     beats = alive([r.id for r in rows])
     click.echo(f"{'id':36}  {'status':9}  {'attempts':>8}  {'age s':>8}  heartbeat")
-    for (turn_id, status, attempts, age), beat in zip(rows, beats, strict=True):
-        heartbeat = ("alive" if beat else "STALE") if status == "running" else "-"
+    for (turn_id, status, attempts, age, fresh), beat in zip(rows, beats, strict=True):
+        heartbeat = ("alive" if beat or fresh else "STALE") if status == "running" else "-"
         click.echo(f"{turn_id:36}  {status:9}  {attempts:>8}  {age.total_seconds():>8.0f}  {heartbeat}")
 
 
@@ -147,9 +147,11 @@ def turns_requeue(turn_ids: tuple[str, ...], stale: bool, force: bool) -> None:
         click.echo(f"re-sent {resend_queued(all_ages=True)} queued, re-queued {requeue_stale_running()} running")
         return
     with db_session() as db:
-        turns = {t.id: t for t in db.scalars(select(Turn).where(Turn.id.in_(turn_ids)))}
+        turns = {
+            t.id: (t, fresh) for t, fresh in db.execute(select(Turn, claimed_lately()).where(Turn.id.in_(turn_ids)))
+        }
     for turn_id in turn_ids:
-        turn = turns.get(turn_id)
+        turn, fresh = turns.get(turn_id, (None, False))
         if turn is None:
             click.echo(f"{turn_id}: no such turn")
         elif turn.status == "queued":
@@ -157,7 +159,7 @@ def turns_requeue(turn_ids: tuple[str, ...], stale: bool, force: bool) -> None:
             click.echo(f"{turn_id}: sent again")
         elif turn.status != "running":
             click.echo(f"{turn_id}: already {turn.status}")
-        elif not force and alive([turn_id])[0]:
+        elif not force and (fresh or alive([turn_id])[0]):
             click.echo(f"{turn_id}: its worker is alive (use --force)")
         else:
             with db_session() as db:

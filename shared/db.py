@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import get_settings
@@ -64,14 +64,20 @@ def db_session() -> Iterator[Session]:
         session.close()
 
 
-def after_commit(session: Session, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+def after_commit(db: Session | Connection, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
     """Run fn(*args) once the session's transaction has committed, and never if
-    it rolls back. This is how tasks are sent: a worker must find the row.
+    it rolls back; on a connection in autocommit, now (its statement has
+    committed). This is how tasks are sent: a worker must find the row.
 
     A failure of fn is logged, not raised: what the transaction wrote stands,
     and recovery works from it (the sweeper re-sends a queued turn whose
     message never left)."""
-    session.info.setdefault("after_commit", []).append((fn, args, kwargs))
+    if isinstance(db, Connection):
+        if db.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            raise TypeError("after_commit takes a Session, or a Connection in autocommit")
+        committed(fn, *args, **kwargs)
+        return
+    db.info.setdefault("after_commit", []).append((fn, args, kwargs))
 
 
 @event.listens_for(Session, "after_commit")

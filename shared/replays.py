@@ -16,7 +16,7 @@ from shared.broker import send_replay_advance
 from shared.db import after_commit
 from shared.events import EventLog
 from shared.models import TERMINAL, ChatSession, Replay, ReplayItem, Turn
-from shared.turns import lock_session, submit_turn
+from shared.turns import submit_turn
 
 
 def create_replay(db: Session, owner_id: str, questions: list[dict[str, Any]], concurrency: int) -> Replay:
@@ -70,15 +70,14 @@ def advance(db: Session, replay_id: str) -> None:
             break
         if item.turn_id is not None:
             continue
-        chat = lock_session(db, item.session_id, replay.owner_id) if item.session_id else None
-        if chat is None:
+        submitted = submit_turn(db, item.session_id, replay.owner_id, item.message) if item.session_id else None
+        if submitted is None:  # no session given, or it is gone: a new one
             chat = ChatSession(owner_id=replay.owner_id, title=item.message[:80], meta={"replay_id": replay.id})
             db.add(chat)
             db.flush()
-            db.refresh(chat, with_for_update=True)
             item.session_id = chat.id
-        turn, _ = submit_turn(db, chat, item.message)
-        item.turn_id = turn.id
+            submitted = submit_turn(db, chat.id, replay.owner_id, item.message)
+        item.turn_id = submitted[0].id
         running += 1
     db.flush()
     rows = item_rows(db, replay_id)

@@ -1,7 +1,8 @@
 """Turn submission and the per-session run order, shared by web and worker.
 
 Every change that starts or ends a turn takes the session's row lock
-(submission with `SELECT ... FOR UPDATE`, completion by updating the row), so
+(submission in Postgres's `submit_turn()`, migration 0003, with `SELECT ...
+FOR UPDATE`; completion by updating the row), so
 submission and completion are serialised per session: a new turn is sent at
 once only when nothing else in its session is active, otherwise the turn that
 finishes before it sends it. That keeps turns of one session running one at a
@@ -30,31 +31,16 @@ _LOCK = (
     .where(ChatSession.id == bindparam("session_id"), ChatSession.owner_id == bindparam("owner_id"))
     .with_for_update()
 )
-_BY_KEY = select(Turn.__table__).where(
-    Turn.owner_id == bindparam("owner_id"), Turn.idempotency_key == bindparam("idempotency_key")
-)
-# One statement after the lock: bump the session's count, insert the turn
-# and its question, and say whether another turn of the session is active.
-# Its snapshot is taken after the lock was granted, so it sees a turn that
-# ended meanwhile; it cannot see its own new turn.
+# The submit_turn() function (migration 0003): the session's row lock, then,
+# in a statement whose snapshot is taken after the lock was granted (so it
+# sees a turn that ended meanwhile), the turn and its question and whether
+# another turn of the session is active. One round trip in autocommit.
 _SUBMIT = text("""
-    WITH bumped AS (
-        UPDATE sessions SET turn_count = turn_count + 1, updated_at = now()
-        WHERE id = :session_id
-        RETURNING turn_count
-    ), turn AS (
-        INSERT INTO turns (id, session_id, owner_id, number, status, idempotency_key, request_hash)
-        SELECT :turn_id, :session_id, :owner_id, turn_count, 'queued', :idempotency_key, :request_hash FROM bumped
-        RETURNING *
-    ), question AS (
-        INSERT INTO messages (id, session_id, turn_id, role, content)
-        SELECT :message_id, :session_id, id, 'user', :content FROM turn
-    )
-    SELECT turn.*, EXISTS (
-        SELECT FROM turns WHERE session_id = :session_id AND status = ANY(:active)
-    ) AS busy
-    FROM turn
-""").columns(busy=Boolean, **{c.name: c.type for c in Turn.__table__.c})  # matched by name
+    SELECT (s.turn).*, s.busy, s.created FROM submit_turn(
+        :session_id, :owner_id, :turn_id, :message_id, :content,
+        :idempotency_key, :request_hash, :reject_if_busy, :active
+    ) AS s
+""").columns(busy=Boolean, created=Boolean, **{c.name: c.type for c in Turn.__table__.c})  # matched by name
 
 
 def lock_session(db: Session | Connection, session_id: str, owner_id: str) -> Row | None:
@@ -64,45 +50,48 @@ def lock_session(db: Session | Connection, session_id: str, owner_id: str) -> Ro
 
 
 def submit_turn(
-    db: Session,
-    chat: Row | ChatSession,
+    db: Session | Connection,
+    session_id: str,
+    owner_id: str,
     message: str,
     *,
     multitask: str = "enqueue",
     idempotency_key: str | None = None,
     request_hash: str | None = None,
-) -> tuple[Row, bool]:
-    """Record a user message and its queued turn; send it after commit.
+) -> tuple[Row, bool] | None:
+    """Record a user message and its queued turn in the owner's session, and
+    send it once that has committed (see `after_commit`).
 
-    `chat` must have been locked with `lock_session` (or created) in this
-    transaction. Returns (the turn's row, created); an Idempotency-Key
-    replay returns the original.
+    Returns None if the owner has no such session, else (the turn's row,
+    created): an Idempotency-Key replay returns the original turn. Raises
+    TurnConflict, having written nothing, for a multitask "reject" while
+    another turn is active, or a key reused for another request.
     """
-    if idempotency_key is not None:
-        existing = db.execute(_BY_KEY, {"owner_id": chat.owner_id, "idempotency_key": idempotency_key}).one_or_none()
-        if existing is not None:
-            if existing.request_hash != request_hash or existing.session_id != chat.id:
-                raise TurnConflict("Idempotency-Key was already used with a different request")
-            return existing, False
     turn = db.execute(
         _SUBMIT,
         {
-            "session_id": chat.id,
-            "owner_id": chat.owner_id,
+            "session_id": session_id,
+            "owner_id": owner_id,
             "turn_id": new_id(),
             "message_id": new_id(),
             "content": message,
             "idempotency_key": idempotency_key,
             "request_hash": request_hash,
+            "reject_if_busy": multitask == "reject",
             "active": list(ACTIVE),
         },
-    ).one()
-    busy = turn.busy
-    if busy and multitask == "reject":
-        raise TurnConflict("a turn is already running in this session")  # the transaction rolls back
-    if not busy:
+    ).one_or_none()
+    if turn is None:
+        return None
+    if not turn.created:
+        if turn.busy:
+            raise TurnConflict("a turn is already running in this session")
+        if turn.request_hash != request_hash or turn.session_id != session_id:
+            raise TurnConflict("Idempotency-Key was already used with a different request")
+        return turn, False
+    if not turn.busy:
         after_commit(db, send_turn, turn.id)
-    after_commit(db, announce_turn, chat.id, turn.id)
+    after_commit(db, announce_turn, session_id, turn.id)
     return turn, True
 
 

@@ -19,7 +19,7 @@ from shared.events import EventLog
 from shared.models import ChatSession, Turn
 from shared.recovery import alive, alive_key
 from shared.redis import get_redis
-from shared.turns import lock_session, submit_turn
+from shared.turns import submit_turn
 from tasks.sweeper import sweep_turns
 from tasks.turn import claim_turn
 from tests.conftest import wait_turn
@@ -37,7 +37,7 @@ def _orphan(client, owner, message: str, attempts: int = 0, claimed_ago: float =
     try:
         with db_session() as db:
             chat = db.get(ChatSession, sid)
-            turn, _ = submit_turn(db, lock_session(db, sid, chat.owner_id), message)
+            turn, _ = submit_turn(db, sid, chat.owner_id, message)
             turn_id = turn.id
     finally:
         shared.turns.send_turn = send

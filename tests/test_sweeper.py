@@ -12,7 +12,7 @@ from shared.db import db_session
 from shared.models import ChatSession, Replay, Turn
 from shared.recovery import resend_queued
 from shared.redis import get_redis
-from shared.turns import lock_session, submit_turn
+from shared.turns import submit_turn
 from tasks.sweeper import sweep_turns
 from tests.conftest import wait_turn
 
@@ -24,7 +24,7 @@ def test_a_turn_whose_message_was_lost_is_resent_and_runs_once(client, owner, mo
     monkeypatch.setattr(shared.turns, "send_turn", lambda turn_id: None)  # the broker "loses" the message
     with db_session() as db:
         chat = db.get(ChatSession, sid)
-        turn, _ = submit_turn(db, lock_session(db, sid, chat.owner_id), "lost in transit")
+        turn, _ = submit_turn(db, sid, chat.owner_id, "lost in transit")
         turn_id = turn.id
     with db_session() as db:  # make it older than STALE_QUEUED_SECONDS
         db.execute(

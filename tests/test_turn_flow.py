@@ -162,7 +162,7 @@ def test_a_turn_submitted_while_the_last_one_ends_is_sent_once_that_end_commits(
     from sqlalchemy import update
 
     import shared.turns
-    from shared.db import get_engine
+    from shared.db import autocommit_engine, get_engine
     from shared.models import ChatSession, Turn
     from shared.turns import lock_session, next_queued, submit_turn
 
@@ -171,7 +171,7 @@ def test_a_turn_submitted_while_the_last_one_ends_is_sent_once_that_end_commits(
     sid = _session(client, owner)
     with db_session() as db:
         owner_id = db.get(ChatSession, sid).owner_id
-        first, _ = submit_turn(db, lock_session(db, sid, owner_id), "first")
+        first, _ = submit_turn(db, sid, owner_id, "first")
     assert sent == [first.id]
     with get_engine().connect() as db:
         db.execute(update(Turn).where(Turn.id == first.id).values(status="running"))
@@ -179,9 +179,9 @@ def test_a_turn_submitted_while_the_last_one_ends_is_sent_once_that_end_commits(
 
     submitted: dict[str, str] = {}
 
-    def submit() -> None:
-        with db_session() as db:
-            turn, _ = submit_turn(db, lock_session(db, sid, owner_id), "second")
+    def submit() -> None:  # as the web submits: the one statement in autocommit
+        with autocommit_engine().connect() as conn:
+            turn, _ = submit_turn(conn, sid, owner_id, "second")
             submitted["id"] = turn.id
 
     # The first turn ends: session locked, turn succeeded, nothing queued to send yet.

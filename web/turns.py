@@ -30,18 +30,23 @@ def create_turn(session_id: str):
     if key is not None and len(key) > 200:
         raise ApiError(422, "Idempotency-Key must be at most 200 characters", {"field": "Idempotency-Key"})
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
-    with db_session() as db:
-        chat = lock_session(db, valid_id(session_id), g.owner_id)
-        if chat is None:
-            raise ApiError(404, "no such session")
+    with autocommit_engine().connect() as conn:  # one statement: one round trip
         try:
-            turn, created = submit_turn(
-                db, chat, body.message, multitask=body.multitask, idempotency_key=key, request_hash=request_hash
+            submitted = submit_turn(
+                conn,
+                valid_id(session_id),
+                g.owner_id,
+                body.message,
+                multitask=body.multitask,
+                idempotency_key=key,
+                request_hash=request_hash,
             )
         except TurnConflict as exc:
             raise ApiError(409, str(exc)) from None
-        data = turn_json(turn)
-    return jsonify(data), 202 if created else 200
+    if submitted is None:
+        raise ApiError(404, "no such session")
+    turn, created = submitted
+    return jsonify(turn_json(turn)), 202 if created else 200
 
 
 @bp.get("/api/turns/<turn_id>")
@@ -88,17 +93,20 @@ def turn_events(turn_id: str):
 def chat():
     settings = current_app.extensions["turnstream.settings"]
     body = parse_body(ChatRequest, settings.max_message_chars)
-    with db_session() as db:
-        if body.session_id is not None:
-            chat_session = lock_session(db, valid_id(body.session_id), g.owner_id)
-            if chat_session is None:
-                raise ApiError(404, "no such session")
-        else:
+    if body.session_id is not None:
+        with autocommit_engine().connect() as conn:
+            submitted = submit_turn(conn, valid_id(body.session_id), g.owner_id, body.message)
+        if submitted is None:
+            raise ApiError(404, "no such session")
+        session_id = submitted[0].session_id
+    else:  # a new session and its first turn, in one transaction
+        with db_session() as db:
             chat_session = ChatSession(owner_id=g.owner_id, title=body.message[:80], meta={})
             db.add(chat_session)
             db.flush()
-        turn, _ = submit_turn(db, chat_session, body.message)
-        turn_id, session_id = turn.id, chat_session.id
+            submitted = submit_turn(db, chat_session.id, g.owner_id, body.message)
+            session_id = chat_session.id
+    turn_id = submitted[0].id
     events = EventLog("turn", turn_id)
     if body.stream:
         accepted = json.dumps({"seq": 0, "type": "turn.accepted", "turn_id": turn_id, "session_id": session_id})

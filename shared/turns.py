@@ -95,23 +95,11 @@ def submit_turn(
     return turn, True
 
 
-_running = aliased(Turn)
-_NEXT_QUEUED = (
-    select(Turn.id)
-    .where(
-        Turn.session_id == bindparam("session_id"),
-        Turn.status == "queued",
-        ~exists().where(_running.session_id == bindparam("session_id"), _running.status == "running"),
-    )
-    .order_by(Turn.number)
-    .limit(1)
-)
-
-
 def next_queued(db: Session | Connection, session_id: str) -> str | None:
     """The session's turn to send now that one of its turns ended: its first
-    queued turn, if none is running. Call with the session row locked."""
-    return db.scalar(_NEXT_QUEUED, {"session_id": session_id})
+    queued turn, if none is running (Postgres's `next_queued_turn()`, which
+    `finish_turn()` uses too). Call with the session row locked."""
+    return db.scalar(select(func.next_queued_turn(bindparam("session_id"))), {"session_id": session_id})
 
 
 def schedule_next(db: Session, session_id: str) -> None:

@@ -14,18 +14,19 @@ import kombu.exceptions
 import redis
 from celery import Task, shared_task
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
-from sqlalchemy import and_, bindparam, func, insert, join, select, update
+from sqlalchemy import and_, bindparam, func, join, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import aliased
 
 from shared.broker import RUN_TURN, send_replay_advance, send_turn
 from shared.config import get_settings
-from shared.db import autocommit_engine, committed, db_session, get_engine
+from shared.db import autocommit_engine, committed, db_session
 from shared.events import EventLog, EventLogLost, get_publisher
-from shared.models import ChatSession, Message, ReplayItem, Turn, new_id
+from shared.models import Message, Turn, new_id
 from shared.recovery import requeue_turn
 from shared.redis import check_eviction_policy
-from shared.turns import NEXT_IN_SESSION, next_queued
+from shared.turns import NEXT_IN_SESSION
 from tasks.agent import Outcome, backoff, run_agent
 from tasks.heartbeat import get_heartbeat
 from tasks.model import get_client
@@ -85,24 +86,12 @@ _CLAIM_WITH_HISTORY = (
     )
     .order_by(_past.number, Message.role.desc())  # 'user' before 'assistant'
 )
-# Locks the session row (as every change that starts or ends a turn does);
-# no row: the session was deleted while the turn ran.
-_TOUCH_SESSION = (
-    update(ChatSession)
-    .where(ChatSession.id == bindparam("session_id"))
-    .values(updated_at=func.now())
-    .returning(ChatSession.id)
-)
-# Guarded by the attempt; the turn's replay, if any, comes back with it.
-# status, answer, usage, tools and error are SET from the execute() parameters
-# of the same names (Core adds a column to SET for each parameter naming one).
-_FINISH = (
-    update(Turn)
-    .where(Turn.id == bindparam("turn_id"), Turn.status == "running", Turn.attempts == bindparam("attempt"))
-    .values(finished_at=func.now())
-    .returning(select(ReplayItem.replay_id).where(ReplayItem.turn_id == Turn.id).scalar_subquery().label("replay_id"))
-)
-_ANSWER = insert(Message).values(role="assistant")
+# The finish_turn() function (migration 0004): under the session's row lock,
+# the final state guarded by the attempt, the answer, and what to send next.
+# One round trip in autocommit.
+_FINISH = text(
+    "SELECT * FROM finish_turn(:turn_id, :session_id, :attempt, :status, :answer, :usage, :tools, :error, :message_id)"
+).bindparams(bindparam("usage", type_=JSONB), bindparam("tools", type_=JSONB), bindparam("error", type_=JSONB))
 
 
 def claim_turn(turn_id: str) -> Claim | None:
@@ -124,43 +113,32 @@ def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | 
     returns the terminal event to emit. The update is guarded by the attempt
     number, so an attempt that no longer owns the turn writes nothing and
     emits nothing (None)."""
-    status, text = outcome.status, outcome.text
-    with get_engine().connect() as db:
-        if db.scalar(_TOUCH_SESSION, {"session_id": claim.session_id}) is None:
-            return "turn.cancelled", {}
-        done = db.execute(
+    status = outcome.status
+    with autocommit_engine().connect() as db:
+        end = db.execute(
             _FINISH,
             {
                 "turn_id": claim.turn_id,
+                "session_id": claim.session_id,
                 "attempt": claim.attempt,
                 "status": status,
-                "answer": text if status != "failed" else None,
+                "answer": outcome.text,
                 "usage": outcome.usage,
                 "tools": outcome.tools,
                 "error": outcome.error,
+                "message_id": new_id(),
             },
-        ).one_or_none()
-        if done is None:
-            return None  # rolled back as the connection closes
-        if text and status != "failed":
-            db.execute(
-                _ANSWER,
-                {
-                    "id": new_id(),
-                    "session_id": claim.session_id,
-                    "turn_id": claim.turn_id,
-                    "content": text,
-                    "tool_calls": outcome.tools or None,
-                },
-            )
-        nxt = next_queued(db, claim.session_id)
-        db.commit()
-    if nxt is not None:
-        committed(send_turn, nxt)
-    if done.replay_id is not None:
-        committed(send_replay_advance, done.replay_id)
+        ).one()
+    if end.ended == "gone":  # the session was deleted while the turn ran
+        return "turn.cancelled", {}
+    if end.ended == "lost":
+        return None
+    if end.next_turn is not None:
+        committed(send_turn, str(end.next_turn))
+    if end.replay is not None:
+        committed(send_replay_advance, str(end.replay))
     if status == "succeeded":
-        return "turn.completed", {"answer": text, "usage": outcome.usage, "tools": outcome.tools}
+        return "turn.completed", {"answer": outcome.text, "usage": outcome.usage, "tools": outcome.tools}
     if status == "failed":
         return "turn.failed", {"error": outcome.error}
     return "turn.cancelled", {}

@@ -201,3 +201,20 @@ def test_a_turn_submitted_while_the_last_one_ends_is_sent_once_that_end_commits(
     assert sent == [first.id, submitted["id"]]
     with db_session() as db:  # leave nothing queued for the sweeper
         db.execute(update(Turn).where(Turn.session_id == sid).values(status="cancelled"))
+
+
+def test_deleting_a_session_ends_its_running_turn_as_cancelled(client, owner):
+    """The worker stops, finds the session gone when it records the end,
+    and still ends the stream."""
+    from tests.services import wait_until
+
+    sid = _session(client, owner)
+    turn_id = client.post(
+        f"/api/sessions/{sid}/turns", json={"message": "long [[tokens=60]] [[delay=0.05]]"}, headers=owner
+    ).get_json()["id"]
+    log = EventLog("turn", turn_id)
+    wait_until(lambda: any(e.type == "message.delta" for e in log.read_after(0)), 10, "first delta")
+    assert client.delete(f"/api/sessions/{sid}", headers=owner).status_code == 204
+    wait_until(lambda: any(e.terminal for e in log.read_after(0)), 10, "the end of the stream")
+    assert log.read_after(0)[-1].type == "turn.cancelled"
+    assert client.get(f"/api/turns/{turn_id}", headers=owner).status_code == 404

@@ -8,11 +8,13 @@ call reports whether the turn was asked to cancel, so a worker learns it
 without a second round trip per delta.
 
 A worker hands its events to one `Publisher` per process, which sends them
-in pipelined batches from one thread: a Redis round trip costs about as much
-CPU as the openai client spends reading a chunk, so one per delta would more
-than double the worker's cost. Nothing waits for a batch to fill: an idle
-publisher sends at once, and only events that queue up while a batch is in
-flight share the next one (consecutive deltas of one turn are merged there).
+in pipelined batches: a Redis round trip costs about as much CPU as the
+openai client spends reading a chunk, so one per delta would more than
+double the worker's cost under load. Nothing waits for a batch to fill: an
+event that finds the publisher idle is sent at once by its own thread, and
+only events that queue up while a batch is in flight share the next one,
+sent by the publisher's thread (consecutive deltas of one turn are merged
+there).
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ class Publisher:
 
     def __init__(self, client: redis.Redis | None = None, max_batch: int = 500) -> None:
         self.redis = client or get_redis()
-        self.batcher = Batcher(self._send, "event-publisher", max_batch, prepare=_merge_deltas)
+        self.batcher = Batcher(self._send, "event-publisher", max_batch, prepare=_merge_deltas, inline=True)
 
     def submit(self, log: EventLog, type_: str, fields: dict[str, Any], wait: bool) -> Any:
         return self.batcher.submit((log, type_, fields), wait)

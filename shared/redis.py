@@ -48,15 +48,18 @@ def take_batch(source: queue.SimpleQueue, most: int) -> list:
 
 
 class Batcher:
-    """Work handed in by many threads (greenlets under gevent) and done by
-    one thread of its own, in batches, in the order it came: `handle` gets
-    a batch of items and returns one result (or exception) per item.
+    """Work handed in by many threads (greenlets under gevent) and done in
+    batches, in the order it came: `handle` gets a batch of items and
+    returns one result (or exception) per item.
 
-    Nothing waits for a batch to fill: an idle batcher takes an item at
-    once, and only items that queue up while a batch is in flight share the
-    next one. So a lone caller pays a hand-off, and a crowd shares round
-    trips. Its thread is long-lived, so per-thread state (Celery's, under
-    gevent, is per greenlet) is built once, not per caller."""
+    Nothing waits for a batch to fill. With `inline`, a caller that finds
+    nothing queued or in flight handles its item itself, at once: a lone
+    caller pays no hand-off to another thread (which, in a busy process,
+    first waits for the interpreter lock). Items that come while a batch is
+    in flight queue up, and the batcher's own thread handles them together,
+    after it. Without `inline` every item goes through that thread, whose
+    per-thread state (Celery's, under gevent, is per greenlet) is built once.
+    """
 
     def __init__(
         self,
@@ -64,41 +67,71 @@ class Batcher:
         name: str,
         max_batch: int = 500,
         prepare: Callable[[list], list] | None = None,
+        inline: bool = False,
     ) -> None:
         self.handle = handle
         self.name = name
         self.max_batch = max_batch
         # Rewrites a batch of (item, future or None) before it is handled.
         self.prepare = prepare
+        self.inline = inline
         self._queue: queue.SimpleQueue[tuple[Any, Future | None]] = queue.SimpleQueue()
         self._start = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._handling = threading.Lock()  # held while a batch is handled: one at a time, in order
+        self._count = threading.Lock()
+        self._pending = 0  # items queued or being handled
         # Figures for tests and benchmarks (racy by a count or two across threads).
         self.submitted = self.handled = self.batches = 0
 
     def submit(self, item: Any, wait: bool = True) -> Any:
-        """Queue an item; with `wait`, its result (or raise its exception)."""
+        """Hand in an item; with `wait`, its result (or raise its exception).
+        An item not waited for keeps its exception to itself (`handle`
+        records it where its caller will look)."""
+        self.submitted += 1
+        with self._count:
+            idle = self._pending == 0
+            self._pending += 1
+        if self.inline and idle:
+            try:
+                with self._handling:
+                    result = self._handle([item])[0]
+            finally:
+                self._done(1)
+            if wait and isinstance(result, Exception):
+                raise result
+            return result if wait else None
         if self._thread is None:
             with self._start:  # started on first use: a forked process gets its own
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                     self._thread.start()
-        self.submitted += 1
         future = Future() if wait else None
         self._queue.put((item, future))
         return future.result() if future is not None else None
 
+    def _handle(self, items: list) -> list:
+        try:
+            results = self.handle(items)
+        except Exception as exc:  # noqa: BLE001 - each caller gets the error; the batcher lives on
+            results = [exc] * len(items)
+        self.batches += 1
+        self.handled += len(items)
+        return results
+
+    def _done(self, n: int) -> None:
+        with self._count:
+            self._pending -= n
+
     def _run(self) -> None:
         while True:
-            batch = take_batch(self._queue, self.max_batch)
-            if self.prepare is not None:
-                batch = self.prepare(batch)
+            taken = take_batch(self._queue, self.max_batch)
+            batch = self.prepare(taken) if self.prepare is not None else taken
             try:
-                results = self.handle([item for item, _future in batch])
-            except Exception as exc:  # noqa: BLE001 - each caller gets the error; this thread lives on
-                results = [exc] * len(batch)
-            self.batches += 1
-            self.handled += len(batch)
+                with self._handling:
+                    results = self._handle([item for item, _future in batch])
+            finally:
+                self._done(len(taken))
             for (_item, future), result in zip(batch, results, strict=True):
                 if future is None:
                     continue
@@ -110,8 +143,9 @@ class Batcher:
 
 class Pipelined(redis.Redis):
     """A client whose commands, from any number of greenlets, go to Redis
-    together: a `Batcher` sends whatever is queued as one pipeline and hands
-    each caller its reply.
+    together: a command that finds the client idle goes at once, and a
+    `Batcher` sends whatever queued meanwhile as one pipeline and hands each
+    caller its reply.
 
     A gevent process runs thousands of streams over a few connections. A
     command holding a pooled connection holds it until its greenlet runs
@@ -122,7 +156,7 @@ class Pipelined(redis.Redis):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.batcher = Batcher(self._send, "redis-pipelined")
+        self.batcher = Batcher(self._send, "redis-pipelined", inline=True)
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
         return self.batcher.submit((args, options))

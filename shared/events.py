@@ -10,11 +10,11 @@ without a second round trip per delta.
 A worker hands its events to one `Publisher` per process, which sends them
 in pipelined batches: a Redis round trip costs about as much CPU as the
 openai client spends reading a chunk, so one per delta would more than
-double the worker's cost under load. Nothing waits for a batch to fill: an
-event that finds the publisher idle is sent at once by its own thread, and
-only events that queue up while a batch is in flight share the next one,
-sent by the publisher's thread (consecutive deltas of one turn are merged
-there).
+double the worker's cost under load. Nothing waits for a batch to fill: a
+delta (or an event its sender waits for) that finds the publisher idle is
+sent at once by its own thread; other events, and those that queue up while
+a batch is in flight, are sent together by the publisher's thread
+(consecutive deltas of one turn are merged there).
 """
 
 from __future__ import annotations
@@ -233,10 +233,14 @@ class Publisher:
 
     def __init__(self, client: redis.Redis | None = None, max_batch: int = 500) -> None:
         self.redis = client or get_redis()
-        self.batcher = Batcher(self._send, "event-publisher", max_batch, prepare=_merge_deltas, inline=True)
+        self.batcher = Batcher(self._send, "event-publisher", max_batch, prepare=_merge_deltas)
 
     def submit(self, log: EventLog, type_: str, fields: dict[str, Any], wait: bool) -> Any:
-        return self.batcher.submit((log, type_, fields), wait)
+        # Sent by the caller if the publisher is idle: an event it waits for,
+        # and a delta (the turn's thread then reads the next chunk, often
+        # already here). Any other event is handed off, since the thread's
+        # next step is slow (the model's request, the tools).
+        return self.batcher.submit((log, type_, fields), wait, inline=wait or type_ == "message.delta")
 
     def _send(self, batch: list[tuple[EventLog, str, dict[str, Any]]]) -> list:
         try:

@@ -52,12 +52,12 @@ class Batcher:
     batches, in the order it came: `handle` gets a batch of items and
     returns one result (or exception) per item.
 
-    Nothing waits for a batch to fill. With `inline`, a caller that finds
-    nothing queued or in flight handles its item itself, at once: a lone
-    caller pays no hand-off to another thread (which, in a busy process,
-    first waits for the interpreter lock). Items that come while a batch is
-    in flight queue up, and the batcher's own thread handles them together,
-    after it. Without `inline` every item goes through that thread, whose
+    Nothing waits for a batch to fill. An item submitted `inline` that
+    finds nothing queued or in flight is handled at once by its caller: a
+    lone caller pays no hand-off to another thread (which, in a busy
+    process, first waits for the interpreter lock). Other items, and items
+    that come while a batch is in flight, queue up, and the batcher's own
+    thread handles them together, after it. That thread is long-lived, so
     per-thread state (Celery's, under gevent, is per greenlet) is built once.
     """
 
@@ -67,14 +67,12 @@ class Batcher:
         name: str,
         max_batch: int = 500,
         prepare: Callable[[list], list] | None = None,
-        inline: bool = False,
     ) -> None:
         self.handle = handle
         self.name = name
         self.max_batch = max_batch
         # Rewrites a batch of (item, future or None) before it is handled.
         self.prepare = prepare
-        self.inline = inline
         self._queue: queue.SimpleQueue[tuple[Any, Future | None]] = queue.SimpleQueue()
         self._start = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -84,15 +82,17 @@ class Batcher:
         # Figures for tests and benchmarks (racy by a count or two across threads).
         self.submitted = self.handled = self.batches = 0
 
-    def submit(self, item: Any, wait: bool = True) -> Any:
+    def submit(self, item: Any, wait: bool = True, inline: bool = False) -> Any:
         """Hand in an item; with `wait`, its result (or raise its exception).
         An item not waited for keeps its exception to itself (`handle`
-        records it where its caller will look)."""
+        records it where its caller will look). `inline`: the caller may
+        handle it, if the batcher is idle (for a caller that waits anyway,
+        or whose next step is quick)."""
         self.submitted += 1
         with self._count:
             idle = self._pending == 0
             self._pending += 1
-        if self.inline and idle:
+        if inline and idle:
             try:
                 with self._handling:
                     result = self._handle([item])[0]
@@ -156,10 +156,10 @@ class Pipelined(redis.Redis):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.batcher = Batcher(self._send, "redis-pipelined", inline=True)
+        self.batcher = Batcher(self._send, "redis-pipelined")
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        return self.batcher.submit((args, options))
+        return self.batcher.submit((args, options), inline=True)
 
     def _send(self, commands: list[tuple[tuple, dict]]) -> list:
         pipe = self.pipeline(transaction=False)

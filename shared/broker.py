@@ -58,10 +58,10 @@ def _sender() -> Batcher:
     """The process's task sender. Each caller waits until its message is in
     the broker; messages queued meanwhile go together, in one round trip.
 
-    Celery's send_task from the sender's own thread: under gevent, a send
-    from a request's new greenlet first builds per-greenlet state (a result
-    backend, an id) and then kombu's client for one command, about 2,000
-    Python calls per message, as much CPU as the rest of the request."""
+    Celery's send_task runs on the sender's own thread: under gevent, a send
+    from a request's new greenlet first built per-greenlet state (a result
+    backend, an id) and kombu's client for one command, about 2,100 Python
+    calls and 1.7 ms of web CPU per message."""
     return Batcher(_send_tasks, "task-sender")
 
 

@@ -92,6 +92,12 @@ def cpu_by_service(procs: list[services.Proc]) -> dict[str, float]:
     return usage
 
 
+def cpu_since(procs: list[services.Proc], before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each service spent since `before` (a cpu_by_service)."""
+    after = cpu_by_service(procs)
+    return {name: after[name] - before[name] for name in before}
+
+
 def ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
@@ -263,8 +269,7 @@ async def throughput(
     start = time.perf_counter()
     ids = await asyncio.gather(*(one(s) for s in sessions))
     wall = time.perf_counter() - start
-    after = cpu_by_service(procs)
-    return wall, ids, {name: after[name] - before[name] for name in before}
+    return wall, ids, cpu_since(procs, before)
 
 
 async def under_load(
@@ -294,8 +299,8 @@ async def under_load(
         await asyncio.sleep(ramped - time.perf_counter())
         before, began = cpu_by_service(procs), time.perf_counter()
         await asyncio.sleep(deadline - began)
-        after, wall = cpu_by_service(procs), time.perf_counter() - began
-        return {name: round((after[name] - before[name]) / wall * 100) for name in before}
+        spent, wall = cpu_since(procs, before), time.perf_counter() - began
+        return {name: round(seconds / wall * 100) for name, seconds in spent.items()}
 
     *_, use = await asyncio.gather(*(loop(i) for i in range(concurrent)), busy())
     return times, ids, use

@@ -108,8 +108,9 @@ def p(values: list[float], q: int) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def baseline(samples: int, burst: int) -> dict:
-    """The bare task: round trip one at a time, then tasks per second."""
+def baseline(samples: int, burst: int, procs: list[services.Proc]) -> dict:
+    """The bare task: round trip one at a time, then tasks per second, with
+    the CPU each service spent per task meanwhile."""
     from shared.broker import get_celery
     from shared.redis import get_redis
 
@@ -136,11 +137,11 @@ def baseline(samples: int, burst: int) -> dict:
         celery.send_task(PUBLISH, args=[channel, str(i)])
         assert receive() == str(i)
         trips.append(time.perf_counter() - start)
-    start = time.perf_counter()
+    before, start = cpu_by_service(procs), time.perf_counter()
     for i in range(burst):
         celery.send_task(PUBLISH, args=[channel, f"b{i}"])
     got = {receive() for _ in range(burst)}
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, cpu_since(procs, before)
     assert len(got) == burst
     pubsub.close()
     return {
@@ -148,6 +149,7 @@ def baseline(samples: int, burst: int) -> dict:
         "round_trip_ms_p99": ms(p(trips, 99)),
         "tasks": burst,
         "tasks_per_s": round(burst / elapsed, 1),
+        "cpu_ms_per_task_by_service": {name: round(seconds / burst * 1000, 2) for name, seconds in cpu.items()},
     }
 
 
@@ -390,7 +392,7 @@ def main() -> None:
         headers = {"Authorization": f"Bearer {create_key('bench-' + uuid.uuid4().hex[:8])}"}
 
         print("baseline: bare Celery task that PUBLISHes …", flush=True)
-        base_figures = baseline(args.samples, args.turns)
+        base_figures = baseline(args.samples, args.turns, info["procs"])
         print("the model's own time to first token …", flush=True)
         model = model_ttft(50)
         print("turnstream: time to first token, then completed turns per second …", flush=True)
@@ -479,6 +481,7 @@ def main() -> None:
             f"{counters.get('events_submitted')} / {counters.get('events_sent_after_merging')}",
         ),
     ]
+    rows += [(f"CPU ms per baseline task: {name}", v) for name, v in base_figures["cpu_ms_per_task_by_service"].items()]
     rows += [(f"CPU ms per completed turn: {name}", v) for name, v in run["cpu_ms_per_turn"].items()]
     rows += [(f"CPU % of a core with {c} paced turns in flight: {name}", v) for name, v in run["load_cpu"].items()]
     report(rows, results, args.out)

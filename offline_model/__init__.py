@@ -65,6 +65,7 @@ class Behaviour:
     faults: list[str] = field(default_factory=lambda: ["500", "429", "disconnect@3"])
     seed: int = 0
     faults_injected: int = 0  # by fault_rate, counted for chaos tests
+    connections: int = 0  # accepted by the server, counted for tests of connection reuse
 
 
 def answer_for(messages: list[dict]) -> str:

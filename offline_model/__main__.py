@@ -18,9 +18,13 @@ class NoDelayServer(WSGIServer):
     """Sends each write at once (TCP_NODELAY), as model servers do (asyncio's,
     Go's, nginx): with Nagle's algorithm a chunk written while the last one
     is unacknowledged waits for the client's delayed ACK, 40 ms, on every
-    connection the client keeps open for its next request."""
+    connection the client keeps open for its next request. Counts the
+    connections it accepts (`Behaviour.connections`)."""
+
+    behaviour: Behaviour
 
     def handle(self, sock: socket.socket, address: tuple) -> None:
+        self.behaviour.connections += 1
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().handle(sock, address)
 
@@ -43,6 +47,7 @@ def main() -> None:
     )
     logging.basicConfig(level=logging.WARNING)
     server = NoDelayServer((args.host, args.port), create_app(behaviour), log=None)
+    server.behaviour = behaviour
     print(f"offline model on http://{args.host}:{args.port}/v1", flush=True)
     server.serve_forever()
 

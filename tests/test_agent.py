@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
 import pytest
 
 from shared.events import EventLog
@@ -150,6 +151,19 @@ def test_model_errors_are_retried_with_backoff_then_succeed(client, owner):
     assert done["answer"].startswith('You said: "retry me".')
     assert elapsed >= 0.375 + 0.75  # two backoffs: 0.5 s then 1 s, each less at most 25 % jitter
     assert not _of(events, "turn.restarted")
+
+
+def test_turns_reuse_the_connection_to_the_model(client, owner, stack):
+    """The openai client closes the connection after each stream unless the
+    body was read to its end (tasks/model.py): without that, each turn opened
+    one (4 here, plus 1 for the control request)."""
+    control = f"http://127.0.0.1:{stack['model_port']}/control"
+    before = httpx.post(control, json={}).json()["connections"]
+    sid = None
+    for i in range(4):
+        sid, done, _ = _run(client, owner, f"again {i} [[tokens=5]]", sid)
+        assert done["status"] == "succeeded", done
+    assert httpx.post(control, json={}).json()["connections"] - before <= 2  # this request's, and one at most
 
 
 def test_model_errors_past_the_bound_fail_with_a_clear_code(client, owner):

@@ -12,7 +12,7 @@ token delay), one `gunicorn -k gevent` web process and one worker process
 1. Baseline: the bare Celery task PUBLISHes to a channel this process
    listens on. Round trip (send_task to receipt) one at a time, p50 and p99;
    tasks per second with `--turns` sent at once.
-2. The model's own time to first token, through the openai client.
+2. The model's own time to first token, through the worker's openai client.
 3. Turnstream's time to first token: `POST /api/sessions/{id}/turns`, then
    `GET` its events, until the first `message.delta`; "added" subtracts the
    model's own p50. One at a time, and `--concurrent` at once.
@@ -154,21 +154,23 @@ def baseline(samples: int, burst: int, procs: list[services.Proc]) -> dict:
 
 
 def model_ttft(samples: int) -> float:
-    """The model's own time to first token, seconds, p50."""
-    from openai import OpenAI
+    """The model's own time to first token, seconds, p50, through the
+    worker's model client (its connection kept between requests, as the
+    worker's is)."""
+    from tasks.model import stream_completion
 
-    from shared.config import get_settings
+    firsts: list[float] = []
 
-    client = OpenAI(base_url=get_settings().openai_base_url, api_key="x", max_retries=0)
+    def on_delta(_text: str) -> None:
+        if not firsts:
+            firsts.append(time.perf_counter())
+
     times = []
     for _ in range(samples):
+        firsts.clear()
         start = time.perf_counter()
-        stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": MESSAGE}], stream=True)
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                times.append(time.perf_counter() - start)
-                break
-        stream.close()
+        stream_completion([{"role": "user", "content": MESSAGE}], on_delta)
+        times.append(firsts[0] - start)
     return statistics.median(times)
 
 

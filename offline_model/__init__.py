@@ -11,6 +11,7 @@ directives in the last user message:
     [[fault=500]]       answer HTTP 500 (any 4xx/5xx status)
     [[fault=disconnect@K]]  drop the connection after K tokens
     [[fault=stall]]     send headers, then nothing
+    [[fault=linger]]    answer, then hold the response open for a minute after [DONE]
     [[faults=500,429,disconnect@2]]  the n-th request of this same conversation
                         gets the n-th fault of the list; later ones succeed
                         (so a client's retries can be seen to work)
@@ -316,6 +317,8 @@ def create_app(behaviour: Behaviour | None = None) -> Flask:
             if include_usage:
                 yield chunk(None, usage=usage)
             yield "data: [DONE]\n\n"
+            if fault == "linger":
+                time.sleep(60)
 
         return Response(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -166,6 +166,29 @@ def test_turns_reuse_the_connection_to_the_model(client, owner, stack):
     assert httpx.post(control, json={}).json()["connections"] - before <= 2  # this request's, and one at most
 
 
+def test_a_model_that_holds_its_response_open_after_done_costs_time_not_the_answer(stack, monkeypatch):
+    """The worker reads a stream to its end after [DONE] (to keep the
+    connection); a server that never ends it is waited for OPENAI_TIMEOUT,
+    and the answer stands."""
+    from shared.config import get_settings
+    from tasks.model import get_client, stream_completion
+
+    monkeypatch.setenv("OPENAI_TIMEOUT", "0.5")
+    get_settings.cache_clear()
+    get_client.cache_clear()
+    try:
+        deltas: list[str] = []
+        start = time.monotonic()
+        messages = [{"role": "user", "content": "hold on [[tokens=3]] [[fault=linger]]"}]
+        result = stream_completion(messages, deltas.append)
+        took = time.monotonic() - start
+    finally:
+        get_settings.cache_clear()  # the next use reads the environment as the fixture restores it
+        get_client.cache_clear()
+    assert len(result.text.split()) == 3 and "".join(deltas) == result.text
+    assert 0.4 < took < 5
+
+
 def test_model_errors_past_the_bound_fail_with_a_clear_code(client, owner):
     _sid, done, _ = _run(client, owner, "no luck [[faults=503,503,503,503]]")
     assert done["status"] == "failed" and done["error"]["code"] == "model_unavailable"

@@ -7,11 +7,13 @@ Starts Postgres, Redis, the offline model (instant: no first-token delay, no
 token delay), one `gunicorn -k gevent` web process and one worker process
 (`--workers` for more; threads pool, twice `--concurrent` threads in all,
 `--threads` per process to change) that also loads the baseline task
-(tests/bench/bare.py). Measured in the same run:
+(tests/bench/bare.py). Measured in the same run, the baseline's samples
+taken in turn with Turnstream's so that drift in the VM's speed moves both
+sides of a ratio alike:
 
 1. Baseline: the bare Celery task PUBLISHes to a channel this process
    listens on. Round trip (send_task to receipt) one at a time, p50 and p99;
-   tasks per second with `--turns` sent at once.
+   tasks per second with `--turns` sent at once, before and after 4.
 2. The model's own time to first token, through the worker's openai client.
 3. Turnstream's time to first token: `POST /api/sessions/{id}/turns`, then
    `GET` its events, until the first `message.delta`; "added" subtracts the
@@ -62,6 +64,12 @@ MESSAGE = "pipeline [[tokens=10]]"
 # A model at a chat model's pace: 60 tokens, 50 ms apart.
 PACED = "pipeline [[tokens=60]] [[delay=0.05]]"
 PACED_SECONDS = 3.0
+# Between samples taken one at a time, so that none shares the CPU with the
+# tail of the one before (a turn goes on after its first delta, a task's ack
+# comes after its PUBLISH). Each sample then starts from an idle machine,
+# as a lone user's does: every figure is higher than back to back (the bare
+# round trip 2.4-3.1 ms against 1.5-2), the ratios steadier.
+SETTLE = 0.01
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -108,70 +116,69 @@ def p(values: list[float], q: int) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
-def baseline(samples: int, burst: int, procs: list[services.Proc]) -> dict:
-    """The bare task: round trip one at a time, then tasks per second, with
-    the CPU each service spent per task meanwhile."""
-    from shared.broker import get_celery
-    from shared.redis import get_redis
+class Bare:
+    """The baseline: the bare task, PUBLISHing to a channel this process
+    listens on. Its samples are taken between Turnstream's (see turnstream()),
+    so both see the VM at the same speed."""
 
-    celery = get_celery()
-    channel = f"bench-bare-{uuid.uuid4().hex[:8]}"
-    pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(channel)
-    pubsub.get_message(timeout=1)  # the subscribe confirmation
+    def __init__(self) -> None:
+        from shared.broker import get_celery
+        from shared.redis import get_redis
 
-    def receive(timeout: float = 10) -> str:
+        self.celery = get_celery()
+        self.channel = f"bench-bare-{uuid.uuid4().hex[:8]}"
+        self.pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(self.channel)
+        self.pubsub.get_message(timeout=1)  # the subscribe confirmation
+        self.sent = 0
+        for _ in range(20):  # warm-up: connections, the worker's first tasks
+            self.round_trip()
+
+    def _send(self) -> str:
+        self.sent += 1
+        self.celery.send_task(PUBLISH, args=[self.channel, str(self.sent)])
+        return str(self.sent)
+
+    def _receive(self, timeout: float = 10) -> str:
         deadline = time.perf_counter() + timeout
         while time.perf_counter() < deadline:
-            message = pubsub.get_message(timeout=1)
+            message = self.pubsub.get_message(timeout=1)
             if message is not None:
                 return message["data"].decode()
         raise SystemExit("the baseline task's message never arrived")
 
-    for i in range(20):  # warm-up: connections, the worker's first tasks
-        celery.send_task(PUBLISH, args=[channel, f"w{i}"])
-        receive()
-    trips = []
-    for i in range(samples):
+    def round_trip(self) -> float:
+        """Seconds from send_task to the PUBLISH arriving here."""
         start = time.perf_counter()
-        celery.send_task(PUBLISH, args=[channel, str(i)])
-        assert receive() == str(i)
-        trips.append(time.perf_counter() - start)
-    before, start = cpu_by_service(procs), time.perf_counter()
-    for i in range(burst):
-        celery.send_task(PUBLISH, args=[channel, f"b{i}"])
-    got = {receive() for _ in range(burst)}
-    elapsed, cpu = time.perf_counter() - start, cpu_since(procs, before)
-    assert len(got) == burst
-    pubsub.close()
-    return {
-        "round_trip_ms_p50": ms(statistics.median(trips)),
-        "round_trip_ms_p99": ms(p(trips, 99)),
-        "tasks": burst,
-        "tasks_per_s": round(burst / elapsed, 1),
-        "cpu_ms_per_task_by_service": {name: round(seconds / burst * 1000, 2) for name, seconds in cpu.items()},
-    }
+        sent = self._send()
+        if self._receive() != sent:
+            raise SystemExit("the baseline task's messages came out of order")
+        return time.perf_counter() - start
+
+    def burst(self, n: int, procs: list[services.Proc]) -> tuple[float, dict[str, float]]:
+        """n tasks sent at once: tasks per second, and the CPU seconds each
+        service spent meanwhile."""
+        before, start = cpu_by_service(procs), time.perf_counter()
+        sent = {self._send() for _ in range(n)}
+        got = {self._receive() for _ in range(n)}
+        elapsed, cpu = time.perf_counter() - start, cpu_since(procs, before)
+        if got != sent:
+            raise SystemExit("baseline tasks were lost")
+        return n / elapsed, cpu
+
+    def close(self) -> None:
+        self.pubsub.close()
 
 
-def model_ttft(samples: int) -> float:
-    """The model's own time to first token, seconds, p50, through the
-    worker's model client (its connection kept between requests, as the
-    worker's is)."""
+def model_ttft() -> float:
+    """The model's own time to first token, seconds, through the worker's
+    model client (its connection kept between requests, as the worker's is)."""
     from tasks.model import stream_completion
 
     firsts: list[float] = []
-
-    def on_delta(_text: str) -> None:
-        if not firsts:
-            firsts.append(time.perf_counter())
-
-    times = []
-    for _ in range(samples):
-        firsts.clear()
-        start = time.perf_counter()
-        stream_completion([{"role": "user", "content": MESSAGE}], on_delta)
-        times.append(firsts[0] - start)
-    return statistics.median(times)
+    start = time.perf_counter()
+    stream_completion([{"role": "user", "content": MESSAGE}], lambda text: firsts or firsts.append(time.perf_counter()))
+    return firsts[0] - start
 
 
 class Client:
@@ -333,19 +340,47 @@ def publisher_counters(workers: list[services.Proc]) -> dict:
 
 
 async def turnstream(
-    base: str, headers: dict, samples: int, concurrent: int, turns: int, load_seconds: float, procs: list[services.Proc]
+    base: str,
+    headers: dict,
+    bare: Bare,
+    samples: int,
+    concurrent: int,
+    turns: int,
+    load_seconds: float,
+    procs: list[services.Proc],
 ) -> dict:
+    """Every phase; the baseline's samples are taken in turn with
+    Turnstream's, so drift in the VM's speed (30% and more within minutes)
+    moves both sides of each ratio alike: one at a time, a bare round trip,
+    the model's own first token and a turn's, in rotation, each once the
+    one before has ended (a turn is read to its end, then SETTLE); the bare
+    burst both before and after the turns' throughput run. (The sync
+    samples block this loop for a moment: nothing else runs then.)"""
     client = Client(base, headers)
     sessions = await client.sessions(turns)
     await ttft(client, 1, 10)  # warm-up
-    one = await ttft(client, 1, samples)
+    one, trips, model = [], [], []
+    for session_id in await client.sessions(samples):
+        trips.append(bare.round_trip())
+        await asyncio.sleep(SETTLE)
+        model.append(model_ttft())
+        await asyncio.sleep(SETTLE)
+        one.append((await client.turn(session_id, "turn.completed", mark="message.delta"))[0])
+        await asyncio.sleep(SETTLE)
     many = await ttft(client, concurrent, 3)
-    print(f"turnstream: {turns} turns, {concurrent} in flight …", flush=True)
+    print(f"turnstream: {turns} turns, {concurrent} in flight, between two bare bursts …", flush=True)
+    rate_before, bare_cpu = bare.burst(turns, procs)
     wall, ids, cpu = await throughput(client, sessions, concurrent, procs)
+    rate_after, bare_cpu_after = bare.burst(turns, procs)
     cpu_ms_per_turn = {name: round(seconds / len(ids) * 1000, 2) for name, seconds in cpu.items()}
+    cpu_ms_per_task = {name: round((bare_cpu[name] + bare_cpu_after[name]) / (2 * turns) * 1000, 2) for name in cpu}
     print(f"turnstream: time to first token with {concurrent} paced turns in flight …", flush=True)
     loaded, load_ids, load_cpu = await under_load(client, concurrent, load_seconds, procs)
     return {
+        "trips": trips,
+        "bare_rates": (rate_before, rate_after),
+        "cpu_ms_per_task": cpu_ms_per_task,
+        "model": model,
         "one": one,
         "many": many,
         "loaded": loaded,
@@ -393,21 +428,29 @@ def main() -> None:
         services.wait_until(lambda: httpx.get(f"{base}/api/health", timeout=2).status_code == 200, 30, "web")
         headers = {"Authorization": f"Bearer {create_key('bench-' + uuid.uuid4().hex[:8])}"}
 
-        print("baseline: bare Celery task that PUBLISHes …", flush=True)
-        base_figures = baseline(args.samples, args.turns, info["procs"])
-        print("the model's own time to first token …", flush=True)
-        model = model_ttft(50)
-        print("turnstream: time to first token, then completed turns per second …", flush=True)
+        print("one at a time: the bare task, the model, a turn, in rotation …", flush=True)
+        bare = Bare()
         run = asyncio.run(
-            turnstream(base, headers, args.samples, args.concurrent, args.turns, args.load_seconds, info["procs"])
+            turnstream(base, headers, bare, args.samples, args.concurrent, args.turns, args.load_seconds, info["procs"])
         )
+        bare.close()
         every_id = run["ids"] + run["load_ids"]
         stored = succeeded(every_id)
         for worker in workers:
             worker.stop()
         counters = publisher_counters(workers)
 
-    one, many = run["one"], run["many"]
+    one, many, trips = run["one"], run["many"], run["trips"]
+    model = statistics.median(run["model"])
+    bare_rate = statistics.mean(run["bare_rates"])
+    base_figures = {
+        "round_trip_ms_p50": ms(statistics.median(trips)),
+        "round_trip_ms_p99": ms(p(trips, 99)),
+        "tasks": args.turns,
+        "tasks_per_s": round(bare_rate, 1),
+        "tasks_per_s_before_and_after_the_turns": [round(rate, 1) for rate in run["bare_rates"]],
+        "cpu_ms_per_task_by_service": run["cpu_ms_per_task"],
+    }
     added_one = [t - model for t in one]
     added_many = [t - model for t in many]
     added_loaded = [t - model for t in run["loaded"]]
@@ -447,7 +490,11 @@ def main() -> None:
             "baseline round trip, ms p50 / p99",
             f"{base_figures['round_trip_ms_p50']} / {base_figures['round_trip_ms_p99']}",
         ),
-        ("baseline tasks/s", base_figures["tasks_per_s"]),
+        (
+            "baseline tasks/s, before / after the turns' run: mean",
+            " / ".join(map(str, base_figures["tasks_per_s_before_and_after_the_turns"]))
+            + f": {base_figures['tasks_per_s']}",
+        ),
         ("model's own time to first token, ms p50", results["model_ttft_ms_p50"]),
         (
             "Turnstream TTFT, 1 at a time, ms p50 / p99",

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     ForeignKey,
     Index,
     Integer,
@@ -115,6 +116,19 @@ class Turn(Base):
         UniqueConstraint("owner_id", "idempotency_key"),
         Index("ix_turns_status_created", "status", "created_at"),
     )
+
+
+def status_of(turn: type[Turn] | Any) -> ColumnElement[str]:
+    """A turn's status in a statement that finds the turn by its id or its
+    session: as `status || ''`, which ix_turns_status_created cannot serve.
+    That index is for the sweeper's walk over the queue. With statistics
+    from before a queue built up (ANALYZE runs once a tenth of the table
+    changed), a plan made with the status known (a SQL function's literal,
+    a statement's first runs on a connection before Postgres settles on a
+    generic plan) takes `status = 'queued'` for the cheapest lookup and
+    walks every queued turn to find one: with 10,000 queued, 9,800 rows,
+    0.75 ms per claim and 1 ms per turn's end (tests/test_queue_plans.py)."""
+    return turn.status.concat("")
 
 
 class Message(Base):

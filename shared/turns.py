@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, aliased
 from shared.broker import send_turn
 from shared.db import after_commit
 from shared.events import EventLog, announce_turn
-from shared.models import ACTIVE, ChatSession, Turn, new_id
+from shared.models import ACTIVE, ChatSession, Turn, new_id, status_of
 
 
 class TurnConflict(Exception):
@@ -117,7 +117,7 @@ def cancel_turn(db: Session, turn: Turn) -> None:
     if turn.status == "queued":
         db.execute(
             update(Turn)
-            .where(Turn.id == turn.id, Turn.status == "queued")
+            .where(Turn.id == turn.id, status_of(Turn) == "queued")
             .values(status="cancelled", finished_at=func.now())
         )
         db.refresh(turn)
@@ -130,5 +130,5 @@ def cancel_turn(db: Session, turn: Turn) -> None:
 _earlier = aliased(Turn)
 # SQL condition on Turn: no earlier turn of its session is still active.
 NEXT_IN_SESSION = ~exists().where(
-    and_(_earlier.session_id == Turn.session_id, _earlier.number < Turn.number, _earlier.status.in_(ACTIVE))
+    and_(_earlier.session_id == Turn.session_id, _earlier.number < Turn.number, status_of(_earlier).in_(ACTIVE))
 )

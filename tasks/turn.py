@@ -23,7 +23,7 @@ from shared.broker import RUN_TURN, send_replay_advance, send_turn
 from shared.config import get_settings
 from shared.db import autocommit_engine, committed, db_session
 from shared.events import EventLog, EventLogLost, get_publisher
-from shared.models import Message, Turn, new_id
+from shared.models import Message, Turn, new_id, status_of
 from shared.recovery import requeue_turn
 from shared.redis import check_eviction_policy
 from shared.turns import NEXT_IN_SESSION
@@ -63,7 +63,7 @@ class Claim:
 # on a Core connection: a turn needs no ORM unit of work.
 _CLAIM = (
     update(Turn)
-    .where(Turn.id == bindparam("turn_id"), Turn.status == "queued", NEXT_IN_SESSION)
+    .where(Turn.id == bindparam("turn_id"), status_of(Turn) == "queued", NEXT_IN_SESSION)
     .values(
         status="running",
         attempts=Turn.attempts + 1,

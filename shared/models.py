@@ -118,10 +118,11 @@ class Turn(Base):
     )
 
 
-def status_of(turn: type[Turn] | Any) -> ColumnElement[str]:
-    """A turn's status in a statement that finds the turn by its id or its
-    session: as `status || ''`, which ix_turns_status_created cannot serve.
-    That index is for the sweeper's walk over the queue. With statistics
+def status_of(turn: Any) -> ColumnElement[str]:
+    """The status of `turn` (Turn or an alias of it) in a statement that
+    finds the turn by its id or its session: as `status || ''`, which
+    ix_turns_status_created cannot serve. That index is for the sweeper's
+    walk over the queue. With statistics
     from before a queue built up (ANALYZE runs once a tenth of the table
     changed), a plan made with the status known (a SQL function's literal,
     a statement's first runs on a connection before Postgres settles on a

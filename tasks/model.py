@@ -56,12 +56,12 @@ class _DrainingDecoder(SSEDecoder):
     end of the chunked body (`0\\r\\n\\r\\n`) is then still unread, so httpcore
     closes the connection instead of keeping it (openai-python #3440, open),
     and every completion opens a new one: against the offline model over
-    TLS, 2.1-2.3 ms more to the first token and 0.9-1.0 ms more client CPU
-    per completion (a probe: 300 completions each way on loopback), and over a real
-    network the TCP and TLS handshakes' round trips on top. A server ends
-    its response right after `[DONE]`; one that held it open would hold the
-    turn here until OPENAI_TIMEOUT, and then the connection is dropped as
-    before (a failed read here is not the turn's failure)."""
+    TLS on loopback, 2.1-2.3 ms more to the first token and 0.9-1.0 ms more
+    client CPU per completion (a probe, 300 completions each way), and over
+    a real network the TCP and TLS handshakes' round trips on top. A server
+    ends its response right after `[DONE]`; one that held it open would
+    hold the turn here until OPENAI_TIMEOUT, and then the connection is
+    dropped as before (a failed read here is not the turn's failure)."""
 
     def iter_bytes(self, iterator: Iterator[bytes]) -> Iterator[ServerSentEvent]:
         for sse in super().iter_bytes(iterator):

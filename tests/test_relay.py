@@ -5,6 +5,7 @@ serving matters (SSE_PING_SECONDS=1 there)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import threading
@@ -339,6 +340,51 @@ def test_a_client_that_stops_reading_is_dropped_and_does_not_hold_up_another(web
     assert subscribers(log.channel) == 0
     assert time.monotonic() - blocked_at < 2 * PING + 2
     frozen.close()
+
+
+def test_a_client_that_lags_gets_every_byte_of_every_event(web_server, owner):
+    """The reader writes events straight to a waiting stream's socket, each as
+    an HTTP chunk; once a lagging client's buffers are full it leaves part of
+    one, which the stream writes before anything else. A strict HTTP parser
+    reads the body back: every event whole, once and in order."""
+    import h11
+
+    from shared.events import EventLog
+
+    turn_id = running_turn(owner)
+    log = EventLog("turn", turn_id)
+    url = urlsplit(web_server)
+    sock = socket.create_connection((url.hostname, url.port))
+    conn = h11.Connection(h11.CLIENT)
+    headers = [("Host", "t"), ("Authorization", owner["Authorization"])]
+    sock.sendall(conn.send(h11.Request(method="GET", target=f"/api/turns/{turn_id}/events", headers=headers)))
+    sock.sendall(conn.send(h11.EndOfMessage()))
+    # 8 MB, published at once: more than the server's socket buffer takes
+    # (4 MB at most here) while the client does not read.
+    deltas = [f"{n:04d}" * 16_000 for n in range(128)]
+    body = b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(sock.recv(1 << 16))
+        elif isinstance(event, h11.Response):
+            assert event.status_code == 200
+        elif isinstance(event, h11.Data):
+            body += event.data
+            if b"retry:" in body and len(body) < 100:
+                log.append("turn.started", attempt=1)
+                for delta in deltas:
+                    log.append("message.delta", delta=delta)
+                log.append("turn.completed", answer="done")
+                time.sleep(0.5)  # well within the 2 pings a blocked write may wait
+        elif isinstance(event, h11.EndOfMessage):
+            break
+    sock.close()
+    events = [block for block in body.split(b"\n\n") if block.startswith(b"event: ")]
+    ids = [int(block.split(b"\nid: ")[1].split(b"\n")[0]) for block in events]
+    assert ids == list(range(1, len(deltas) + 3))
+    got = [json.loads(block.split(b"\ndata: ", 1)[1])["delta"] for block in events[1:-1]]
+    assert got == deltas
 
 
 def test_a_client_that_closes_its_connection_is_freed_at_the_next_ping(web_server, owner):

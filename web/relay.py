@@ -9,11 +9,15 @@ the event log with Last-Event-ID. `close()` ends every stream the same way
 when the process shuts down, so clients reconnect to another process.
 
 The hot path is cheap per client: the reader turns a message into its SSE
-frame once (seq and type are read from the JSON's fixed prefix, not parsed),
-queues the same bytes on every stream of the channel and wakes them with one
-notification; a stream writes all the frames queued since its last write in
-one chunk (one send). Idle streams wait with no timer of their own: a ticker
-wakes each when its ping is due.
+frame once (seq and type are read from the JSON's fixed prefix, not parsed).
+A stream waiting for its next event, under gunicorn's gevent worker, takes it
+straight from the reader: one non-blocking send of the frame, already framed
+as an HTTP chunk, on the stream's socket, with no wake-up and no switch to
+the stream's greenlet. Any other case (the socket's buffer is full, a gap in
+the seqs, the terminal event, a stream busy writing) queues the frame and
+wakes the channel's streams with one notification; a stream writes all the
+frames queued since its last write in one chunk (one send). Idle streams wait
+with no timer of their own: a ticker wakes each when its ping is due.
 """
 
 from __future__ import annotations
@@ -60,12 +64,14 @@ class Frame(NamedTuple):
     seq: int
     terminal: bool
     data: bytes  # the whole SSE message, encoded once
+    chunk: bytes  # the same as an HTTP/1.1 chunk, as a direct send writes it
 
 
 def encode(raw: bytes) -> Frame:
     """The frame of one logged event (its JSON as published)."""
     seq, type_ = peek(raw)
-    return Frame(seq, type_ in _TERMINAL, b"event: %s\nid: %d\ndata: %s\n\n" % (type_, seq, raw))
+    data = b"event: %s\nid: %d\ndata: %s\n\n" % (type_, seq, raw)
+    return Frame(seq, type_ in _TERMINAL, data, b"%X\r\n%s\r\n" % (len(data), data))
 
 
 def frame(event: Event) -> bytes:
@@ -110,9 +116,23 @@ class Channel:
 
 
 class Subscription:
-    """One stream's queue of frames: filled by the reader, drained by the stream."""
+    """One stream's queue of frames: filled by the reader, drained by the
+    stream; or, while the stream waits (`parked`), written by the reader
+    straight to the stream's socket."""
 
-    __slots__ = ("channel", "lane", "pending", "ended", "recheck", "wake_tick")
+    __slots__ = (
+        "channel",
+        "lane",
+        "pending",
+        "ended",
+        "recheck",
+        "wake_tick",
+        "sock",
+        "parked",
+        "last",
+        "sent",
+        "rest",
+    )
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
@@ -125,6 +145,33 @@ class Subscription:
         # in the log, so the stream re-reads it.
         self.recheck = False
         self.wake_tick = 0  # the relay's tick at which it asked to be woken
+        # Direct sends: the OS socket (None: never), set while the stream
+        # waits with nothing queued and `last` its last seq written; `sent`
+        # is when the reader last wrote, `rest` what a partial send left.
+        self.sock: socket.socket | None = None
+        self.parked = False
+        self.last = 0
+        self.sent = 0.0
+        self.rest = b""
+
+    def offer(self, item: Frame, now: float) -> bool:
+        """Write the frame to the waiting stream's socket (True), or queue it
+        (False: the channel must be notified). Only the next seq, never the
+        terminal one, and only what the socket takes at once: the rest of a
+        partial send is the stream's to write, before anything else."""
+        if self.parked and item.seq == self.last + 1 and not item.terminal and not self.pending and not self.rest:
+            try:
+                n = self.sock.send(item.chunk, socket.MSG_DONTWAIT)
+            except OSError:
+                n = 0  # full, or broken: the stream's own write tells which
+            if n:
+                self.last, self.sent = item.seq, now
+                if n == len(item.chunk):
+                    return True
+                self.rest = item.chunk[n:]
+                return False
+        self.push(item)
+        return False
 
     def push(self, item: Frame) -> None:
         """Queue a frame (the reader; it then notifies the channel); never blocks."""
@@ -293,9 +340,12 @@ class Relay:
                     except (ValueError, KeyError):
                         log.warning("relay: not an event on %s: %.200r", reply[1], reply[2])
                         continue
+                    now, queued = time.monotonic(), False
                     for sub in tuple(chan.subs):
-                        sub.push(item)
-                    chan.notify()
+                        if not sub.offer(item, now):
+                            queued = True
+                    if queued:
+                        chan.notify()
             elif kind == b"subscribe":
                 chan = channel_of(reply[1])
                 if chan is not None:
@@ -321,6 +371,7 @@ def relay_events(
     after: int,
     snapshot: Callable[[], Event | None],
     finished: bool | None = None,
+    sock: socket.socket | None = None,
 ) -> Generator[bytes, None, int | None]:
     """Yield SSE frames after `after` until the terminal event; returns the
     last seq sent once the terminal event went out, None if the stream had
@@ -336,8 +387,11 @@ def relay_events(
     `finished`, when the caller knows: a new stream (after 0) of a turn not
     yet ended waits for its events without asking Postgres; one of a turn
     that ended, with nothing after `after` held, gets its end from Postgres.
+    `sock`, from `direct_socket()`: the reader may write to it while the
+    stream waits (the frames yielded must then go out as they are, unprefixed).
     """
     sub = relay.subscribe(events.channel)
+    sub.sock = None if sock is None else getattr(sock, "_sock", sock)  # the OS socket, under gevent's
     last = after
 
     def logged() -> list[Frame]:
@@ -419,7 +473,19 @@ def relay_events(
             if done:
                 return last
             relay.wake_at(sub, written + relay.ping_seconds)
+            if sock is not None:
+                sub.last, sub.parked = last, True
             batch = sub.take()
+            if sub.parked:
+                sub.parked = False
+                if sub.last != last:  # the reader wrote to the socket meanwhile
+                    last, written, idle = sub.last, sub.sent, 0
+                if sub.rest:
+                    rest, sub.rest = sub.rest, b""
+                    try:
+                        sock.sendall(rest)  # gevent's: waits for the client, up to the socket's timeout
+                    except OSError:
+                        return None
             if sub.ended:
                 return None  # the client reconnects and resumes from the log
             if batch:
@@ -501,6 +567,21 @@ def parse_seq(raw: str) -> int:
     if after < 0:
         raise ApiError(422, "Last-Event-ID (or after) must not be negative", {"field": "after"})
     return after
+
+
+def direct_socket() -> socket.socket | None:
+    """The request's socket, if the relay's reader may write a stream's
+    frames to it itself: under gunicorn's gevent worker (reader and stream
+    are greenlets of one thread, so they never write at once), without TLS
+    in the process, and in a chunked response (HTTP/1.1, not HEAD), whose
+    framing each direct send carries."""
+    env = request.environ
+    sock = env.get("gunicorn.socket")
+    if sock is None or not type(sock).__module__.startswith("gevent") or hasattr(sock, "cipher"):
+        return None
+    if env.get("SERVER_PROTOCOL") != "HTTP/1.1" or env.get("REQUEST_METHOD") == "HEAD":
+        return None
+    return sock
 
 
 def sse_response(frames: Iterable[bytes], ping_seconds: float) -> Response:

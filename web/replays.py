@@ -12,7 +12,7 @@ from shared.events import Event, EventLog
 from shared.models import ChatSession, Message, Replay, Turn
 from shared.replays import create_replay, item_rows, summary
 from web.errors import ApiError
-from web.relay import last_event_id, parse_seq, relay_events, sse_response
+from web.relay import direct_socket, last_event_id, parse_seq, relay_events, sse_response
 from web.resources import owned, valid_id
 from web.validation import ReplayCreate, parse_body
 
@@ -71,7 +71,7 @@ def events(replay_id: str):
         data = {"replay_id": replay.id, "seq": 0, "type": "replay.snapshot", **state}
         return Event(0, "replay.snapshot", data, json.dumps(data))
 
-    stream = relay_events(relay, log, after, snapshot)
+    stream = relay_events(relay, log, after, snapshot, sock=direct_socket())
     return sse_response(stream, relay.ping_seconds)
 
 

@@ -15,7 +15,7 @@ from shared.events import Event, EventLog
 from shared.models import TERMINAL, ChatSession, Turn
 from shared.turns import TurnConflict, cancel_turn, lock_session, submit_turn
 from web.errors import ApiError
-from web.relay import delivered, last_event_id, parse_seq, relay_events, sse_response
+from web.relay import delivered, direct_socket, last_event_id, parse_seq, relay_events, sse_response
 from web.resources import owned, turn_json, valid_id
 from web.validation import ChatRequest, TurnCreate, parse_body
 
@@ -158,7 +158,7 @@ def turn_snapshot(turn_id: str) -> Event | None:
 
 def _sse(events: EventLog, after: int, turn_id: str, finished: bool, first: bytes = b"") -> Response:
     relay = current_app.extensions["turnstream.relay"]
-    frames = relay_events(relay, events, after, lambda: turn_snapshot(turn_id), finished=finished)
+    frames = relay_events(relay, events, after, lambda: turn_snapshot(turn_id), finished, direct_socket())
     if first:
         frames = _after_first(first, frames)
     return sse_response(frames, relay.ping_seconds)

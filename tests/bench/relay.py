@@ -173,6 +173,7 @@ class Sse(asyncio.Protocol):
         self.buf = b""
         self.events = 0
         self.ready = False  # Turnstream sends `retry:` once it subscribed
+        self.head = b""  # what came before it
         self.started = asyncio.get_running_loop().create_future()  # ready, or closed before
         self.transport: asyncio.Transport | None = None
 
@@ -185,7 +186,8 @@ class Sse(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = time.time()
         if not self.ready:
-            self.ready = b"\nretry:" in data
+            self.head += data
+            self.ready = b"\nretry:" in self.head
             if self.ready and not self.started.done():
                 self.started.set_result(True)
         if self.frozen:  # from the first bytes on, it never reads again
@@ -254,7 +256,10 @@ async def wait_ready(server: Server, r: redis.Redis, channels: list[bytes], clie
         deadline = time.monotonic() + 120
         while not all(c.ready for c in clients):
             if time.monotonic() > deadline:
-                raise SystemExit(f"turnstream: {sum(c.ready for c in clients)} of {len(clients)} streams started")
+                late = [c for c in clients if not c.ready]
+                for c in late[:5]:
+                    print(f"  not started: open {c.transport is not None}, received {c.head[:300]!r}")
+                raise SystemExit(f"turnstream: {len(clients) - len(late)} of {len(clients)} streams started")
             await asyncio.sleep(0.1)
     elif (got := await wait_subscribed(r, channels, len(clients))) < len(clients):
         raise SystemExit(f"{server.name}: {got} of {len(clients)} subscriptions")
@@ -386,7 +391,7 @@ async def idle(server: Server, setup: Setup, r: redis.Redis, redis_port: int, si
 async def max_rate(server: Server, setup: Setup, r: redis.Redis, redis_port: int, seconds: float) -> dict:
     """Raise the rate to 1,000 streams until p99 passes 100 ms or events go missing."""
     best, steps = None, []
-    for rate in (1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 40_000, 60_000):
+    for rate in (1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000):
         step = await deliver(server, setup, r, redis_port, streams=1000, turns=1000, rate=rate, seconds=seconds)
         steps.append(step)
         print(f"  {server.name}: {rate} events/s: p99 {step['p99_ms']} ms, delivered {step['delivered_share']}")
@@ -474,8 +479,10 @@ def main() -> None:
                 continue
             server.start(logdir)
             setup = Setup(turns, key, ENV["REDIS_PREFIX"])  # flask-sse only borrows the ids as channel names
-            results[server.name] = asyncio.run(measure(server, setup, r, redis_port, args, logdir))
-            server.proc.stop()
+            try:
+                results[server.name] = asyncio.run(measure(server, setup, r, redis_port, args, logdir))
+            finally:
+                server.proc.stop()
     rows_of(results, args)
 
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import functools
 import logging
+from contextlib import contextmanager
 
 import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
+from kombu.utils.objects import cached_property
 
 from shared.config import get_settings
 from shared.redis import Batcher, get_redis, key
@@ -29,12 +32,39 @@ def get_celery() -> Celery:
     app = Celery("turnstream")
     app.config_from_object("celeryconfig")
     app.conf.broker_url = settings.broker_url
+    app.conf.broker_transport = f"{__name__}:Transport"
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options,
         "global_keyprefix": settings.redis_prefix,
     }
     app.conf.beat_schedule = {"sweep-turns": {"task": SWEEP_TURNS, "schedule": settings.sweep_seconds}}
     return app
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel, with one redis-py client for the commands it
+    sends outside its consumer's BRPOP (publishes, acks, task events).
+
+    kombu builds a new client for each of them, and redis-py fills a table of
+    about 150 reply callbacks per client: 60 µs of CPU each, and several per
+    task (every task event, every ack). A client holds no connection (each
+    command takes one from the channel's pool and gives it back), so one
+    serves every command and every thread."""
+
+    @cached_property
+    def _commands_client(self) -> redis.Redis:
+        return self._create_client()
+
+    @contextmanager
+    def conn_or_acquire(self, client=None):
+        yield client or self._commands_client
+
+
+class Transport(kombu_redis.Transport):
+    """Celery's broker transport for redis:// and rediss:// URLs (TLS comes
+    from the URL's ssl_* parameters, as with kombu's own)."""
+
+    Channel = Channel
 
 
 def send_turn(turn_id: str) -> None:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import redis
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from kombu.utils.objects import cached_property
 
@@ -32,7 +33,6 @@ def get_celery() -> Celery:
     app = Celery("turnstream")
     app.config_from_object("celeryconfig")
     app.conf.broker_url = settings.broker_url
-    app.conf.broker_transport = f"{__name__}:Transport"
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options,
         "global_keyprefix": settings.redis_prefix,
@@ -61,10 +61,15 @@ class Channel(kombu_redis.Channel):
 
 
 class Transport(kombu_redis.Transport):
-    """Celery's broker transport for redis:// and rediss:// URLs (TLS comes
-    from the URL's ssl_* parameters, as with kombu's own)."""
-
     Channel = Channel
+
+
+# kombu finds a transport by its URL's scheme: redis:// and rediss:// now name
+# this one, in every process that imports this module (web, worker, beat and
+# Flower all do, before their first connection). Registered under the
+# schemes' own names, not as a class path in broker_transport, so URLs keep
+# their form where they are shown (Flower's broker page reads the scheme).
+TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = f"{__name__}:Transport"
 
 
 def send_turn(turn_id: str) -> None:

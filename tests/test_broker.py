@@ -1,5 +1,5 @@
 """The broker transport: kombu's Redis transport, with one redis-py client per
-channel for its commands. Against real Redis."""
+channel for its commands, under the redis:// scheme. Against real Redis."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def test_broker_commands_build_no_redis_client_each(stack, monkeypatch):
 
     with get_celery().connection_for_write() as conn:
         assert isinstance(conn.transport, Transport)
+        # its URL keeps its scheme, which Flower's broker page dispatches on
+        assert conn.as_uri().startswith("redis://")
         queue = conn.SimpleQueue(f"test-broker-{uuid.uuid4().hex[:8]}")
         try:
             queue.put({"n": 0})

@@ -11,7 +11,7 @@ time in the order they were accepted, with no worker waiting on a lock.
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Connection, Row, and_, bindparam, exists, func, select, text, update
+from sqlalchemy import Boolean, Connection, Row, and_, bindparam, column, exists, func, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from shared.broker import send_turn
@@ -34,13 +34,19 @@ _LOCK = (
 # The submit_turn() function (migration 0003): the session's row lock, then,
 # in a statement whose snapshot is taken after the lock was granted (so it
 # sees a turn that ended meanwhile), the turn and its question and whether
-# another turn of the session is active. One round trip in autocommit.
-_SUBMIT = text("""
-    SELECT (s.turn).*, s.busy, s.created FROM submit_turn(
+# another turn of the session is active. One round trip in autocommit. Its
+# columns are named in the order given to .columns(), so SQLAlchemy matches
+# them by position and keeps the result's metadata with the compiled
+# statement (matched by name, it rebuilt them on every execution: 0.25 ms of
+# CPU per submit instead of 0.21, in a probe).
+_SUBMIT = text(
+    "SELECT "
+    + ", ".join(f"(s.turn).{c.name}" for c in Turn.__table__.c)
+    + """, s.busy, s.created FROM submit_turn(
         :session_id, :owner_id, :turn_id, :message_id, :content,
         :idempotency_key, :request_hash, :reject_if_busy, :active
-    ) AS s
-""").columns(busy=Boolean, created=Boolean, **{c.name: c.type for c in Turn.__table__.c})  # matched by name
+    ) AS s"""
+).columns(*Turn.__table__.c, column("busy", Boolean), column("created", Boolean))
 
 
 def lock_session(db: Session | Connection, session_id: str, owner_id: str) -> Row | None:

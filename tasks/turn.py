@@ -14,7 +14,7 @@ import kombu.exceptions
 import redis
 from celery import Task, shared_task
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
-from sqlalchemy import and_, bindparam, func, join, select, text, update
+from sqlalchemy import and_, bindparam, column, func, join, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import aliased
@@ -88,10 +88,16 @@ _CLAIM_WITH_HISTORY = (
 )
 # The finish_turn() function (migration 0004): under the session's row lock,
 # the final state guarded by the attempt, the answer, and what to send next.
-# One round trip in autocommit.
-_FINISH = text(
-    "SELECT * FROM finish_turn(:turn_id, :session_id, :attempt, :status, :answer, :usage, :tools, :error, :message_id)"
-).bindparams(bindparam("usage", type_=JSONB), bindparam("tools", type_=JSONB), bindparam("error", type_=JSONB))
+# One round trip in autocommit; its columns named in order, so the result's
+# metadata is kept with the compiled statement (as _SUBMIT's).
+_FINISH = (
+    text(
+        "SELECT ended, next_turn, replay FROM finish_turn("
+        ":turn_id, :session_id, :attempt, :status, :answer, :usage, :tools, :error, :message_id)"
+    )
+    .bindparams(bindparam("usage", type_=JSONB), bindparam("tools", type_=JSONB), bindparam("error", type_=JSONB))
+    .columns(column("ended"), column("next_turn"), column("replay"))
+)
 
 
 def claim_turn(turn_id: str) -> Claim | None:

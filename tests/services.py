@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -245,6 +246,9 @@ def stack(prefix: str, env_defaults: dict[str, str], model_args: tuple[str, ...]
     finally:
         for proc in reversed(procs):
             proc.stop()
+        # The data (about 70 MB of Postgres per stack) goes; the logs stay.
+        for data in ("pg", "redis"):
+            shutil.rmtree(workdir / data, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved_environ)
         reset_process_singletons()

@@ -5,10 +5,14 @@ row under an attempt number), so a redelivered task is harmless and a lost
 one is re-sent by the sweeper. Results live in Postgres and the event log, not
 in Celery. Values that come from the environment (broker URL, key prefix, the
 sweeper's schedule) are added by shared.broker.get_celery(), so this module
-reads nothing when imported. Redis itself must run with
+reads nothing when imported (the worker's concurrency, WORKER_CONCURRENCY,
+comes that way too). Redis itself must run with
 `maxmemory-policy noeviction` (deploy/redis.sh; the worker warns otherwise).
 """
 
+# Threads: a turn waits on the model and its tools, and the MCP client is
+# asyncio, which gevent's pool clashes with.
+worker_pool = "threads"
 # A worker that starts before Redis keeps trying instead of exiting.
 broker_connection_retry_on_startup = True
 # The task modules, imported by the worker when it starts (never by the web tier).

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything Turnstream needs on a Debian machine, idempotently:
 # Debian packages (redis-server, postgresql), a virtual environment in .venv
-# with the pinned requirements. Run as root, or with sudo available.
+# with the pinned requirements (production's and the development tools), the
+# project installed in it. Run as root, or with sudo available.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || missing+=(postgresql)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v openssl >/dev/null || missing+=(openssl)  # the tests' TLS Redis
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   "${sudo_[@]}" apt-get update -qq
@@ -20,10 +22,10 @@ fi
 # runs private instances on other ports and does not need them.
 
 stamp=.venv/.requirements.sha
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python requirements" >&2
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
   echo "$want" > "$stamp"
 fi

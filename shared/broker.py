@@ -32,7 +32,8 @@ def get_celery() -> Celery:
     settings = get_settings()
     app = Celery("turnstream")
     app.config_from_object("celeryconfig")
-    app.conf.broker_url = settings.broker_url
+    app.conf.broker_url = settings.redis_url
+    app.conf.worker_concurrency = settings.worker_concurrency
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options,
         "global_keyprefix": settings.redis_prefix,

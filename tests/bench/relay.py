@@ -52,7 +52,7 @@ ENV = {
     "AUTH": "on",
     "REDIS_PREFIX": "relay:",
     "OPENAI_API_KEY": "offline",
-    "SECRET_KEY": "bench",
+    "SECRET_KEY": "bench-" + "x" * 32,
     # Short pings so vanished clients are found within the run; 15 s in production.
     "SSE_PING_SECONDS": "5",
     "WEB_WORKER_CONNECTIONS": "20000",
@@ -71,7 +71,7 @@ class Server:
     """One web server under test, and how its clients and publisher address it."""
 
     name: str
-    app: str
+    app: str | None
     env: dict
     proc: services.Proc | None = None
     port: int = 0
@@ -426,10 +426,10 @@ def make_turns(n: int) -> tuple[list[str], str]:
 
     from shared.db import db_session
     from shared.models import ChatSession, Turn
-    from web.auth import create_key, owner_for_key
+    from web.auth import caller_for_key, create_key
 
     key = create_key(f"bench-{uuid.uuid4().hex[:8]}")
-    owner_id = owner_for_key(key)
+    owner_id = caller_for_key(key).owner_id
     ids = [str(uuid.uuid4()) for _ in range(n)]
     with db_session() as db:
         chat = ChatSession(owner_id=owner_id, title="relay bench", meta={}, turn_count=n)
@@ -471,7 +471,7 @@ def main() -> None:
         turns, key = make_turns(max(args.sizes) + 12_000)
         servers = [
             Server("flask-sse", "tests.bench.flask_sse_app:app", env),
-            Server("turnstream", "web:create_app()", env),
+            Server("turnstream", None, env),  # the Procfile's web line
         ]
         results = {}
         for server in servers:

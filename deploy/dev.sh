@@ -6,7 +6,13 @@ cd "$(dirname "$0")/.."
 bash deploy/setup.sh
 mkdir -p .local
 export PATH="$PWD/.venv/bin:$PATH"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Local development, said out loud: authentication is off by default here,
+# which web and Flower allow only on 127.0.0.1.
+export TURNSTREAM_ENV=development
+export FLOWER_ADDRESS=127.0.0.1 FLOWER_PORT=5555
+# For AUTH=on: a key kept across restarts, so the chat page's login lasts.
+[ -s .local/secret-key ] || python -c 'import secrets; print(secrets.token_hex(32))' > .local/secret-key
+export SECRET_KEY="${SECRET_KEY:-$(cat .local/secret-key)}"
 # Tools: the bundled read-only SQL server over the demo shop database (the
 # worker's start creates it), unless MCP_SERVERS says otherwise.
 export DEMO_DATABASE_URL="${DEMO_DATABASE_URL:-postgresql://turnstream@127.0.0.1:5433/turnstream_demo}"
@@ -21,5 +27,6 @@ export WEB_PORT="${PORT:-8000}"
 echo
 echo "  Turnstream chat:  http://127.0.0.1:${WEB_PORT}/"
 echo "  Flower:           http://127.0.0.1:5555/"
+echo "  Local development: authentication is ${AUTH:-off}; both listen on 127.0.0.1 only."
 echo
 exec honcho -f Procfile.dev start

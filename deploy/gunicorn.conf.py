@@ -6,19 +6,36 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import os  # noqa: E402
+from shared.config import ConfigError, get_settings, is_loopback  # noqa: E402
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+# Read and validated here, in the master: a bad setting stops the server with
+# its sentence before any worker starts.
+_settings = get_settings()
+bind = f"0.0.0.0:{_settings.port}"
 worker_class = "gevent"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+workers = _settings.web_concurrency
 # Each SSE stream is one greenlet; the relay holds one Redis connection per
 # process whatever this number.
-worker_connections = int(os.environ.get("WEB_WORKER_CONNECTIONS", "10000"))
+worker_connections = _settings.web_worker_connections
 timeout = 30
 # SIGTERM ends SSE streams at once (post_worker_init); plain requests get this long.
 graceful_timeout = 20
 keepalive = 5
 accesslog = "-"
+
+
+def on_starting(server):
+    """Before binding: with authentication off, only this machine may reach
+    the server (`-b` on the command line can change the address)."""
+    if _settings.auth_enabled:
+        return
+    for address in server.cfg.bind:
+        host = address.rpartition(":")[0] if not address.startswith("unix:") else "localhost"
+        if not is_loopback(host):
+            raise ConfigError(
+                f"AUTH=off is refused on {address}: anyone who reaches it could read every conversation and"
+                " use the model and the tools. Bind to 127.0.0.1 (as deploy/dev.sh does) or turn AUTH on."
+            )
 
 
 def post_worker_init(worker):

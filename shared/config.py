@@ -8,6 +8,7 @@ takes any mapping so tests can build settings without touching the process.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -23,6 +24,8 @@ OFFLINE_MODEL_NAME = "turnstream-offline"
 LOCAL_MODEL_URL = "http://127.0.0.1:8400/v1"
 LOCAL_DATABASE_URL = "postgresql://turnstream@127.0.0.1:5433/turnstream"
 LOCAL_REDIS_URL = "redis://127.0.0.1:6380/0"
+# Signs the chat page's login cookie: long enough that it cannot be guessed.
+MIN_SECRET_KEY_CHARS = 32
 
 
 class ConfigError(SystemExit):
@@ -45,10 +48,15 @@ class Settings:
     max_tool_rounds: int
     secret_key: str
     auth_enabled: bool
+    key_cache_seconds: float
+    login_seconds: int
     port: int
     web_concurrency: int
+    web_worker_connections: int
     worker_concurrency: int
     flower_basic_auth: str | None
+    flower_address: str
+    flower_port: int
     allowed_origins: tuple[str, ...]
     max_body_bytes: int
     max_message_chars: int
@@ -71,27 +79,36 @@ class Settings:
         """True when the bundled offline model is the one answering."""
         return self.openai_model == OFFLINE_MODEL_NAME
 
-    @property
-    def broker_url(self) -> str:
-        return _celery_redis_url(self.redis_url)
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         r = _Reader(environ)
-        env = r.choice("TURNSTREAM_ENV", ("development", "production"), "development")
-        production = env == "production"
-        secret_key = r.str("SECRET_KEY", None if production else "")
+        # Safe unless told otherwise: local development is a choice made out
+        # loud (deploy/dev.sh makes it), never what a forgotten variable gives.
+        env = r.choice("TURNSTREAM_ENV", ("development", "production"), "production")
+        development = env == "development"
+        auth = r.choice("AUTH", ("on", "off"), "off" if development else "on")
+        if auth == "off" and not development:
+            raise ConfigError(
+                "AUTH=off is refused unless TURNSTREAM_ENV=development: without API keys anyone who reaches"
+                " the server reads every conversation and spends the model account."
+            )
+        secret_key = r.str("SECRET_KEY", "")
+        if auth == "on" and len(secret_key) < MIN_SECRET_KEY_CHARS:
+            raise ConfigError(
+                f"SECRET_KEY must be at least {MIN_SECRET_KEY_CHARS} random characters when authentication is on"
+                " (it signs the chat page's login cookie); make one with"
+                " `python -c 'import secrets; print(secrets.token_hex(32))'`."
+            )
         if not secret_key:
-            # Development only: a per-process key means cookies do not survive
-            # a restart, which is acceptable on a laptop and never in production.
+            # With AUTH=off no cookie is issued; Flask still wants a key.
             secret_key = secrets.token_hex(32)
-        auth = r.choice("AUTH", ("on", "off"), "on" if production else "off")
-        if production and auth == "off":
-            raise ConfigError("AUTH=off is refused when TURNSTREAM_ENV=production: API keys are required.")
+        port = r.int("PORT", 8000, lo=1, hi=65535)
         settings = cls(
             env=env,
             database_url=_sqlalchemy_url(r.str("DATABASE_URL", LOCAL_DATABASE_URL), "DATABASE_URL"),
-            redis_url=_redis_url(r.str("REDIS_URL", LOCAL_REDIS_URL)),
+            redis_url=_redis_url(
+                r.str("REDIS_URL", LOCAL_REDIS_URL), r.choice("REDIS_TLS_VERIFY", CERT_REQS, "required")
+            ),
             redis_prefix=r.str("REDIS_PREFIX", "ts:"),
             openai_base_url=r.str("OPENAI_BASE_URL", LOCAL_MODEL_URL).rstrip("/"),
             openai_api_key=r.str("OPENAI_API_KEY", "offline"),
@@ -103,11 +120,16 @@ class Settings:
             max_tool_rounds=r.int("MAX_TOOL_ROUNDS", 8, lo=0, hi=100),
             secret_key=secret_key,
             auth_enabled=auth == "on",
-            port=r.int("PORT", 8000, lo=1, hi=65535),
+            key_cache_seconds=r.float("KEY_CACHE_SECONDS", 60.0, lo=0.0, hi=3600.0),
+            login_seconds=r.int("LOGIN_SECONDS", 7 * 86400, lo=60),
+            port=port,
             web_concurrency=r.int("WEB_CONCURRENCY", 2, lo=1, hi=64),
+            web_worker_connections=r.int("WEB_WORKER_CONNECTIONS", 10_000, lo=1),
             worker_concurrency=r.int("WORKER_CONCURRENCY", 32, lo=1, hi=1000),
-            flower_basic_auth=r.str("FLOWER_BASIC_AUTH", "") or None,
-            allowed_origins=tuple(o for o in r.str("ALLOWED_ORIGINS", "").split(",") if o.strip()),
+            flower_basic_auth=_flower_credential(r.str("FLOWER_BASIC_AUTH", "")),
+            flower_address=r.str("FLOWER_ADDRESS", "0.0.0.0"),
+            flower_port=r.int("FLOWER_PORT", port if "PORT" in environ else 5555, lo=1, hi=65535),
+            allowed_origins=tuple(o.strip() for o in r.str("ALLOWED_ORIGINS", "").split(",") if o.strip()),
             max_body_bytes=r.int("MAX_BODY_BYTES", 256 * 1024, lo=1024),
             max_message_chars=r.int("MAX_MESSAGE_CHARS", 32_000, lo=1),
             chat_wait_seconds=r.float("CHAT_WAIT_SECONDS", 30.0, lo=0.0),
@@ -126,8 +148,6 @@ class Settings:
         )
         if settings.stale_running_seconds < 2 * settings.heartbeat_seconds:
             raise ConfigError("STALE_RUNNING_SECONDS must be at least twice HEARTBEAT_SECONDS.")
-        if production and settings.flower_basic_auth is None:
-            raise ConfigError("FLOWER_BASIC_AUTH is required when TURNSTREAM_ENV=production (user:password).")
         return settings
 
 
@@ -172,35 +192,64 @@ class _Reader:
         return value
 
 
+def redact(url: str) -> str:
+    """The URL with its password replaced, fit for a message or a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address (a bind's host part) is reachable from this machine only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _sqlalchemy_url(url: str, name: str) -> str:
     """Accept the URL as platforms hand it out and pick the psycopg 3 driver."""
     scheme, sep, rest = url.partition("://")
     if not sep or not rest:
-        raise ConfigError(f"{name} must be a URL such as postgres://user:pass@host:5432/db; got {url!r}.")
+        raise ConfigError(f"{name} must be a URL such as postgres://user:pass@host:5432/db; got {redact(url)!r}.")
     if scheme in ("postgres", "postgresql", "postgresql+psycopg"):
         return f"postgresql+psycopg://{rest}"
     raise ConfigError(f"{name} must be a postgres:// or postgresql:// URL; got scheme {scheme!r}.")
 
 
-def _redis_url(url: str) -> str:
+# Certificate checks for rediss://, as redis-py and kombu both spell them.
+CERT_REQS = ("required", "optional", "none")
+
+
+def _redis_url(url: str, verify: str) -> str:
+    """REDIS_URL, with REDIS_TLS_VERIFY spelled into a rediss:// URL's query
+    (where redis-py and Celery's transport both read it) unless the URL
+    says otherwise. Platforms hand out rediss:// URLs with no such
+    parameter, some (Heroku Redis) with a self-signed certificate."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
-        raise ConfigError(f"REDIS_URL must be a redis:// or rediss:// URL; got {url!r}.")
-    return url
-
-
-def _celery_redis_url(url: str) -> str:
-    """Celery's Redis transport wants ssl_cert_reqs spelled out for rediss://.
-
-    Heroku-style rediss:// URLs carry no such parameter; default to verifying
-    certificates unless the URL says otherwise.
-    """
-    parts = urlsplit(url)
+        raise ConfigError(f"REDIS_URL must be a redis:// or rediss:// URL; got {redact(url)!r}.")
     if parts.scheme != "rediss":
         return url
     query = dict(parse_qsl(parts.query))
-    query.setdefault("ssl_cert_reqs", "required")
+    query.setdefault("ssl_cert_reqs", verify)
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _flower_credential(value: str) -> str | None:
+    """FLOWER_BASIC_AUTH: one `user:password`, taken whole (commas and all)."""
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not (sep and user and password):
+        raise ConfigError("FLOWER_BASIC_AUTH must be user:password, both parts non-empty.")
+    return value
 
 
 def _mcp_servers(raw: str) -> dict[str, Any]:

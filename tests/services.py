@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -26,6 +27,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_block(count: int, step: int) -> int:
+    """A base port whose next count-1 ports, step apart, are free too (honcho
+    gives each process type the base port plus 100 times its place)."""
+    for _ in range(100):
+        base = random.randrange(20_000, 60_000 - count * step)
+        try:
+            for n in range(count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + n * step))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free block of ports")
 
 
 def wait_until(check: Callable[[], T], timeout: float, what: str) -> T:
@@ -103,9 +119,22 @@ def start_postgres(workdir: Path, logdir: Path) -> tuple[Proc, int]:
     return proc, port
 
 
-def start_redis(workdir: Path, logdir: Path) -> tuple[Proc, int]:
+def start_redis(workdir: Path, logdir: Path, tls_password: str | None = None) -> tuple[Proc, int]:
+    """Redis on a free port; with tls_password, as Heroku Redis serves it:
+    TLS only, a self-signed certificate, a password."""
     port = free_port()
-    proc = Proc("redis", ["bash", "deploy/redis.sh", str(workdir / "redis"), str(port)], logdir)
+    args = ["bash", "deploy/redis.sh", str(workdir / "redis"), str(port)]
+    if tls_password is not None:
+        cert, key = workdir / "redis-cert.pem", workdir / "redis-key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=redis-test"]
+            + ["-keyout", str(key), "-out", str(cert)],
+            check=True,
+            capture_output=True,
+        )
+        args += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+        args += ["--tls-auth-clients", "no", "--requirepass", tls_password]
+    proc = Proc("redis", args, logdir)
     wait_until(lambda: port_open(port), 30, "Redis")
     return proc, port
 
@@ -139,56 +168,56 @@ def mcp_servers(demo_url: str, http_port: int) -> str:
     )
 
 
+def procfile_command(process: str, procfile: str = "Procfile") -> str:
+    """The command of one process type in the Procfile, as a platform runs it."""
+    for line in (ROOT / procfile).read_text().splitlines():
+        name, sep, command = line.partition(":")
+        if sep and name.strip() == process:
+            return command.strip()
+    raise KeyError(f"no {process!r} process in {procfile}")
+
+
+def procfile_args(process: str, *extra: str) -> list[str]:
+    """Run the Procfile's line through the shell, as a platform does, with
+    extra arguments after it (bash execs the one command: signals reach it)."""
+    return ["bash", "-c", procfile_command(process) + ' "$@"', process, *extra]
+
+
 def start_worker(
     logdir: Path, env: dict[str, str], name: str = "worker", concurrency: int = 8, extra: tuple[str, ...] = ()
 ) -> Proc:
-    return Proc(
-        name,
-        [
-            str(VENV_BIN / "celery"),
-            "-A",
-            "tasks",
-            "worker",
-            "-P",
-            "threads",
-            "-c",
-            str(concurrency),
-            "-E",
-            "--without-mingle",
-            "--without-gossip",
-            "-n",
-            f"{name}@%h",
-            "--loglevel",
-            "INFO",
-            *extra,
-        ],
-        logdir,
-        env,
-    )
+    args = procfile_args("worker", "-n", f"{name}@%h", *extra)
+    return Proc(name, args, logdir, {**env, "WORKER_CONCURRENCY": str(concurrency)})
 
 
 def start_beat(logdir: Path, env: dict[str, str], name: str = "beat") -> Proc:
-    schedule = logdir / f"{name}-schedule"
-    args = [str(VENV_BIN / "celery"), "-A", "tasks", "beat", "--schedule", str(schedule), "--loglevel", "INFO"]
-    return Proc(name, args, logdir, env)
+    return Proc(name, procfile_args("beat", "--schedule", str(logdir / f"{name}-schedule")), logdir, env)
 
 
 def start_gunicorn(
-    logdir: Path, env: dict[str, str], workers: int = 1, app: str = "web:create_app()", name: str = "gunicorn"
+    logdir: Path, env: dict[str, str], workers: int = 1, app: str | None = None, name: str = "gunicorn"
 ) -> tuple[Proc, int]:
+    """The Procfile's web process; `app`, another WSGI app under the same
+    gunicorn settings (the relay benchmark's baseline)."""
     port = free_port()
-    proc = Proc(
-        name,
-        [str(VENV_BIN / "gunicorn"), "-c", "deploy/gunicorn.conf.py", "-w", str(workers), app],
-        logdir,
-        {**env, "PORT": str(port)},
-    )
+    if app is None:
+        args = procfile_args("web", "-w", str(workers))
+    else:
+        args = [str(VENV_BIN / "gunicorn"), "-c", "deploy/gunicorn.conf.py", "-w", str(workers), app]
+    proc = Proc(name, args, logdir, {**env, "PORT": str(port)})
     wait_until(lambda: port_open(port), 30, "gunicorn")
     return proc, port
 
 
 @contextlib.contextmanager
-def stack(prefix: str, env_defaults: dict[str, str], model_args: tuple[str, ...], mcp: bool = True) -> Iterator[dict]:
+def stack(
+    prefix: str,
+    env_defaults: dict[str, str],
+    model_args: tuple[str, ...],
+    mcp: bool = True,
+    migrate: bool = True,
+    redis_tls_password: str | None = None,
+) -> Iterator[dict]:
     """Postgres, Redis, the offline model (and the MCP test servers), migrated
     and set in this process's environment until the end; workers and web are
     the caller's."""
@@ -201,7 +230,7 @@ def stack(prefix: str, env_defaults: dict[str, str], model_args: tuple[str, ...]
     try:
         pg, pg_port = start_postgres(workdir, logdir)
         procs.append(pg)
-        rd, redis_port = start_redis(workdir, logdir)
+        rd, redis_port = start_redis(workdir, logdir, redis_tls_password)
         procs.append(rd)
         model, model_port = start_model(logdir, *model_args)
         procs.append(model)
@@ -209,9 +238,15 @@ def stack(prefix: str, env_defaults: dict[str, str], model_args: tuple[str, ...]
             **os.environ,
             **env_defaults,
             "DATABASE_URL": f"postgres://turnstream@127.0.0.1:{pg_port}/turnstream",
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "REDIS_URL": (
+                f"rediss://:{redis_tls_password}@127.0.0.1:{redis_port}/0"
+                if redis_tls_password is not None
+                else f"redis://127.0.0.1:{redis_port}/0"
+            ),
             "OPENAI_BASE_URL": f"http://127.0.0.1:{model_port}/v1",
-            "PYTHONPATH": str(ROOT),
+            # The venv's commands, as a platform's PATH has its Python's: the
+            # Procfile's lines find celery and gunicorn there.
+            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "MCP_SERVERS": "",
         }
         wait_until(lambda: port_open(pg_port), 30, "Postgres")
@@ -230,7 +265,8 @@ def stack(prefix: str, env_defaults: dict[str, str], model_args: tuple[str, ...]
         from shared.migrate import upgrade
 
         wait_until(_db_ready, 30, "Postgres accepting connections")
-        upgrade()
+        if migrate:
+            upgrade()
         yield {
             "env": env,
             "workdir": workdir,

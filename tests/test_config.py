@@ -6,21 +6,85 @@ import json
 
 import pytest
 
-from shared.config import ConfigError, Settings
+from shared.config import ConfigError, Settings, is_loopback, redact
+
+SECRET = "s" * 32
+DEV = {"TURNSTREAM_ENV": "development"}
 
 
-def test_defaults_run_everything_locally_with_the_offline_model():
-    s = Settings.from_env({})
+def test_defaults_run_everything_locally_with_the_offline_model_and_authentication_on():
+    s = Settings.from_env({"SECRET_KEY": SECRET})
+    assert s.env == "production" and s.auth_enabled  # nothing unsafe by omission
     assert s.database_url.startswith("postgresql+psycopg://") and "127.0.0.1" in s.database_url
     assert s.redis_url.startswith("redis://127.0.0.1")
     assert s.offline_model and s.openai_base_url.startswith("http://127.0.0.1")
-    assert not s.auth_enabled
+
+
+def test_authentication_is_off_only_when_local_development_is_chosen():
+    assert not Settings.from_env(DEV).auth_enabled
+    assert Settings.from_env({**DEV, "AUTH": "on", "SECRET_KEY": SECRET}).auth_enabled
+    for env in ({"AUTH": "off"}, {"AUTH": "off", "TURNSTREAM_ENV": "production", "SECRET_KEY": SECRET}):
+        with pytest.raises(ConfigError, match="AUTH=off is refused unless TURNSTREAM_ENV=development"):
+            Settings.from_env(env)
+
+
+@pytest.mark.parametrize("secret", [None, "", "short", "x" * 31])
+def test_a_signed_cookie_needs_a_long_secret_key(secret):
+    env = {} if secret is None else {"SECRET_KEY": secret}
+    for base in ({}, {**DEV, "AUTH": "on"}):
+        with pytest.raises(ConfigError, match="SECRET_KEY must be at least 32"):
+            Settings.from_env({**base, **env})
 
 
 def test_platform_urls_are_accepted_as_handed_out():
-    s = Settings.from_env({"DATABASE_URL": "postgres://u:p@db.example:5432/app", "REDIS_URL": "rediss://:pw@r:6380"})
+    env = {**DEV, "DATABASE_URL": "postgres://u:p@db.example:5432/app", "REDIS_URL": "rediss://:pw@r:6380"}
+    s = Settings.from_env(env)
     assert s.database_url == "postgresql+psycopg://u:p@db.example:5432/app"
-    assert s.broker_url == "rediss://:pw@r:6380?ssl_cert_reqs=required"
+    assert s.redis_url == "rediss://:pw@r:6380?ssl_cert_reqs=required"  # certificates checked by default
+    # Heroku Redis's self-signed certificate: one documented setting
+    assert Settings.from_env({**env, "REDIS_TLS_VERIFY": "none"}).redis_url.endswith("?ssl_cert_reqs=none")
+    # the URL's own word wins
+    url = "rediss://:pw@r:6380?ssl_cert_reqs=optional"
+    assert Settings.from_env({**env, "REDIS_URL": url, "REDIS_TLS_VERIFY": "none"}).redis_url == url
+    assert (
+        Settings.from_env({**DEV, "REDIS_URL": "redis://r:1/0", "REDIS_TLS_VERIFY": "none"}).redis_url
+        == "redis://r:1/0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "url"), [("DATABASE_URL", "mysql://admin:hunter2@db/x"), ("REDIS_URL", "http://admin:hunter2@r:1")]
+)
+def test_config_errors_never_print_a_password_from_a_url(name, url):
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env({**DEV, name: url})
+    assert name in str(exc.value) and "hunter2" not in str(exc.value)
+    assert redact(url).count("***") == 1 and "hunter2" not in redact(url)
+
+
+@pytest.mark.parametrize("value", [":", "admin:", ":pw", "admin"])
+def test_flower_credentials_must_have_a_user_and_a_password(value):
+    with pytest.raises(ConfigError, match="FLOWER_BASIC_AUTH"):
+        Settings.from_env({**DEV, "FLOWER_BASIC_AUTH": value})
+
+
+def test_a_flower_password_is_taken_whole_commas_and_all():
+    assert Settings.from_env({**DEV, "FLOWER_BASIC_AUTH": "ops:a,b:c"}).flower_basic_auth == "ops:a,b:c"
+
+
+def test_flower_listens_on_the_platform_port_unless_told_otherwise():
+    assert Settings.from_env(DEV).flower_port == 5555
+    assert Settings.from_env({**DEV, "PORT": "6100"}).flower_port == 6100
+    assert Settings.from_env({**DEV, "PORT": "6100", "FLOWER_PORT": "7000"}).flower_port == 7000
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.8.0.1", True), ("localhost", True), ("[::1]", True), ("::1", True)]
+    + [("0.0.0.0", False), ("", False), ("10.0.0.5", False), ("::", False), ("example.com", False)],
+)
+def test_loopback_addresses(host, loopback):
+    assert is_loopback(host) is loopback
 
 
 @pytest.mark.parametrize(
@@ -28,6 +92,7 @@ def test_platform_urls_are_accepted_as_handed_out():
     [
         ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
         ({"REDIS_URL": "http://nope"}, "REDIS_URL"),
+        ({"REDIS_TLS_VERIFY": "sometimes"}, "REDIS_TLS_VERIFY"),
         ({"PORT": "eighty"}, "PORT"),
         ({"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY"),
         ({"AUTH": "maybe"}, "AUTH"),
@@ -37,28 +102,22 @@ def test_platform_urls_are_accepted_as_handed_out():
         ({"MCP_SERVERS": json.dumps({"sql": {"command": "python", "args": "-m x"}})}, "MCP_SERVERS"),
         ({"TOOL_TIMEOUT_SECONDS": "0"}, "TOOL_TIMEOUT_SECONDS"),
         ({"MAX_TOOL_ROUNDS": "many"}, "MAX_TOOL_ROUNDS"),
-        ({"TURNSTREAM_ENV": "production", "FLOWER_BASIC_AUTH": "a:b"}, "SECRET_KEY"),
+        ({"KEY_CACHE_SECONDS": "-1"}, "KEY_CACHE_SECONDS"),
+        ({"LOGIN_SECONDS": "10"}, "LOGIN_SECONDS"),
     ],
 )
 def test_bad_values_stop_with_a_sentence_naming_the_variable(env, name):
     with pytest.raises(ConfigError) as exc:
-        Settings.from_env(env)
+        Settings.from_env({**DEV, **env})
     assert name in str(exc.value)
-
-
-def test_production_refuses_to_run_with_auth_off():
-    env = {"TURNSTREAM_ENV": "production", "SECRET_KEY": "s", "FLOWER_BASIC_AUTH": "a:b", "AUTH": "off"}
-    with pytest.raises(ConfigError, match="AUTH=off"):
-        Settings.from_env(env)
-    assert Settings.from_env({**env, "AUTH": "on"}).auth_enabled
 
 
 def test_mcp_servers_from_json_or_a_yaml_file(tmp_path):
     config = {"mcpServers": {"sql": {"command": "python", "args": ["-m", "x"]}, "docs": {"url": "http://h/mcp"}}}
-    assert set(Settings.from_env({"MCP_SERVERS": json.dumps(config)}).mcp_servers) == {"sql", "docs"}
+    assert set(Settings.from_env({**DEV, "MCP_SERVERS": json.dumps(config)}).mcp_servers) == {"sql", "docs"}
     path = tmp_path / "mcp.yaml"
     path.write_text("sql:\n  command: python\n")
-    assert Settings.from_env({"MCP_SERVERS": str(path)}).mcp_servers == {"sql": {"command": "python"}}
+    assert Settings.from_env({**DEV, "MCP_SERVERS": str(path)}).mcp_servers == {"sql": {"command": "python"}}
 
 
 def test_shared_imports_neither_web_nor_tasks_and_modules_read_nothing_at_import():
@@ -76,5 +135,25 @@ def test_shared_imports_neither_web_nor_tasks_and_modules_read_nothing_at_import
             assert not any(n.split(".")[0] in ("web", "tasks") for n in names), path
     # importing every tier with a broken environment must not fail: nothing is read at import
     code = "import web, tasks, shared.events, shared.turns, shared.replays; web.create_app"
-    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "broken", "PYTHONPATH": str(root)}
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": "broken"}
     subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True)
+
+
+def test_every_setting_is_documented_and_offered_to_heroku():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    read: set[str] = set()
+
+    class Recording(dict):
+        def get(self, name, default=None):
+            read.add(name)
+            return super().get(name, default)
+
+    Settings.from_env(Recording(DEV))
+    assert {"DATABASE_URL", "SECRET_KEY", "FLOWER_BASIC_AUTH"} <= read
+    documented = (root / "docs" / "configuration.md").read_text()
+    assert [name for name in sorted(read) if f"`{name}`" not in documented] == []
+    offered = json.loads((root / "app.json").read_text())["env"]
+    assert read - set(offered) == {"PORT", "DATABASE_URL", "REDIS_URL"}  # the platform and its add-ons set these
+    assert offered["SECRET_KEY"]["generator"] == "secret"

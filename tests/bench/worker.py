@@ -43,7 +43,7 @@ ENV = {
     "OPENAI_API_KEY": "offline",
     "OPENAI_MAX_RETRIES": "0",
     "OPENAI_TIMEOUT": "60",
-    "SECRET_KEY": "bench",
+    "SECRET_KEY": "bench-" + "x" * 32,
 }
 SLOW = "bench [[tokens=100]] [[delay=0.2]]"
 FAST = "bench [[tokens=3000]]"

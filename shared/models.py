@@ -64,14 +64,30 @@ class Owner(Base):
 class ApiKey(Base):
     """An API key. Only its SHA-256 is stored: keys are 256-bit random, so a
     fast hash is enough (no dictionary to guard against), and lookup is one
-    indexed equality."""
+    indexed equality. `prefix` (its first characters) tells keys apart."""
 
     __tablename__ = "api_keys"
     id: Mapped[str] = _id()
     owner_id: Mapped[str] = _fk("owners.id")
     name: Mapped[str]
     key_hash: Mapped[str] = mapped_column(unique=True)
+    prefix: Mapped[str | None]
     created_at: Mapped[datetime] = _now()
+    revoked_at: Mapped[datetime | None]
+
+
+class Login(Base):
+    """The chat page's login, made from an API key; its signed cookie holds
+    only this id. It ends at logout, at expires_at (an absolute lifetime,
+    never extended), or when its key is revoked."""
+
+    __tablename__ = "logins"
+    id: Mapped[str] = _id()
+    key_id: Mapped[str] = _fk("api_keys.id")
+    owner_id: Mapped[str] = _fk("owners.id")
+    created_at: Mapped[datetime] = _now()
+    expires_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
 
 
 class ChatSession(Base):

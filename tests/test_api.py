@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -71,6 +72,74 @@ def test_login_sets_a_signed_httponly_cookie_that_authenticates(client, owner):
     assert response.status_code == 200
     assert "HttpOnly" in response.headers["Set-Cookie"]
     assert client.get("/api/sessions").status_code == 200
+
+
+def _copied_cookie(client, app) -> str:
+    """The login cookie as a thief would copy it."""
+    return client.get_cookie(app.config["SESSION_COOKIE_NAME"]).value
+
+
+def test_logout_ends_the_login_on_the_server_not_only_in_the_browser(app, owner):
+    key = owner["Authorization"].split()[1]
+    browser = app.test_client()
+    assert browser.post("/api/login", json={"key": key}).status_code == 200
+    cookie = _copied_cookie(browser, app)
+    thief = app.test_client()
+    thief.set_cookie(app.config["SESSION_COOKIE_NAME"], cookie)
+    assert thief.get("/api/sessions").status_code == 200
+    assert browser.post("/api/logout").status_code == 200
+    _error(thief.get("/api/sessions"), 401, "unauthorized")  # at once, in the process that served the logout
+    _error(browser.get("/api/sessions"), 401, "unauthorized")
+
+
+def test_a_login_has_an_absolute_lifetime(app, owner):
+    from sqlalchemy import update
+
+    from shared.db import db_session
+    from shared.models import Login
+
+    browser = app.test_client()
+    response = browser.post("/api/login", json={"key": owner["Authorization"].split()[1]})
+    assert "Expires=" in response.headers["Set-Cookie"]
+    for _ in range(3):  # using it does not slide it forward: no new cookie
+        used = browser.get("/api/sessions")
+        assert used.status_code == 200 and "Set-Cookie" not in used.headers
+    with db_session() as db:  # its time passes
+        db.execute(update(Login).where(Login.owner_id == _owner_id(owner)).values(expires_at=Login.created_at))
+    time.sleep(1.1)  # KEY_CACHE_SECONDS in the tests
+    _error(browser.get("/api/sessions"), 401, "unauthorized")
+
+
+def test_a_revoked_key_and_its_logins_stop_working(app, owner):
+    key = owner["Authorization"].split()[1]
+    browser = app.test_client()
+    assert browser.post("/api/login", json={"key": key}).status_code == 200
+    assert browser.get("/api/sessions").status_code == 200
+    runner = app.test_cli_runner()
+    listed = runner.invoke(app.cli, ["keys", "list"], catch_exceptions=False).output
+    line = next(line for line in listed.splitlines() if key[:10] in line)
+    assert line.endswith("active") and key not in listed  # the prefix shows, never the key
+    revoked = runner.invoke(app.cli, ["keys", "revoke", key[:10]], catch_exceptions=False)
+    assert revoked.exit_code == 0 and "revoked" in revoked.output
+    time.sleep(1.1)  # KEY_CACHE_SECONDS in the tests
+    _error(app.test_client().get("/api/sessions", headers=owner), 401, "unauthorized")
+    _error(browser.get("/api/sessions"), 401, "unauthorized")
+    _error(app.test_client().post("/api/login", json={"key": key}), 401, "unauthorized")
+    line = next(line for line in runner.invoke(app.cli, ["keys", "list"]).output.splitlines() if key[:10] in line)
+    assert "revoked" in line
+    again = runner.invoke(app.cli, ["keys", "revoke", key[:10]])
+    assert again.exit_code == 1 and "no active key matches" in again.output
+
+
+def _owner_id(owner: dict) -> str:
+    from sqlalchemy import select
+
+    from shared.db import db_session
+    from shared.models import ApiKey
+    from web.auth import hash_key
+
+    with db_session() as db:
+        return db.scalar(select(ApiKey.owner_id).where(ApiKey.key_hash == hash_key(owner["Authorization"].split()[1])))
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.env == "production",
-        PERMANENT_SESSION_LIFETIME=timedelta(days=7),
+        # The cookie's lifetime is the login's, counted from the login: it is
+        # set once, not slid forward by every request.
+        PERMANENT_SESSION_LIFETIME=timedelta(seconds=settings.login_seconds),
+        SESSION_REFRESH_EACH_REQUEST=False,
         JSON_SORT_KEYS=False,
     )
     app.json.sort_keys = False

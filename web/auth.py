@@ -1,34 +1,86 @@
-"""Who is calling: API keys (hashed at rest), the chat page's signed cookie,
-or, in local development with AUTH=off, the one local owner."""
+"""Who is calling: API keys (hashed at rest), the chat page's login cookie,
+or, in local development with AUTH=off, the one local owner.
+
+A key or a login that was checked lately is remembered for KEY_CACHE_SECONDS
+in each web process, so a request does not ask Postgres who it is (that
+lookup was a web process's largest cost per request). A revoked key, and the
+logins made from it, stop working within that time; a logout at once in the
+process that served it and within that time in the others. Nothing unknown
+or ended is remembered.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import threading
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from cachetools import TTLCache
 from flask import Blueprint, current_app, g, jsonify, request, session
-from sqlalchemy import select
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from shared.db import db_session
-from shared.models import ApiKey, Owner
+from shared.config import get_settings
+from shared.db import autocommit_engine, db_session
+from shared.models import ApiKey, Login, Owner
 from web.errors import ApiError
-from web.validation import Login, parse_body
+from web.validation import Login as LoginBody
+from web.validation import parse_body
 
 bp = Blueprint("auth", __name__)
 
 LOCAL_OWNER = "local"
-PUBLIC_ENDPOINTS = {"health.health", "auth.login", "page.index", "static"}
+PUBLIC_ENDPOINTS = {"health.health", "auth.login", "auth.logout", "page.index", "static"}
+KEY_PREFIX_CHARS = 10  # "ts_" and 7 characters of the key: enough to tell keys apart, useless to guess it
 
-# Keys seen lately (hash -> owner id), so a request does not ask Postgres who
-# it is: that lookup was a web process's largest cost per request
-# (tests/bench/pipeline.py). A key deleted in the database keeps working for
-# up to KNOWN_KEY_SECONDS in each web process; an unknown key is never cached.
-KNOWN_KEY_SECONDS = 60
-_known_keys: TTLCache[str, str] = TTLCache(maxsize=10_000, ttl=KNOWN_KEY_SECONDS)
-_known_keys_lock = threading.Lock()
+
+@dataclass(frozen=True)
+class Caller:
+    owner_id: str
+    key_id: str
+    expires_at: datetime | None = None  # a login's end, checked even when remembered
+
+
+class _Remembered:
+    """Callers checked lately, by key hash or login id; thread- and greenlet-safe."""
+
+    def __init__(self, seconds: float) -> None:
+        self._cache: TTLCache[str, Caller] = TTLCache(maxsize=10_000, ttl=seconds)
+        self._lock = threading.Lock()
+
+    def get(self, ident: str) -> Caller | None:
+        with self._lock:
+            return self._cache.get(ident)
+
+    def put(self, ident: str, caller: Caller) -> None:
+        with self._lock:
+            self._cache[ident] = caller
+
+    def forget(self, ident: str) -> None:
+        with self._lock:
+            self._cache.pop(ident, None)
+
+
+@functools.cache
+def remembered() -> _Remembered:
+    return _Remembered(get_settings().key_cache_seconds)
+
+
+_KEY = select(ApiKey.id, ApiKey.owner_id).where(ApiKey.key_hash == bindparam("digest"), ApiKey.revoked_at.is_(None))
+_LOGIN = (
+    select(Login.key_id, Login.owner_id, Login.expires_at)
+    .join(ApiKey, ApiKey.id == Login.key_id)
+    .where(
+        Login.id == bindparam("login_id"),
+        Login.ended_at.is_(None),
+        Login.expires_at > func.now(),
+        ApiKey.revoked_at.is_(None),
+    )
+)
 
 
 def hash_key(key: str) -> str:
@@ -41,21 +93,50 @@ def create_key(owner_name: str, key_name: str = "default") -> str:
     key = "ts_" + secrets.token_urlsafe(32)
     with db_session() as db:
         owner = get_or_create_owner(db, owner_name)
-        db.add(ApiKey(owner_id=owner.id, name=key_name, key_hash=hash_key(key)))
+        db.add(ApiKey(owner_id=owner.id, name=key_name, key_hash=hash_key(key), prefix=key[:KEY_PREFIX_CHARS]))
     return key
 
 
-def owner_for_key(key: str) -> str | None:
+def revoke_keys(db, refs: list[str]) -> list[ApiKey]:
+    """Revoke the keys named by id or by prefix (as `keys list` shows them);
+    returns those revoked now."""
+    ids = []
+    for ref in refs:
+        try:
+            ids.append(str(uuid.UUID(ref)))
+        except ValueError:
+            continue
+    named = or_(ApiKey.id.in_(ids), ApiKey.prefix.in_(refs))
+    revoke = update(ApiKey).where(named, ApiKey.revoked_at.is_(None)).values(revoked_at=func.now())
+    return list(db.scalars(revoke.returning(ApiKey)))
+
+
+def caller_for_key(key: str) -> Caller | None:
     digest = hash_key(key)
-    with _known_keys_lock:
-        owner_id = _known_keys.get(digest)
-    if owner_id is None:
-        with db_session() as db:
-            owner_id = db.scalar(select(ApiKey.owner_id).where(ApiKey.key_hash == digest))
-        if owner_id is not None:
-            with _known_keys_lock:
-                _known_keys[digest] = owner_id
-    return owner_id
+    caller = remembered().get(digest)
+    if caller is None:
+        with autocommit_engine().connect() as conn:
+            row = conn.execute(_KEY, {"digest": digest}).one_or_none()
+        if row is None:
+            return None
+        caller = Caller(owner_id=row.owner_id, key_id=row.id)
+        remembered().put(digest, caller)
+    return caller
+
+
+def caller_for_login(login_id: str) -> Caller | None:
+    caller = remembered().get(login_id)
+    if caller is None:
+        with autocommit_engine().connect() as conn:
+            row = conn.execute(_LOGIN, {"login_id": login_id}).one_or_none()
+        if row is None:
+            return None
+        caller = Caller(owner_id=row.owner_id, key_id=row.key_id, expires_at=row.expires_at)
+        remembered().put(login_id, caller)
+    if caller.expires_at is not None and caller.expires_at <= datetime.now(UTC):
+        remembered().forget(login_id)
+        return None
+    return caller
 
 
 def local_owner_id() -> str:
@@ -94,13 +175,18 @@ def authenticate() -> None:
         return
     key = _presented_key()
     if key is not None:
-        owner_id = owner_for_key(key)
-        if owner_id is None:
-            raise ApiError(401, "unknown API key")
-        g.owner_id = owner_id
+        caller = caller_for_key(key)
+        if caller is None:
+            raise ApiError(401, "unknown or revoked API key")
+        g.owner_id = caller.owner_id
         return
-    if session.get("owner_id"):
-        g.owner_id = session["owner_id"]
+    login_id = session.get("login")
+    if login_id:
+        caller = caller_for_login(login_id)
+        if caller is None:
+            session.clear()
+            raise ApiError(401, "your login has ended: sign in again with an API key")
+        g.owner_id = caller.owner_id
         return
     raise ApiError(401, "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
 
@@ -108,18 +194,31 @@ def authenticate() -> None:
 @bp.post("/api/login")
 def login():
     """Exchange an API key for the chat page's signed, HttpOnly cookie
-    (EventSource cannot send headers)."""
-    body = parse_body(Login)
-    owner_id = owner_for_key(body.key)
-    if owner_id is None:
-        raise ApiError(401, "unknown API key")
+    (EventSource cannot send headers). The cookie names a login on the
+    server, which ends at logout or after LOGIN_SECONDS, whatever happens."""
+    body = parse_body(LoginBody)
+    caller = caller_for_key(body.key)
+    if caller is None:
+        raise ApiError(401, "unknown or revoked API key")
+    lifetime = timedelta(seconds=current_app.extensions["turnstream.settings"].login_seconds)
+    with db_session() as db:
+        made = Login(key_id=caller.key_id, owner_id=caller.owner_id, expires_at=datetime.now(UTC) + lifetime)
+        db.add(made)
+        db.flush()
+        login_id = made.id
     session.clear()
-    session["owner_id"] = owner_id
+    session["login"] = login_id
     session.permanent = True
     return jsonify({"ok": True})
 
 
 @bp.post("/api/logout")
 def logout():
+    """End the login on the server, not only the browser's copy of its cookie."""
+    login_id = session.get("login")
+    if login_id:
+        with db_session() as db:
+            db.execute(update(Login).where(Login.id == login_id, Login.ended_at.is_(None)).values(ended_at=func.now()))
+        remembered().forget(login_id)
     session.clear()
     return jsonify({"ok": True})

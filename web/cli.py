@@ -1,4 +1,4 @@
-"""Operator commands: `flask --app web db upgrade | keys create | replay | turns`."""
+"""Operator commands: `flask --app web db upgrade | keys create/list/revoke | replay | turns`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from shared.broker import send_turn
 from shared.db import db_session
-from shared.models import ACTIVE, STATUSES, TERMINAL, Replay, Turn
+from shared.models import ACTIVE, STATUSES, TERMINAL, ApiKey, Owner, Replay, Turn
 from shared.recovery import alive, claimed_lately, requeue_stale_running, requeue_turn, resend_queued
 from shared.replays import create_replay, item_rows, summary
 
@@ -48,7 +48,51 @@ def keys_create(name: str, label: str) -> None:
     """Create an API key for owner NAME and print it once (only a hash is kept)."""
     from web.auth import create_key
 
-    click.echo(create_key(name, label))
+    key = create_key(name, label)
+    click.echo(key)
+    click.echo(
+        f"API key for {name} ({label}): shown this once. Send it as 'Authorization: Bearer <key>' or"
+        " 'X-API-Key: <key>', or paste it into the chat page's sign-in.",
+        err=True,
+    )
+
+
+@keys_group.command("list")
+@click.option("--owner", "owner_name", help="Only this owner's keys.")
+def keys_list(owner_name: str | None) -> None:
+    """Every key: its id, prefix, owner, label, when it was made and whether it was revoked."""
+    query = select(ApiKey, Owner.name).join(Owner, Owner.id == ApiKey.owner_id).order_by(ApiKey.created_at)
+    if owner_name is not None:
+        query = query.where(Owner.name == owner_name)
+    with db_session() as db:
+        rows = db.execute(query).all()
+    if not rows:
+        click.echo("no keys" + (f" for {owner_name}" if owner_name else "") + ": make one with `keys create NAME`")
+        return
+    click.echo(f"{'id':36}  {'prefix':10}  {'owner':20}  {'label':12}  {'created':16}  status")
+    for key, owner in rows:
+        status = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+        created = f"{key.created_at:%Y-%m-%d %H:%M}"
+        click.echo(f"{key.id:36}  {key.prefix or '-':10}  {owner:20}  {key.name:12}  {created:16}  {status}")
+
+
+@keys_group.command("revoke")
+@click.argument("keys", nargs=-1, required=True)
+def keys_revoke(keys: tuple[str, ...]) -> None:
+    """Revoke keys by id or prefix (as `keys list` shows them). A revoked key,
+    and every chat-page login made with it, stops working within
+    KEY_CACHE_SECONDS (60 by default) in every web process."""
+    from web.auth import revoke_keys
+
+    with db_session() as db:
+        revoked = revoke_keys(db, list(keys))
+    for key in revoked:
+        click.echo(f"revoked {key.id} ({key.prefix or 'no prefix'}, {key.name})")
+    matched = {k.id for k in revoked} | {k.prefix for k in revoked}
+    missing = [k for k in keys if k not in matched]
+    if missing:
+        click.echo(f"no active key matches: {', '.join(missing)}", err=True)
+        sys.exit(1)
 
 
 @bp.cli.command("replay")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from sqlalchemy import Boolean, Connection, Row, and_, bindparam, column, exists, func, select, text, update
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.types import Uuid
 
 from shared.broker import send_turn
 from shared.db import after_commit
@@ -105,7 +106,8 @@ def next_queued(db: Session | Connection, session_id: str) -> str | None:
     """The session's turn to send now that one of its turns ended: its first
     queued turn, if none is running (Postgres's `next_queued_turn()`, which
     `finish_turn()` uses too). Call with the session row locked."""
-    return db.scalar(select(func.next_queued_turn(bindparam("session_id"))), {"session_id": session_id})
+    next_turn = func.next_queued_turn(bindparam("session_id"), type_=Uuid(as_uuid=False))  # a str, as ids are
+    return db.scalar(select(next_turn), {"session_id": session_id})
 
 
 def schedule_next(db: Session, session_id: str) -> None:
@@ -116,9 +118,11 @@ def schedule_next(db: Session, session_id: str) -> None:
         after_commit(db, send_turn, nxt)
 
 
-def cancel_turn(db: Session, turn: Turn) -> None:
-    """Cancel a turn. A queued turn ends here; a running one is flagged and
-    its worker stops between deltas. Call with the session row locked."""
+def cancel_turn(db: Session, turn: Turn, *, send_next: bool = True) -> None:
+    """Cancel a turn. A queued turn ends here (and, unless the whole session
+    is going, the next one is sent if it may run now); a running one is
+    flagged and its worker stops between deltas. Call with the session row
+    locked."""
     log = EventLog("turn", turn.id)
     if turn.status == "queued":
         db.execute(
@@ -127,7 +131,8 @@ def cancel_turn(db: Session, turn: Turn) -> None:
             .values(status="cancelled", finished_at=func.now())
         )
         db.refresh(turn)
-        schedule_next(db, turn.session_id)
+        if send_next:
+            schedule_next(db, turn.session_id)
         after_commit(db, log.append, "turn.cancelled")
     elif turn.status == "running":
         log.request_cancel()

@@ -218,3 +218,40 @@ def test_deleting_a_session_ends_its_running_turn_as_cancelled(client, owner):
     wait_until(lambda: any(e.terminal for e in log.read_after(0)), 10, "the end of the stream")
     assert log.read_after(0)[-1].type == "turn.cancelled"
     assert client.get(f"/api/turns/{turn_id}", headers=owner).status_code == 404
+
+
+def _queued_behind(client, owner, monkeypatch, n: int) -> tuple[str, list[str], list[str]]:
+    """A session with n turns that stay queued (none is sent to a worker);
+    returns its id, the turns' ids and the list that catches later sends."""
+    import shared.turns
+
+    sent: list[str] = []
+    monkeypatch.setattr(shared.turns, "send_turn", sent.append)
+    sid = _session(client, owner)
+    turns = [
+        client.post(f"/api/sessions/{sid}/turns", json={"message": f"q{i}"}, headers=owner).get_json()["id"]
+        for i in range(n)
+    ]
+    assert sent == [turns[0]]  # only the first may run; it never reached a worker
+    sent.clear()
+    return sid, turns, sent
+
+
+def test_cancelling_the_first_of_two_queued_turns_sends_the_second(client, owner, monkeypatch):
+    sid, (first, second), sent = _queued_behind(client, owner, monkeypatch, 2)
+    monkeypatch.undo()  # the real sender from here: a worker must run the second turn
+    assert client.post(f"/api/turns/{first}/cancel", headers=owner).status_code == 202
+    assert wait_turn(client, owner, second)["status"] == "succeeded"
+
+
+def test_deleting_a_session_whose_turn_waits_in_line_sends_nothing_and_logs_no_error(
+    client, owner, monkeypatch, caplog
+):
+    sid, turns, sent = _queued_behind(client, owner, monkeypatch, 3)
+    with caplog.at_level("WARNING"):
+        assert client.delete(f"/api/sessions/{sid}", headers=owner).status_code == 204
+    assert sent == []  # nothing comes after a deleted session's turns
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+    for turn_id in turns:
+        assert [e.type for e in EventLog("turn", turn_id).read_after(0)] == ["turn.cancelled"]
+        assert client.get(f"/api/turns/{turn_id}", headers=owner).status_code == 404

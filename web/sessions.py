@@ -79,7 +79,7 @@ def delete_session(session_id: str):
     with db_session() as db:
         chat = owned(db, ChatSession, session_id, lock=True)
         for turn in db.scalars(select(Turn).where(Turn.session_id == chat.id, Turn.status.in_(ACTIVE))):
-            cancel_turn(db, turn)
+            cancel_turn(db, turn, send_next=False)  # every turn of the session goes with it
         db.delete(chat)
     return "", 204
 

@@ -59,6 +59,10 @@ worker_soft_shutdown_timeout = 3.0
 worker_send_task_events = True
 task_send_sent_event = False
 task_default_queue = "turns"
+# The sweeper has a queue of its own, which every worker also consumes: it
+# must not wait behind a long queue of turns (it is what re-sends lost ones).
+task_queues = {"turns": {}, "maintenance": {}}
+task_routes = {"tasks.sweep_turns": {"queue": "maintenance"}}
 timezone = "UTC"
 # No task time limits: the threads pool cannot enforce them. A turn is bounded
 # by OPENAI_TIMEOUT per model read, TOOL_TIMEOUT_SECONDS per tool call and

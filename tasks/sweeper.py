@@ -9,7 +9,9 @@ from shared.recovery import requeue_stale_running, resend_queued, resend_stalled
 from tasks.turn import TurnstreamTask
 
 
-@shared_task(name=SWEEP_TURNS, base=TurnstreamTask)
+# No task events: run every SWEEP_SECONDS, it would fill Flower's task list,
+# which is there to show turns. What it does, shared/recovery.py logs.
+@shared_task(name=SWEEP_TURNS, base=TurnstreamTask, send_events=False)
 def sweep_turns() -> dict[str, int]:
     """How many queued turns were re-sent, running ones re-queued and
     stalled replays advanced."""

@@ -50,6 +50,17 @@ class TurnstreamTask(Task):
     ignore_result = True
 
 
+class TurnFailed(Exception):
+    """A turn that ended failed or cancelled, raised once its end is recorded
+    so that Celery's task events (what Flower shows) say so: the task fails
+    with the turn's id and error code. Expected (`throws`): logged in a line,
+    never retried (nothing is left to do), and the message is acknowledged."""
+
+    def __init__(self, turn_id: str, status: str, error: dict[str, Any] | None) -> None:
+        detail = f"{error['code']}: {error['message']}" if error else "cancelled by request"
+        super().__init__(f"turn {turn_id} {status} ({detail})")
+
+
 @dataclass(frozen=True)
 class Claim:
     turn_id: str
@@ -150,9 +161,11 @@ def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | 
     return "turn.cancelled", {}
 
 
-@shared_task(name=RUN_TURN, bind=True, base=TurnstreamTask)
-def run_turn(self: Task, turn_id: str) -> None:
-    """Run one chat turn. Safe to receive twice: only a claim runs it."""
+@shared_task(name=RUN_TURN, bind=True, base=TurnstreamTask, throws=(TurnFailed,))
+def run_turn(self: Task, turn_id: str) -> str:
+    """Run one chat turn. Safe to receive twice: only a claim runs it.
+    Returns what happened, for Flower; raises TurnFailed for a turn that
+    ended failed or cancelled."""
     heartbeat = get_heartbeat()
     try:
         claim = claim_turn(turn_id)
@@ -160,17 +173,21 @@ def run_turn(self: Task, turn_id: str) -> None:
         raise self.retry(exc=exc, countdown=backoff(self.request.retries + 1), max_retries=10) from exc
     if claim is None:
         log.info("turn %s: nothing to run", turn_id)
-        return
+        return f"turn {turn_id}: nothing to run (finished, running elsewhere, or waiting behind its session)"
     events = EventLog("turn", turn_id, publisher=get_publisher(), attempt=claim.attempt)
     heartbeat.track(turn_id, claim.attempt, events)
     try:
         outcome = _run(claim, events)
         if outcome is None:
             _hand_back(claim)
-        else:
-            _finish(claim, events, outcome)
+            return f"turn {turn_id}: handed back to the queue (attempt {claim.attempt})"
+        if not _finish(claim, events, outcome):
+            return f"turn {turn_id}: attempt {claim.attempt} no longer owned the turn; wrote nothing"
     finally:
         heartbeat.forget(turn_id, claim.attempt)
+    if outcome.status != "succeeded":
+        raise TurnFailed(turn_id, outcome.status, outcome.error)
+    return f"turn {turn_id} succeeded (attempt {claim.attempt})"
 
 
 def _run(claim: Claim, events: EventLog) -> Outcome | None:
@@ -193,20 +210,23 @@ def _run(claim: Claim, events: EventLog) -> Outcome | None:
         return Outcome("failed", error=error)
 
 
-def _finish(claim: Claim, events: EventLog, outcome: Outcome) -> None:
+def _finish(claim: Claim, events: EventLog, outcome: Outcome) -> bool:
     """Record the end, then emit the terminal event, each retried while
-    Postgres or Redis is unreachable. If the end never lands, the turn stays
-    running without a heartbeat once this task ends, and the sweeper
-    re-queues it. If the log was lost, clients get the end from Postgres
-    (the relay's snapshot)."""
+    Postgres or Redis is unreachable; False if this attempt no longer owned
+    the turn. If the end never lands, the turn stays running without a
+    heartbeat once this task ends, and the sweeper re-queues it. If the log
+    was lost, clients get the end from Postgres (the relay's snapshot)."""
     terminal = _retrying(lambda: finish_turn(claim, outcome), f"record the end of turn {claim.turn_id}")
     if terminal is None:
-        return
+        return False
     type_, fields = terminal
+    if type_ == "turn.cancelled" and outcome.status != "cancelled":  # its session was deleted meanwhile
+        outcome.status, outcome.error = "cancelled", None
     try:
         _retrying(lambda: events.append(type_, **fields), f"emit the end of turn {claim.turn_id}")
     except EventLogLost:
         log.warning("turn %s: its event log was lost; clients read the end from Postgres", claim.turn_id)
+    return True
 
 
 def _retrying(fn: Callable[[], T], what: str, tries: int = 6) -> T:

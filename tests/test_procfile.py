@@ -103,10 +103,11 @@ def test_the_procfile_serves_a_turn_end_to_end_as_a_platform_runs_it(platform):
 
         def flower_saw_the_turns():
             tasks = httpx.get(f"{flower}/api/tasks", headers=_basic(FLOWER_USER, FLOWER_PASSWORD), timeout=5).json()
-            names = [t["name"] for t in tasks.values()]
-            return names.count("tasks.run_turn") >= 2 and "tasks.sweep_turns" in names  # beat runs too
+            return [t["state"] for t in tasks.values() if t["name"] == "tasks.run_turn"] == ["SUCCESS"] * 2
 
-        services.wait_until(flower_saw_the_turns, 30, "Flower showing the worker's and beat's tasks")
+        services.wait_until(flower_saw_the_turns, 30, "Flower showing the worker's turns")
+        # beat sends the sweeper, and a worker runs it (out of Flower's list)
+        services.wait_until(lambda: "Task tasks.sweep_turns[" in formation.log_path.read_text(), 30, "the sweeper")
         log = formation.log_path.read_text()
         assert "s3cret" not in log and "platform-kkk" not in log  # no password in any process's output
     finally:

@@ -11,7 +11,7 @@ import openai
 from openai import OpenAI, Stream
 from openai._streaming import ServerSentEvent, SSEDecoder
 
-from shared.config import get_settings
+from shared.config import get_settings, redact
 
 
 class ModelError(Exception):
@@ -157,14 +157,9 @@ def stream_completion(
             raise StreamBroken(
                 "model_timeout" if timeout else "model_unavailable", f"the model's stream broke off: {exc}"
             ) from exc
-        if timeout:
-            raise ModelError("model_timeout", f"the model did not answer in time: {exc}") from exc
-        raise ModelError("model_unavailable", f"could not reach the model: {exc}") from exc
-    except openai.RateLimitError as exc:
-        raise ModelError("model_rate_limited", f"the model kept refusing with 429: {exc}") from exc
+        raise _unreachable(exc, timeout) from exc
     except openai.APIStatusError as exc:
-        code = "model_unavailable" if exc.status_code >= 500 else "model_error"
-        raise ModelError(code, f"the model answered HTTP {exc.status_code}: {exc.message}") from exc
+        raise _refused(exc) from exc
     except openai.OpenAIError as exc:
         raise ModelError("model_error", str(exc)) from exc
     except OSError as exc:
@@ -174,3 +169,37 @@ def stream_completion(
     for i, call in enumerate(result.tool_calls):
         call.id = call.id or f"call_{i}"
     return result
+
+
+def _unreachable(exc: openai.APIConnectionError, timeout: bool) -> ModelError:
+    """A model that could not be reached, saying where it was looked for."""
+    s = get_settings()
+    where = f"the model server at {redact(s.openai_base_url)}"
+    if timeout:
+        return ModelError("model_timeout", f"{where} did not answer within OPENAI_TIMEOUT ({s.openai_timeout:g} s)")
+    return ModelError("model_unavailable", f"could not reach {where} ({exc}): check OPENAI_BASE_URL")
+
+
+def _refused(exc: openai.APIStatusError) -> ModelError:
+    """A model server's error answer, naming the setting that usually causes it."""
+    s = get_settings()
+    status, where = exc.status_code, f"the model server at {redact(s.openai_base_url)}"
+    retried = f"after OPENAI_MAX_RETRIES ({s.openai_max_retries}) retries"
+    detail = _short(exc.message)
+    if status == 429:
+        return ModelError("model_rate_limited", f"{where} kept answering 429 (rate limited) {retried}: {detail}")
+    if status >= 500:
+        return ModelError("model_unavailable", f"{where} answered HTTP {status} {retried}: {detail}")
+    if status in (401, 403):
+        return ModelError("model_error", f"{where} refused the key (HTTP {status}): check OPENAI_API_KEY. {detail}")
+    if status == 404:
+        return ModelError(
+            "model_error",
+            f"{where} answered HTTP 404 for /chat/completions: check OPENAI_BASE_URL (it usually ends in /v1)"
+            f" and OPENAI_MODEL ({s.openai_model!r}). {detail}",
+        )
+    return ModelError("model_error", f"{where} answered HTTP {status}: {detail}")
+
+
+def _short(text: str, most: int = 300) -> str:
+    return text if len(text) <= most else text[: most - 1] + "…"

@@ -238,3 +238,40 @@ def test_cancel_stops_a_running_turn_within_a_second(client, owner, message, wai
     deltas = "".join(e.data["delta"] for e in _of(log.read_after(0), "message.delta"))
     assert done["answer"] == deltas  # what was produced is kept
     assert not _of(log.read_after(0), "tool.finished")
+
+
+@pytest.mark.parametrize(
+    ("base_url", "message", "code", "says"),
+    [
+        (
+            "{model}",
+            "hi",
+            "model_error",
+            ["HTTP 404", "check OPENAI_BASE_URL (it usually ends in /v1)", "OPENAI_MODEL"],
+        ),
+        ("http://127.0.0.1:{closed}/v1", "hi", "model_unavailable", ["could not reach", "check OPENAI_BASE_URL"]),
+        ("{model}/v1", "hi [[fault=401]]", "model_error", ["refused the key (HTTP 401)", "check OPENAI_API_KEY"]),
+        ("{model}/v1", "hi [[fault=503]]", "model_unavailable", ["HTTP 503 after OPENAI_MAX_RETRIES (0) retries"]),
+    ],
+    ids=["no-v1", "closed-port", "wrong-key", "server-error"],
+)
+def test_model_errors_name_the_url_tried_and_the_setting_to_fix(stack, monkeypatch, base_url, message, code, says):
+    from shared.config import get_settings
+    from tasks.model import ModelError, get_client, stream_completion
+    from tests.services import free_port
+
+    url = base_url.format(model=f"http://127.0.0.1:{stack['model_port']}", closed=free_port())
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+    monkeypatch.setenv("OPENAI_MAX_RETRIES", "0")
+    get_settings.cache_clear()
+    get_client.cache_clear()
+    try:
+        with pytest.raises(ModelError) as exc:
+            stream_completion([{"role": "user", "content": message}], lambda _: None)
+    finally:
+        get_settings.cache_clear()  # the next use reads the environment as the fixture restores it
+        get_client.cache_clear()
+    assert exc.value.code == code
+    assert f"the model server at {url}" in exc.value.message
+    for words in says:
+        assert words in exc.value.message, exc.value.message

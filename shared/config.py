@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-# The offline model server that ships with the project (offline_model/).
+# The offline model server that ships with the project (offline_model/),
+# and how its model list names it (so a worker can tell it is what answers).
 OFFLINE_MODEL_NAME = "turnstream-offline"
+OFFLINE_MODEL_OWNER = "turnstream"
 LOCAL_MODEL_URL = "http://127.0.0.1:8400/v1"
 LOCAL_DATABASE_URL = "postgresql://turnstream@127.0.0.1:5433/turnstream"
 LOCAL_REDIS_URL = "redis://127.0.0.1:6380/0"
@@ -73,11 +75,6 @@ class Settings:
     worker_stall_seconds: float
     db_pool_size: int
     redis_pool_size: int
-
-    @property
-    def offline_model(self) -> bool:
-        """True when the bundled offline model is the one answering."""
-        return self.openai_model == OFFLINE_MODEL_NAME
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

@@ -89,9 +89,11 @@ class _Run:
 
     def run(self) -> Outcome:
         out = self.outcome
-        specs = self.toolbox.specs()
+        offer = self.toolbox.offer()
+        if offer.unavailable:  # say so: the answer may lack what those tools would have given
+            self.emit("tools.unavailable", servers=offer.unavailable)
         for round_ in range(self.settings.max_tool_rounds + 1):
-            completion = stream_completion(self.messages, self.on_delta, specs)
+            completion = stream_completion(self.messages, self.on_delta, offer.specs)
             out.add_usage(completion)
             out.text += completion.text
             if completion.stopped or self.cancelled:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +13,10 @@ import openai
 from openai import OpenAI, Stream
 from openai._streaming import ServerSentEvent, SSEDecoder
 
-from shared.config import get_settings, redact
+from shared.config import OFFLINE_MODEL_NAME, OFFLINE_MODEL_OWNER, get_settings, redact
+from shared.status import REDIS_ERRORS, record_model
+
+log = logging.getLogger(__name__)
 
 
 class ModelError(Exception):
@@ -92,7 +97,70 @@ def get_client() -> OpenAI:
     )
 
 
+class _ModelHealth:
+    """What this process last told web about the model (shared/status.py):
+    it writes only when that changes, so a healthy model costs nothing per
+    turn."""
+
+    def __init__(self) -> None:
+        self._ok: bool | None = None
+        self._lock = threading.Lock()
+
+    def note(self, **fields: Any) -> None:
+        try:
+            record_model(**fields)
+        except REDIS_ERRORS as exc:  # best effort: a turn never fails for it
+            log.warning("could not record the model's status: %s", exc)
+
+    def report(self, error: ModelError | None, **extra: Any) -> None:
+        ok = error is None
+        with self._lock:
+            if ok is self._ok and not extra:
+                return
+            self._ok = ok
+        self.note(ok=ok, error=None if error is None else error.message, **extra)
+
+
+_health = _ModelHealth()
+
+
+def probe_model() -> None:
+    """At a worker's start: can the model be reached, and is it the bundled
+    offline model (which names itself in its model list)? A server with no
+    model list says nothing either way; the first completion will."""
+    model = get_settings().openai_model
+    try:
+        listed = get_client().with_options(max_retries=0, timeout=5.0).models.list()
+    except openai.APIConnectionError as exc:
+        _health.report(_unreachable(exc, isinstance(exc, openai.APITimeoutError)), offline=False)
+    except openai.APIStatusError as exc:
+        if exc.status_code == 404:
+            _health.note(offline=False)
+        else:
+            _health.report(_refused(exc), offline=False)
+    else:
+        owners = {m.id: getattr(m, "owned_by", None) for m in listed.data}
+        _health.report(None, offline=model == OFFLINE_MODEL_NAME and owners.get(model) == OFFLINE_MODEL_OWNER)
+
+
 def stream_completion(
+    messages: list[dict[str, Any]],
+    on_delta: Callable[[str], None],
+    tools: list[dict[str, Any]] | None = None,
+) -> Completion:
+    """See _stream_completion; reports the model's health as it changes."""
+    try:
+        result = _stream_completion(messages, on_delta, tools)
+    except StreamBroken:  # passing: the attempt is redone
+        raise
+    except ModelError as exc:
+        _health.report(exc)
+        raise
+    _health.report(None)
+    return result
+
+
+def _stream_completion(
     messages: list[dict[str, Any]],
     on_delta: Callable[[str], None],
     tools: list[dict[str, Any]] | None = None,

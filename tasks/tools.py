@@ -30,7 +30,8 @@ import mcp_types
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from shared.config import get_settings
+from shared.config import get_settings, redact
+from shared.status import REDIS_ERRORS, record_tool_server
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ class ToolResult:
     duration_ms: int
 
 
+@dataclass(frozen=True)
+class Offer:
+    specs: list[dict[str, Any]]  # OpenAI function tools
+    unavailable: list[dict[str, str]]  # {name, error} of each configured server left out
+
+
 def tool_name(server: str, tool: str) -> str:
     """The name the model sees: `<server>__<tool>`, in OpenAI's alphabet."""
     return _NAME_CHARS.sub("_", f"{server}__{tool}")[:64]
@@ -65,6 +72,7 @@ class _Server:
         self.client: Client | None = None
         self.tools: list[mcp_types.Tool] = []
         self.failed_at = 0.0
+        self.error: str | None = None  # why it last failed to open
         self._closing: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -80,12 +88,16 @@ class _Server:
             self._task = asyncio.create_task(self._hold(ready), name=f"mcp:{self.name}")
             try:
                 await asyncio.wait_for(asyncio.shield(ready), CONNECT_TIMEOUT)
-                return True
             except Exception as exc:  # noqa: BLE001 - any failure leaves the server out for now
-                log.warning("MCP server %r is unavailable: %s", self.name, exc or type(exc).__name__)
+                self.error = _describe_failure(self.config, exc)
+                log.warning("MCP server %r is unavailable: %s", self.name, self.error)
                 self.failed_at = time.monotonic()
                 self._task.cancel()
+                _record(self.name, self.error)
                 return False
+            self.error = None
+            _record(self.name, None, len(self.tools))
+            return True
 
     async def _hold(self, ready: asyncio.Future) -> None:
         """Open the client, publish it, and keep it open until closed."""
@@ -157,6 +169,22 @@ class _Server:
         return done(not result.is_error, _output_text(result))
 
 
+def _describe_failure(config: dict[str, Any], exc: BaseException) -> str:
+    """Why a server did not open, with what was tried."""
+    tried = f"command {config['command']!r}" if "command" in config else f"URL {redact(config['url'])}"
+    if isinstance(exc, TimeoutError):
+        return f"{tried} did not answer within {CONNECT_TIMEOUT:g} seconds"
+    return f"{tried} failed: {exc or type(exc).__name__}"
+
+
+def _record(name: str, error: str | None, tools: int = 0) -> None:
+    """Tell web what this worker saw (best effort: a turn never fails for it)."""
+    try:
+        record_tool_server(name, error, tools)
+    except REDIS_ERRORS as exc:
+        log.warning("could not record MCP server %r's status: %s", name, exc)
+
+
 def _output_text(result: mcp_types.CallToolResult) -> str:
     parts = []
     for block in result.content:
@@ -189,18 +217,20 @@ class Toolbox:
                 self._loop = loop
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def specs(self) -> list[dict[str, Any]]:
-        """The tools to offer the model, as OpenAI function tools."""
+    def offer(self) -> Offer:
+        """The tools to offer the model, as OpenAI function tools, and the
+        configured servers that could not be opened."""
         if not self._configs:
-            return []
-        return self._run(self._specs()).result()
+            return Offer([], [])
+        return self._run(self._offer()).result()
 
-    async def _specs(self) -> list[dict[str, Any]]:
+    async def _offer(self) -> Offer:
         servers = list(self._servers.values())
         await asyncio.gather(*(s.open() for s in servers))
-        specs, names = [], {}
+        specs, names, unavailable = [], {}, []
         for server in servers:
             if server.client is None:
+                unavailable.append({"name": server.name, "error": server.error or "unavailable"})
                 continue
             for tool in server.tools:
                 name = tool_name(server.name, tool.name)
@@ -216,7 +246,7 @@ class Toolbox:
                     }
                 )
         self._names = names
-        return specs
+        return Offer(specs, unavailable)
 
     def call_all(self, calls: list[tuple[str, str]], cancelled: Callable[[], bool]) -> list[ToolResult]:
         """Run (name, JSON arguments) calls at once; raise Cancelled as soon

@@ -26,10 +26,11 @@ from shared.events import EventLog, EventLogLost, get_publisher
 from shared.models import Message, Turn, new_id, status_of
 from shared.recovery import requeue_turn
 from shared.redis import check_eviction_policy
+from shared.status import POSTGRES_ERRORS, describe_outage
 from shared.turns import NEXT_IN_SESSION
 from tasks.agent import Outcome, backoff, run_agent
 from tasks.heartbeat import get_heartbeat
-from tasks.model import get_client
+from tasks.model import get_client, probe_model
 from tasks.tools import get_toolbox
 from tasks.watchdog import watch_consumer
 
@@ -265,6 +266,7 @@ def warm_up(sender: Any, **_: Any) -> None:
     watch_consumer(sender, on_stall=get_heartbeat().hand_back_all)
     check_eviction_policy()
     get_client()
+    threading.Thread(target=check_dependencies, name="start-checks", daemon=True).start()
     executor = getattr(sender.pool, "executor", None)
     if executor is not None:
         started = threading.Barrier(sender.pool.limit)
@@ -272,6 +274,20 @@ def warm_up(sender: Any, **_: Any) -> None:
             executor.submit(started.wait, 10)
     gc.collect()
     gc.freeze()
+
+
+def check_dependencies() -> None:
+    """What a person starting a worker needs to know, said at once rather
+    than at the first turn: a Postgres it cannot reach, in one line; and,
+    for web to show, whether the model answers (and is the offline one) and
+    which tool servers open (which also opens them before the first turn)."""
+    try:
+        with autocommit_engine().connect() as db:
+            db.execute(text("SELECT 1"))
+    except POSTGRES_ERRORS as exc:
+        log.error("%s; turns wait until it answers", describe_outage(exc))
+    probe_model()
+    get_toolbox().offer()
 
 
 @worker_shutting_down.connect

@@ -207,8 +207,8 @@ def test_chat_without_stream_waits_for_the_answer(client, owner):
     assert follow.get_json()["session_id"] == body["session_id"]
 
 
-def test_chat_page_is_served_and_says_when_the_offline_model_answers(client):
+def test_chat_page_is_served_with_its_script_and_a_place_for_notices(client):
     page = client.get("/")
     assert page.status_code == 200
-    assert b"offline test model is answering" in page.data
+    assert b'id="notices"' in page.data and b"chat.js" in page.data
     assert client.get("/static/chat.js").status_code == 200

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shared.config import ConfigError, Settings, is_loopback, redact
+from shared.config import OFFLINE_MODEL_NAME, ConfigError, Settings, is_loopback, redact
 
 SECRET = "s" * 32
 DEV = {"TURNSTREAM_ENV": "development"}
@@ -17,7 +17,7 @@ def test_defaults_run_everything_locally_with_the_offline_model_and_authenticati
     assert s.env == "production" and s.auth_enabled  # nothing unsafe by omission
     assert s.database_url.startswith("postgresql+psycopg://") and "127.0.0.1" in s.database_url
     assert s.redis_url.startswith("redis://127.0.0.1")
-    assert s.offline_model and s.openai_base_url.startswith("http://127.0.0.1")
+    assert s.openai_model == OFFLINE_MODEL_NAME and s.openai_base_url.startswith("http://127.0.0.1")
 
 
 def test_authentication_is_off_only_when_local_development_is_chosen():

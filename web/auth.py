@@ -34,7 +34,7 @@ from web.validation import parse_body
 bp = Blueprint("auth", __name__)
 
 LOCAL_OWNER = "local"
-PUBLIC_ENDPOINTS = {"health.health", "auth.login", "auth.logout", "page.index", "static"}
+PUBLIC_ENDPOINTS = {"health.health", "auth.login", "auth.logout", "page.index", "page.favicon", "static"}
 KEY_PREFIX_CHARS = 10  # "ts_" and 7 characters of the key: enough to tell keys apart, useless to guess it
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, render_template
+from datetime import UTC, datetime
+
+from flask import Blueprint, current_app, jsonify, render_template, send_from_directory
+
+from shared.status import model_status, tool_status
 
 bp = Blueprint("page", __name__)
 
@@ -13,9 +17,31 @@ def index():
     return render_template("index.html", settings=settings)
 
 
+@bp.get("/favicon.ico")
+def favicon():
+    """Browsers ask for it whatever the page links; the page's own icon answers."""
+    return send_from_directory(current_app.static_folder, "favicon.svg", mimetype="image/svg+xml", max_age=86400)
+
+
 @bp.get("/api/info")
 def info():
+    """The model and the tools as the workers last saw them: the offline
+    model is named only when a worker found it answering."""
     settings = current_app.extensions["turnstream.settings"]
+    model = model_status() or {}
     return jsonify(
-        {"model": settings.openai_model, "offline_model": settings.offline_model, "auth": settings.auth_enabled}
+        {
+            "model": settings.openai_model,
+            "offline_model": bool(model.get("offline")),
+            "model_status": {"ok": model.get("ok"), "error": model.get("error"), "checked_at": _iso(model.get("at"))},
+            "tools": [
+                {"name": name, "ok": s["ok"], "error": s["error"], "tools": s["tools"], "checked_at": _iso(s["at"])}
+                for name, s in tool_status(settings.mcp_servers).items()
+            ],
+            "auth": settings.auth_enabled,
+        }
     )
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()

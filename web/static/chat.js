@@ -12,9 +12,12 @@ async function api(path, options = {}) {
     headers: { "Content-Type": "application/json" },
     ...options,
   });
-  if (response.status === 401) { showLogin(); throw new Error("sign in first"); }
   if (response.status === 204) return null;
-  const body = await response.json();
+  const body = await response.json().catch(() => ({}));
+  if (response.status === 401) {
+    showLogin();
+    throw new Error(body.error ? body.error.message : "sign in with an API key");
+  }
   if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
   return body;
 }
@@ -26,9 +29,33 @@ $("login").addEventListener("submit", async (e) => {
   try {
     await api("/api/login", { method: "POST", body: JSON.stringify({ key: $("api-key").value }) });
     $("login").hidden = true;
+    $("login-error").textContent = "";
     loadSessions();
+    showNotices();
   } catch (err) { $("login-error").textContent = err.message; }
 });
+
+// What the workers last saw of the model and the tools (GET /api/info).
+const OFFLINE = "The offline test model is answering (it echoes what you say, deterministically, and calls tools " +
+  "by simple rules: try \"list tables\", \"describe table orders\" or \"SELECT count(*) FROM customers\"). " +
+  "Set OPENAI_BASE_URL, OPENAI_API_KEY and OPENAI_MODEL to use a real model.";
+
+async function showNotices() {
+  const info = await api("/api/info");
+  const notes = [];
+  if (info.model_status.ok === false) notes.push(["warning", `The model is not answering: ${info.model_status.error}`]);
+  else if (info.offline_model) notes.push(["banner", OFFLINE]);
+  const down = info.tools.filter((t) => t.ok === false);
+  if (down.length) {
+    notes.push(["warning", "Tools unavailable: " + down.map((t) => `${t.name} (${t.error})`).join("; ")]);
+  }
+  $("notices").replaceChildren(...notes.map(([kind, text]) => {
+    const p = document.createElement("p");
+    p.className = kind;
+    p.textContent = text;
+    return p;
+  }));
+}
 
 function bubble(role, text) {
   const div = document.createElement("div");
@@ -98,13 +125,20 @@ function follow(turn) {
   let calls = {};
   $("status").textContent = "queued…";
   stream = new EventSource(turn.events_url);
-  const finish = (label) => { stream.close(); stream = null; $("status").textContent = label; loadSessions(); };
+  const finish = (label) => {
+    stream.close(); stream = null; $("status").textContent = label; loadSessions(); showNotices().catch(() => {});
+  };
   stream.addEventListener("turn.started", () => { $("status").textContent = "answering…"; });
   stream.addEventListener("message.delta", (e) => { text += JSON.parse(e.data).delta; out.textContent = text; });
   stream.addEventListener("turn.restarted", () => {
     text = ""; out.textContent = "";
     for (const c of Object.values(calls)) c.box.remove();
     calls = {};
+  });
+  stream.addEventListener("tools.unavailable", (e) => {
+    const names = JSON.parse(e.data).servers.map((s) => `${s.name} (${s.error})`).join("; ");
+    bubble("notice", `Answering without the tools of: ${names}`);
+    $("messages").appendChild(out);
   });
   stream.addEventListener("tool.started", (e) => {
     const d = JSON.parse(e.data);
@@ -147,4 +181,4 @@ $("message").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
 });
 
-loadSessions().catch(() => {});
+loadSessions().then(showNotices).catch(() => {});

@@ -1,0 +1,92 @@
+"""What people are told about the model and the tool servers: the workers
+report what they saw, web shows it (/api/info, health, the chat page), and a
+turn offered fewer tools than configured says so."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+
+import pytest
+
+from shared.config import get_settings
+from shared.events import EventLog
+from tests.services import wait_until
+
+
+def _info(client, owner) -> dict:
+    return client.get("/api/info", headers=owner).get_json()
+
+
+def test_the_offline_banner_shows_only_while_the_offline_model_really_answers(client, owner, stack, monkeypatch):
+    from tasks import model
+
+    info = wait_until(lambda: (i := _info(client, owner))["offline_model"] and i, 30, "the worker's model probe")
+    assert info["model_status"]["ok"] is True and info["model_status"]["error"] is None
+
+    def worker_sees(base_url: str) -> None:  # a worker started with this OPENAI_BASE_URL
+        monkeypatch.setenv("OPENAI_BASE_URL", base_url)
+        monkeypatch.setenv("OPENAI_MAX_RETRIES", "0")
+        get_settings.cache_clear()
+        model.get_client.cache_clear()
+        model.probe_model()
+        try:
+            model.stream_completion([{"role": "user", "content": "hi"}], lambda _: None)
+        except model.ModelError:
+            pass
+
+    root = f"http://127.0.0.1:{stack['model_port']}"
+    try:
+        worker_sees(root)  # the usual mistake: no /v1
+        info = _info(client, owner)
+        assert info["offline_model"] is False and info["model_status"]["ok"] is False
+        assert f"the model server at {root}" in info["model_status"]["error"]
+        assert "OPENAI_BASE_URL" in info["model_status"]["error"]
+        assert client.get("/api/health").get_json()["checks"]["model"] == "error"
+    finally:
+        worker_sees(root + "/v1")
+        get_settings.cache_clear()
+        model.get_client.cache_clear()
+    info = _info(client, owner)
+    assert info["offline_model"] is True and info["model_status"] == {**info["model_status"], "ok": True, "error": None}
+
+
+def test_a_tool_server_that_cannot_start_shows_in_info_health_and_the_turn(stack, owner):
+    from tasks.agent import run_agent
+    from tasks.tools import Toolbox
+    from web import create_app
+
+    ghost = f"/nonexistent/ghost-mcp-{uuid.uuid4().hex[:6]}"
+    settings = get_settings()
+    settings = replace(settings, mcp_servers={**settings.mcp_servers, "ghost": {"command": ghost}})
+    toolbox = Toolbox(settings.mcp_servers, settings.tool_timeout)  # as a worker with this configuration
+    events = EventLog("turn", str(uuid.uuid4()))
+    try:
+        outcome = run_agent([{"role": "user", "content": "list tables"}], events, toolbox, settings, 1)
+    finally:
+        toolbox.close()
+    assert outcome.status == "succeeded" and outcome.tools[0]["name"] == "sql__list_tables"  # the rest still works
+    notes = [e for e in events.read_after(0) if e.type == "tools.unavailable"]
+    assert len(notes) == 1 and [s["name"] for s in notes[0].data["servers"]] == ["ghost"]
+    assert ghost in notes[0].data["servers"][0]["error"]
+
+    client = create_app(settings).test_client()
+    listed = {t["name"]: t for t in _info(client, owner)["tools"]}
+    assert listed["ghost"]["ok"] is False and ghost in listed["ghost"]["error"]
+    assert listed["sql"]["ok"] is True and listed["sql"]["tools"] == 3
+    assert client.get("/api/health").get_json()["checks"]["tools_unavailable"] == ["ghost"]
+
+
+def test_a_turn_with_every_tool_server_up_says_nothing_about_tools(client, owner):
+    from tests.conftest import wait_turn
+
+    sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
+    turn = client.post(f"/api/sessions/{sid}/turns", json={"message": "hello"}, headers=owner).get_json()
+    wait_turn(client, owner, turn["id"])
+    assert "tools.unavailable" not in [e.type for e in EventLog("turn", turn["id"]).read_after(0)]
+
+
+@pytest.mark.parametrize("path", ["/favicon.ico", "/static/favicon.svg"])
+def test_the_page_has_an_icon(client, path):
+    response = client.get(path)
+    assert response.status_code == 200 and response.mimetype == "image/svg+xml" and b"<svg" in response.data

@@ -31,13 +31,35 @@ class NoDelayServer(WSGIServer):
 
 def main() -> None:
     env = os.environ.get
-    parser = argparse.ArgumentParser(prog="python -m offline_model", description=__doc__)
-    parser.add_argument("--host", default=env("OFFLINE_MODEL_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(env("OFFLINE_MODEL_PORT", "8400")))
-    parser.add_argument("--first-token-delay", type=float, default=float(env("OFFLINE_MODEL_FIRST_TOKEN_DELAY", "0.2")))
-    parser.add_argument("--token-delay", type=float, default=float(env("OFFLINE_MODEL_TOKEN_DELAY", "0.03")))
-    parser.add_argument("--fault-rate", type=float, default=float(env("OFFLINE_MODEL_FAULT_RATE", "0")))
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="python -m offline_model",
+        description="An OpenAI-compatible model server for tests and local use: deterministic answers derived"
+        " from the conversation, configurable speed, injectable faults.",
+        epilog="Per request, directives in the last message: [[tokens=N]], [[first=S]], [[delay=S]],"
+        " [[fault=500]], [[fault=disconnect@K]], [[fault=stall]], [[fault=linger]], [[faults=500,429,...]],"
+        " [[call=NAME {json}]], [[rounds=N]]. At run time: POST /control.",
+    )
+    parser.add_argument("--host", default=env("OFFLINE_MODEL_HOST", "127.0.0.1"), help="address to listen on")
+    parser.add_argument("--port", type=int, default=int(env("OFFLINE_MODEL_PORT", "8400")), help="port (8400)")
+    parser.add_argument(
+        "--first-token-delay",
+        type=float,
+        default=float(env("OFFLINE_MODEL_FIRST_TOKEN_DELAY", "0.2")),
+        help="seconds before the first token (0.2); [[first=S]] in a message overrides it",
+    )
+    parser.add_argument(
+        "--token-delay",
+        type=float,
+        default=float(env("OFFLINE_MODEL_TOKEN_DELAY", "0.03")),
+        help="seconds between tokens (0.03); [[delay=S]] in a message overrides it",
+    )
+    parser.add_argument(
+        "--fault-rate",
+        type=float,
+        default=float(env("OFFLINE_MODEL_FAULT_RATE", "0")),
+        help="share of requests that fail at random: HTTP 500, 429 or a disconnect mid-stream (0)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random faults, for repeatable runs")
     args = parser.parse_args()
     behaviour = Behaviour(
         first_token_delay=args.first_token_delay,

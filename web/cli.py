@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 from flask import Blueprint
+from flask.cli import AppGroup
 from sqlalchemy import func, select
 from tqdm import tqdm
 
@@ -17,11 +21,46 @@ from shared.db import db_session
 from shared.models import ACTIVE, STATUSES, TERMINAL, ApiKey, Owner, Replay, Turn
 from shared.recovery import alive, claimed_lately, requeue_stale_running, requeue_turn, resend_queued
 from shared.replays import create_replay, item_rows, summary
+from shared.status import describe_outage
 
 bp = Blueprint("cli", __name__, cli_group=None)
 
+# `replay`'s exit codes besides 0 (2 is click's, for a bad argument or input file).
+EXIT_FAILED, EXIT_TIMEOUT = 1, 3
 
-@bp.cli.group("db")
+
+class OperatorCommand(click.Command):
+    """A command that reaches Postgres or Redis. One that cannot be reached is
+    a line naming where it was looked for and the setting, not a traceback;
+    `--verbose` shows the traceback."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(
+            click.Option(
+                ["-v", "--verbose"],
+                is_flag=True,
+                expose_value=False,
+                help="Show the whole traceback of an error.",
+                callback=lambda ctx, _param, value: ctx.meta.__setitem__("verbose", value),
+            )
+        )
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            outage = describe_outage(exc)
+            if outage is None or ctx.meta.get("verbose"):
+                raise
+            raise click.ClickException(f"{outage} (--verbose shows the traceback)") from None
+
+
+class OperatorGroup(AppGroup):
+    command_class = OperatorCommand
+
+
+@bp.cli.group("db", cls=OperatorGroup)
 def db_group() -> None:
     """Database schema."""
 
@@ -30,13 +69,16 @@ def db_group() -> None:
 @click.argument("revision", default="head")
 def db_upgrade(revision: str) -> None:
     """Apply Alembic migrations (the Procfile's release step)."""
+    # Alembic announces each of its plugins at INFO as it loads them; the
+    # migrations it applies are what an operator wants to read.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     from shared.migrate import upgrade
 
     upgrade(revision)
     click.echo(f"database at {revision}")
 
 
-@bp.cli.group("keys")
+@bp.cli.group("keys", cls=OperatorGroup)
 def keys_group() -> None:
     """API keys."""
 
@@ -95,7 +137,7 @@ def keys_revoke(keys: tuple[str, ...]) -> None:
         sys.exit(1)
 
 
-@bp.cli.command("replay")
+@bp.cli.command("replay", cls=OperatorCommand)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--owner", default="local", show_default=True, help="Owner the sessions belong to.")
@@ -104,7 +146,8 @@ def keys_revoke(keys: tuple[str, ...]) -> None:
 def replay(file: Path, out: Path, owner: str, concurrency: int, timeout: float) -> None:
     """Submit one turn per line of FILE (JSON: {"message", "session_id"?}),
     show progress, write one result line per question to --out. Exits 1 if
-    any question failed, 2 if the batch did not finish in time."""
+    any question failed, 3 if the batch did not finish within --timeout (2
+    is a bad argument or input file)."""
     from web.auth import get_or_create_owner
     from web.replays import result_line
 
@@ -114,13 +157,11 @@ def replay(file: Path, out: Path, owner: str, concurrency: int, timeout: float) 
         replay_id = create_replay(db, owner_id, questions, concurrency).id
     click.echo(f"replay {replay_id}: {len(questions)} questions", err=True)
     deadline = time.monotonic() + timeout
-    with tqdm(total=len(questions), unit="q", file=sys.stderr) as bar:
+    with _progress(len(questions)) as show:
         while True:
             with db_session() as db:
                 state = summary(db.get(Replay, replay_id), rows := item_rows(db, replay_id))
-            done = state["succeeded"] + state["failed"]
-            bar.update(done - bar.n)
-            bar.set_postfix(failed=state["failed"])
+            show(state["succeeded"] + state["failed"], state["failed"])
             if state["status"] == "finished" or time.monotonic() > deadline:
                 break
             time.sleep(0.25)
@@ -130,9 +171,33 @@ def replay(file: Path, out: Path, owner: str, concurrency: int, timeout: float) 
     unfinished = sum(1 for _item, turn in rows if turn is None or turn.status not in TERMINAL)
     click.echo(f"{state['succeeded']} succeeded, {state['failed']} failed, {unfinished} unfinished -> {out}", err=True)
     if unfinished:
-        sys.exit(2)
+        sys.exit(EXIT_TIMEOUT)
     if state["failed"]:
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
+
+
+@contextmanager
+def _progress(total: int) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on a terminal; elsewhere (a log, a pipe) a plain line
+    when the count changes, at most every 5 seconds, and at the end."""
+    if sys.stderr.isatty():
+        with tqdm(total=total, unit="q", file=sys.stderr) as bar:
+
+            def show(done: int, failed: int) -> None:
+                bar.update(done - bar.n)
+                bar.set_postfix(failed=failed)
+
+            yield show
+        return
+    last = {"done": -1, "at": 0.0}
+
+    def show(done: int, failed: int) -> None:
+        now = time.monotonic()
+        if done != last["done"] and (now - last["at"] >= 5 or done == total):
+            click.echo(f"{done}/{total} done, {failed} failed", err=True)
+            last.update(done=done, at=now)
+
+    yield show
 
 
 def _read_questions(file: Path) -> list[dict]:
@@ -154,28 +219,34 @@ def _read_questions(file: Path) -> list[dict]:
     return questions
 
 
-@bp.cli.group("turns")
+@bp.cli.group("turns", cls=OperatorGroup)
 def turns_group() -> None:
     """See and re-send stuck turns."""
 
 
 @turns_group.command("list")
 @click.option("--status", "statuses", multiple=True, type=click.Choice(STATUSES), help="Repeatable; default: active.")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000), help="The newest this many.")
 def turns_list(statuses: tuple[str, ...], limit: int) -> None:
-    """Turns, oldest first, with their age and (running ones) heartbeat."""
+    """Turns, newest first, with their age, (running ones) heartbeat and
+    (failed ones) error code."""
+    statuses = statuses or ACTIVE
     with db_session() as db:
         rows = db.execute(
-            select(Turn.id, Turn.status, Turn.attempts, func.now() - Turn.created_at, claimed_lately())
-            .where(Turn.status.in_(statuses or ACTIVE))
-            .order_by(Turn.created_at)
+            select(Turn.id, Turn.status, Turn.attempts, func.now() - Turn.created_at, claimed_lately(), Turn.error)
+            .where(Turn.status.in_(statuses))
+            .order_by(Turn.created_at.desc())
             .limit(limit)
         ).all()
+    if not rows:
+        click.echo(f"no {' or '.join(statuses)} turns")
+        return
     beats = alive([r.id for r in rows])
-    click.echo(f"{'id':36}  {'status':9}  {'attempts':>8}  {'age s':>8}  heartbeat")
-    for (turn_id, status, attempts, age, fresh), beat in zip(rows, beats, strict=True):
+    click.echo(f"{'id':36}  {'status':9}  {'attempts':>8}  {'age s':>8}  {'heartbeat':9}  error")
+    for (turn_id, status, attempts, age, fresh, error), beat in zip(rows, beats, strict=True):
         heartbeat = ("alive" if beat or fresh else "STALE") if status == "running" else "-"
-        click.echo(f"{turn_id:36}  {status:9}  {attempts:>8}  {age.total_seconds():>8.0f}  {heartbeat}")
+        code = error["code"] if error else "-"
+        click.echo(f"{turn_id:36}  {status:9}  {attempts:>8}  {age.total_seconds():>8.0f}  {heartbeat:9}  {code}")
 
 
 @turns_group.command("requeue")

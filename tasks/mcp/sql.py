@@ -217,10 +217,19 @@ def main(argv: list[str] | None = None) -> None:
         print(make_demo(args.url))
         return
     env = os.environ.get
-    parser = argparse.ArgumentParser(prog="python -m tasks.mcp.sql", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--database-url", default=env("DATABASE_URL"))
-    parser.add_argument("--max-rows", type=int, default=int(env("SQL_MAX_ROWS", "200")))
-    parser.add_argument("--timeout-ms", type=int, default=int(env("SQL_TIMEOUT_MS", "5000")))
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.mcp.sql",
+        description=__doc__.split("\n\n")[0],
+        epilog="python -m tasks.mcp.sql demo URL creates (or refills) a demo shop database at URL and a role"
+        " that can only read it, and prints that role's URL.",
+    )
+    parser.add_argument("--database-url", default=env("DATABASE_URL"), help="the database to read (DATABASE_URL)")
+    parser.add_argument(
+        "--max-rows", type=int, default=int(env("SQL_MAX_ROWS", "200")), help="rows a query returns at most (200)"
+    )
+    parser.add_argument(
+        "--timeout-ms", type=int, default=int(env("SQL_TIMEOUT_MS", "5000")), help="statement timeout (5000 ms)"
+    )
     args = parser.parse_args(argv)
     if not args.database_url:
         parser.error("--database-url or DATABASE_URL is required")

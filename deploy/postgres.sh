@@ -8,7 +8,16 @@ dir=$(realpath -m "$1"); port=$2; shift 2
 bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 [ -x "$bindir/postgres" ] || { echo "postgres.sh: PostgreSQL is not installed (run deploy/setup.sh)" >&2; exit 1; }
 as_pg=()
-if [ "$(id -u)" = 0 ]; then as_pg=(runuser -u postgres --); fi
+if [ "$(id -u)" = 0 ]; then
+  as_pg=(runuser -u postgres --)
+  # A checkout in a private directory (root's home): the postgres account
+  # cannot reach DIR, so the cluster lives in its own home instead.
+  mkdir -p "$dir"
+  if ! runuser -u postgres -- test -x "$dir"; then
+    dir="/var/lib/postgresql/turnstream/$(printf %s "$dir" | sha256sum | cut -c1-16)"
+    mkdir -p "$dir" && chown postgres: "$(dirname "$dir")"
+  fi
+fi
 if [ ! -s "$dir/PG_VERSION" ]; then
   mkdir -p "$dir"
   [ "$(id -u)" = 0 ] && chown postgres: "$dir" && chmod 700 "$dir"

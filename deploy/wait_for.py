@@ -8,6 +8,7 @@ from sqlalchemy import text
 
 from shared.config import get_settings
 from shared.db import get_engine
+from shared.status import describe_outage
 
 deadline = time.monotonic() + 60
 while True:
@@ -18,5 +19,5 @@ while True:
         break
     except Exception as exc:
         if time.monotonic() > deadline:
-            sys.exit(f"wait_for: Postgres or Redis did not come up: {exc}")
+            sys.exit(f"wait_for: {describe_outage(exc) or exc}")
         time.sleep(0.5)

@@ -90,3 +90,39 @@ def test_a_turn_with_every_tool_server_up_says_nothing_about_tools(client, owner
 def test_the_page_has_an_icon(client, path):
     response = client.get(path)
     assert response.status_code == 200 and response.mimetype == "image/svg+xml" and b"<svg" in response.data
+
+
+def test_health_names_the_database_it_could_not_reach(client, monkeypatch):
+    from shared import db
+    from tests.services import free_port
+
+    port = free_port()
+    monkeypatch.setenv("DATABASE_URL", f"postgres://turnstream:hunter2@127.0.0.1:{port}/turnstream")
+    get_settings.cache_clear()
+    db.get_engine.cache_clear()
+    try:
+        response = client.get("/api/health")
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        db.get_engine.cache_clear()
+    body = response.get_json()
+    assert response.status_code == 503 and body["status"] == "unavailable" and body["checks"]["redis"] == "ok"
+    assert body["checks"]["database"].startswith(f"error: could not reach Postgres at 127.0.0.1:{port} (DATABASE_URL)")
+    assert "hunter2" not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    ("module", "says"),
+    [
+        ("offline_model", ["--token-delay", "seconds between tokens", "--fault-rate", "[[fault=500]]"]),
+        ("tasks.mcp.sql", ["--max-rows", "rows a query returns at most", "demo URL"]),
+    ],
+)
+def test_the_bundled_servers_help_describes_every_option(module, says):
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True).stdout
+    for words in says:
+        assert words in shown, shown

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,11 +100,15 @@ def get_client() -> OpenAI:
 
 class _ModelHealth:
     """What this process last told web about the model (shared/status.py):
-    it writes only when that changes, so a healthy model costs nothing per
-    turn."""
+    it writes when that changes, and again at most every REFRESH_SECONDS
+    (other workers write the same status, and one that stopped may have
+    left its word there), so a healthy model costs nearly nothing per turn."""
+
+    REFRESH_SECONDS = 60.0
 
     def __init__(self) -> None:
         self._ok: bool | None = None
+        self._told_at = 0.0
         self._lock = threading.Lock()
 
     def note(self, **fields: Any) -> None:
@@ -113,11 +118,11 @@ class _ModelHealth:
             log.warning("could not record the model's status: %s", exc)
 
     def report(self, error: ModelError | None, **extra: Any) -> None:
-        ok = error is None
+        ok, now = error is None, time.monotonic()
         with self._lock:
-            if ok is self._ok and not extra:
+            if ok is self._ok and not extra and now - self._told_at < self.REFRESH_SECONDS:
                 return
-            self._ok = ok
+            self._ok, self._told_at = ok, now
         self.note(ok=ok, error=None if error is None else error.message, **extra)
 
 

@@ -257,10 +257,12 @@ def test_cancel_stops_a_running_turn_within_a_second(client, owner, message, wai
 )
 def test_model_errors_name_the_url_tried_and_the_setting_to_fix(stack, monkeypatch, base_url, message, code, says):
     from shared.config import get_settings
+    from tasks import model
     from tasks.model import ModelError, get_client, stream_completion
     from tests.services import free_port
 
     url = base_url.format(model=f"http://127.0.0.1:{stack['model_port']}", closed=free_port())
+    monkeypatch.setattr(model, "_health", model._ModelHealth())  # as a worker of its own
     monkeypatch.setenv("OPENAI_BASE_URL", url)
     monkeypatch.setenv("OPENAI_MAX_RETRIES", "0")
     get_settings.cache_clear()

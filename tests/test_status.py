@@ -21,12 +21,12 @@ def _info(client, owner) -> dict:
 def test_the_offline_banner_shows_only_while_the_offline_model_really_answers(client, owner, stack, monkeypatch):
     from tasks import model
 
-    info = wait_until(lambda: (i := _info(client, owner))["offline_model"] and i, 30, "the worker's model probe")
-    assert info["model_status"]["ok"] is True and info["model_status"]["error"] is None
+    wait_until(lambda: _info(client, owner)["offline_model"], 30, "the session worker's probe to find it")
 
     def worker_sees(base_url: str) -> None:  # a worker started with this OPENAI_BASE_URL
         monkeypatch.setenv("OPENAI_BASE_URL", base_url)
         monkeypatch.setenv("OPENAI_MAX_RETRIES", "0")
+        monkeypatch.setattr(model, "_health", model._ModelHealth())  # a new process has told nothing yet
         get_settings.cache_clear()
         model.get_client.cache_clear()
         model.probe_model()

@@ -47,7 +47,7 @@ def _ended(state: State, turn_id: str):
 
 
 def test_flower_shows_failed_and_cancelled_turns_as_failed_tasks_naming_turn_and_code(client, owner, task_events):
-    failed = _submit(client, owner, "no luck [[faults=503,503,503,503]]")
+    failed = _submit(client, owner, "no luck [[fault=503]]")
     cancelled = _submit(client, owner, "long [[tokens=300]] [[delay=0.02]]")
     succeeded = _submit(client, owner, "fine")
     log = EventLog("turn", cancelled)

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import kombu.exceptions
 import redis
 from celery import Task, shared_task
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy import and_, bindparam, column, func, join, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -25,8 +25,8 @@ from shared.db import autocommit_engine, committed, db_session
 from shared.events import EventLog, EventLogLost, get_publisher
 from shared.models import Message, Turn, new_id, status_of
 from shared.recovery import requeue_turn
-from shared.redis import check_eviction_policy
-from shared.status import POSTGRES_ERRORS, describe_outage
+from shared.redis import check_eviction_policy, get_redis
+from shared.status import POSTGRES_ERRORS, REDIS_ERRORS, describe_outage
 from shared.turns import NEXT_IN_SESSION
 from tasks.agent import Outcome, backoff, run_agent
 from tasks.heartbeat import get_heartbeat
@@ -251,6 +251,16 @@ def _hand_back(claim: Claim) -> None:
             requeue_turn(db, claim.turn_id, claim.attempt)
     except (*TRANSIENT, redis.RedisError, kombu.exceptions.OperationalError):
         log.warning("turn %s: could not hand it back; the sweeper will", claim.turn_id, exc_info=True)
+
+
+@worker_init.connect
+def check_redis(**_: Any) -> None:
+    """Before Celery connects to its broker (and, with Redis down, retries
+    without end): say in one line where Redis was looked for."""
+    try:
+        get_redis().ping()
+    except REDIS_ERRORS as exc:
+        log.error("%s; the worker keeps trying", describe_outage(exc))
 
 
 @worker_ready.connect

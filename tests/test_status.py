@@ -126,3 +126,25 @@ def test_the_bundled_servers_help_describes_every_option(module, says):
     shown = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True).stdout
     for words in says:
         assert words in shown, shown
+
+
+@pytest.mark.parametrize(
+    ("variable", "url", "says"),
+    [
+        ("DATABASE_URL", "postgres://turnstream@127.0.0.1:{port}/turnstream", "could not reach Postgres at"),
+        ("REDIS_URL", "redis://127.0.0.1:{port}/0", "could not reach Redis at"),
+    ],
+)
+def test_a_worker_started_without_its_database_or_redis_says_so_in_one_line(stack, variable, url, says):
+    from tests import services
+
+    port = services.free_port()
+    env = {**stack["env"], variable: url.format(port=port)}
+    name = f"blind-{variable.lower()}"  # on a queue of its own: it must take none of the other tests' turns
+    worker = services.start_worker(stack["logdir"], env, name, concurrency=2, extra=("-Q", name))
+    try:
+        line = f"{says} 127.0.0.1:{port} ({variable})"
+        wait_until(lambda: line in worker.log_path.read_text(), 30, "the worker's word on it")
+    finally:
+        worker.stop()
+    assert "Traceback" not in worker.log_path.read_text()

@@ -25,9 +25,9 @@ def running_turn(owner: dict) -> str:
     """A turn that is `running` with no worker behind it: the test writes its log."""
     from shared.db import db_session
     from shared.models import ChatSession, Turn
-    from web.auth import caller_for_key
+    from web.auth import lookup_key
 
-    owner_id = caller_for_key(owner["Authorization"].split()[1]).owner_id
+    owner_id = lookup_key(owner["Authorization"].split()[1]).owner_id
     with db_session() as db:
         chat = ChatSession(owner_id=owner_id, title="relay", meta={}, turn_count=1)
         db.add(chat)

@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
     app.extensions["turnstream.settings"] = settings
     app.extensions["turnstream.relay"] = Relay(new_redis, settings.sse_ping_seconds)
+    app.extensions["turnstream.callers"] = auth.RememberedCallers(settings.key_cache_seconds)
     register_error_handlers(app)
     app.before_request(auth.authenticate)
     for module in (auth, cli, health, page, replays, sessions, turns):

@@ -11,7 +11,6 @@ or ended is remembered.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import secrets
 import threading
@@ -24,7 +23,6 @@ from flask import Blueprint, current_app, g, jsonify, request, session
 from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from shared.config import get_settings
 from shared.db import autocommit_engine, db_session
 from shared.models import ApiKey, Login, Owner
 from web.errors import ApiError
@@ -45,8 +43,9 @@ class Caller:
     expires_at: datetime | None = None  # a login's end, checked even when remembered
 
 
-class _Remembered:
-    """Callers checked lately, by key hash or login id; thread- and greenlet-safe."""
+class RememberedCallers:
+    """Callers checked lately, by key hash or login id (one per app, for
+    KEY_CACHE_SECONDS); thread- and greenlet-safe."""
 
     def __init__(self, seconds: float) -> None:
         self._cache: TTLCache[str, Caller] = TTLCache(maxsize=10_000, ttl=seconds)
@@ -65,9 +64,8 @@ class _Remembered:
             self._cache.pop(ident, None)
 
 
-@functools.cache
-def remembered() -> _Remembered:
-    return _Remembered(get_settings().key_cache_seconds)
+def remembered() -> RememberedCallers:
+    return current_app.extensions["turnstream.callers"]
 
 
 _KEY = select(ApiKey.id, ApiKey.owner_id).where(ApiKey.key_hash == bindparam("digest"), ApiKey.revoked_at.is_(None))
@@ -111,16 +109,21 @@ def revoke_keys(db, refs: list[str]) -> list[ApiKey]:
     return list(db.scalars(revoke.returning(ApiKey)))
 
 
+def lookup_key(key: str) -> Caller | None:
+    """Whose key this is, asked of Postgres: None for an unknown or revoked key."""
+    with autocommit_engine().connect() as conn:
+        row = conn.execute(_KEY, {"digest": hash_key(key)}).one_or_none()
+    return None if row is None else Caller(owner_id=row.owner_id, key_id=row.id)
+
+
 def caller_for_key(key: str) -> Caller | None:
+    """lookup_key, remembered by the app for a while."""
     digest = hash_key(key)
     caller = remembered().get(digest)
     if caller is None:
-        with autocommit_engine().connect() as conn:
-            row = conn.execute(_KEY, {"digest": digest}).one_or_none()
-        if row is None:
-            return None
-        caller = Caller(owner_id=row.owner_id, key_id=row.id)
-        remembered().put(digest, caller)
+        caller = lookup_key(key)
+        if caller is not None:
+            remembered().put(digest, caller)
     return caller
 
 

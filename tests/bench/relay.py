@@ -426,10 +426,10 @@ def make_turns(n: int) -> tuple[list[str], str]:
 
     from shared.db import db_session
     from shared.models import ChatSession, Turn
-    from web.auth import caller_for_key, create_key
+    from web.auth import create_key, lookup_key
 
     key = create_key(f"bench-{uuid.uuid4().hex[:8]}")
-    owner_id = caller_for_key(key).owner_id
+    owner_id = lookup_key(key).owner_id
     ids = [str(uuid.uuid4()) for _ in range(n)]
     with db_session() as db:
         chat = ChatSession(owner_id=owner_id, title="relay bench", meta={}, turn_count=n)

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from contextlib import contextmanager
 
 import redis
 from celery import Celery
-from kombu.transport import TRANSPORT_ALIASES
-from kombu.transport import redis as kombu_redis
-from kombu.utils.objects import cached_property
 
+from shared import overrides
 from shared.config import get_settings
+from shared.overrides import kombu_redis
 from shared.redis import Batcher, get_redis, key
 
 log = logging.getLogger(__name__)
@@ -30,6 +28,8 @@ SWEEP_TURNS = "tasks.sweep_turns"
 def get_celery() -> Celery:
     """Built on first use from celeryconfig.py plus the environment's values."""
     settings = get_settings()
+    if overrides.enabled("kombu_redis"):
+        kombu_redis.install()  # before the app's first connection
     app = Celery("turnstream")
     app.config_from_object("celeryconfig")
     app.conf.broker_url = settings.redis_url
@@ -40,37 +40,6 @@ def get_celery() -> Celery:
     }
     app.conf.beat_schedule = {"sweep-turns": {"task": SWEEP_TURNS, "schedule": settings.sweep_seconds}}
     return app
-
-
-class Channel(kombu_redis.Channel):
-    """kombu's Redis channel, with one redis-py client for the commands it
-    sends outside its consumer's BRPOP (publishes, acks, task events).
-
-    kombu builds a new client for each of them, and redis-py fills a table of
-    about 150 reply callbacks per client: 60 µs of CPU each, and several per
-    task (every task event, every ack). A client holds no connection (each
-    command takes one from the channel's pool and gives it back), so one
-    serves every command and every thread."""
-
-    @cached_property
-    def _commands_client(self) -> redis.Redis:
-        return self._create_client()
-
-    @contextmanager
-    def conn_or_acquire(self, client=None):
-        yield client or self._commands_client
-
-
-class Transport(kombu_redis.Transport):
-    Channel = Channel
-
-
-# kombu finds a transport by its URL's scheme: redis:// and rediss:// now name
-# this one, in every process that imports this module (web, worker, beat and
-# Flower all do, before their first connection). Registered under the
-# schemes' own names, not as a class path in broker_transport, so URLs keep
-# their form where they are shown (Flower's broker page reads the scheme).
-TRANSPORT_ALIASES["redis"] = TRANSPORT_ALIASES["rediss"] = f"{__name__}:Transport"
 
 
 def send_turn(turn_id: str) -> None:

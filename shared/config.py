@@ -26,6 +26,8 @@ OFFLINE_MODEL_OWNER = "turnstream"
 LOCAL_MODEL_URL = "http://127.0.0.1:8400/v1"
 LOCAL_DATABASE_URL = "postgresql://turnstream@127.0.0.1:5433/turnstream"
 LOCAL_REDIS_URL = "redis://127.0.0.1:6380/0"
+# shared/overrides/: Turnstream's overrides of libraries' internals, by name.
+OVERRIDES = ("kombu_redis",)
 # Signs the chat page's login cookie: long enough that it cannot be guessed.
 MIN_SECRET_KEY_CHARS = 32
 
@@ -75,6 +77,7 @@ class Settings:
     worker_stall_seconds: float
     db_pool_size: int
     redis_pool_size: int
+    library_overrides: frozenset[str]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -142,6 +145,7 @@ class Settings:
             worker_stall_seconds=r.float("WORKER_STALL_SECONDS", 60.0, lo=2.0),
             db_pool_size=r.int("DB_POOL_SIZE", 10, lo=1, hi=500),
             redis_pool_size=r.int("REDIS_POOL_SIZE", 2, lo=1, hi=1000),
+            library_overrides=_overrides(r.str("LIBRARY_OVERRIDES", "all")),
         )
         if settings.stale_running_seconds < 2 * settings.heartbeat_seconds:
             raise ConfigError("STALE_RUNNING_SECONDS must be at least twice HEARTBEAT_SECONDS.")
@@ -237,6 +241,17 @@ def _redis_url(url: str, verify: str) -> str:
     query = dict(parse_qsl(parts.query))
     query.setdefault("ssl_cert_reqs", verify)
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _overrides(value: str) -> frozenset[str]:
+    """LIBRARY_OVERRIDES: `all`, `none`, or a comma-separated list of names."""
+    if value == "all":
+        return frozenset(OVERRIDES)
+    names = frozenset() if value == "none" else frozenset(n.strip() for n in value.split(",") if n.strip())
+    unknown = sorted(names - set(OVERRIDES))
+    if unknown:
+        raise ConfigError(f"LIBRARY_OVERRIDES: unknown {', '.join(unknown)}; the names are {', '.join(OVERRIDES)}.")
+    return names
 
 
 def _flower_credential(value: str) -> str | None:

@@ -104,6 +104,7 @@ def test_loopback_addresses(host, loopback):
         ({"MAX_TOOL_ROUNDS": "many"}, "MAX_TOOL_ROUNDS"),
         ({"KEY_CACHE_SECONDS": "-1"}, "KEY_CACHE_SECONDS"),
         ({"LOGIN_SECONDS": "10"}, "LOGIN_SECONDS"),
+        ({"LIBRARY_OVERRIDES": "kombu_redis,monkey"}, "LIBRARY_OVERRIDES"),
     ],
 )
 def test_bad_values_stop_with_a_sentence_naming_the_variable(env, name):

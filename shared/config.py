@@ -27,7 +27,7 @@ LOCAL_MODEL_URL = "http://127.0.0.1:8400/v1"
 LOCAL_DATABASE_URL = "postgresql://turnstream@127.0.0.1:5433/turnstream"
 LOCAL_REDIS_URL = "redis://127.0.0.1:6380/0"
 # shared/overrides/: Turnstream's overrides of libraries' internals, by name.
-OVERRIDES = ("kombu_redis",)
+OVERRIDES = ("kombu_redis", "openai_drain", "openai_dict_chunks")
 # Signs the chat page's login cookie: long enough that it cannot be guessed.
 MIN_SECRET_KEY_CHARS = 32
 

@@ -6,15 +6,16 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import openai
 from openai import OpenAI, Stream
-from openai._streaming import ServerSentEvent, SSEDecoder
 
+from shared import overrides
 from shared.config import OFFLINE_MODEL_NAME, OFFLINE_MODEL_OWNER, get_settings, redact
+from shared.overrides import openai_stream
 from shared.status import REDIS_ERRORS, record_model
 
 log = logging.getLogger(__name__)
@@ -54,43 +55,13 @@ class Completion:
     stopped: bool = False
 
 
-class _DrainingDecoder(SSEDecoder):
-    """Reads the response to its end when `[DONE]` arrives, so the connection
-    goes back to the client's pool.
-
-    The openai client stops reading at `[DONE]` and closes the response; the
-    end of the chunked body (`0\\r\\n\\r\\n`) is then still unread, so httpcore
-    closes the connection instead of keeping it (openai-python #3440, open),
-    and every completion opens a new one: against the offline model over
-    TLS on loopback, 2.1-2.3 ms more to the first token and 0.9-1.0 ms more
-    client CPU per completion (a probe, 300 completions each way), and over
-    a real network the TCP and TLS handshakes' round trips on top. A server
-    ends its response right after `[DONE]`; one that held it open would
-    hold the turn here until OPENAI_TIMEOUT, and then the connection is
-    dropped as before (a failed read here is not the turn's failure)."""
-
-    def iter_bytes(self, iterator: Iterator[bytes]) -> Iterator[ServerSentEvent]:
-        for sse in super().iter_bytes(iterator):
-            if sse.data.startswith("[DONE]"):
-                try:
-                    for _ in iterator:
-                        pass
-                except Exception:  # the answer is complete: the connection is dropped, as before
-                    pass
-            yield sse
-
-
-class _Client(OpenAI):
-    def _make_sse_decoder(self) -> SSEDecoder:
-        return _DrainingDecoder()
-
-
 @functools.cache
 def get_client() -> OpenAI:
     s = get_settings()
     # The client retries 408/409/429/5xx and connection errors itself, with
     # exponential backoff and jitter; we bound how often.
-    return _Client(
+    client_class = openai_stream.DrainingClient if overrides.enabled("openai_drain") else OpenAI
+    return client_class(
         base_url=s.openai_base_url,
         api_key=s.openai_api_key,
         max_retries=s.openai_max_retries,
@@ -192,16 +163,12 @@ def _stream_completion(
     if tools:
         body["tools"] = tools
     try:
-        # The client's own request path (auth, retries, timeouts, errors, SSE
-        # decoding, an `error` event raising APIError), with each chunk left
-        # as the dict it decoded to: building a pydantic ChatCompletionChunk
-        # per chunk costs about 200 µs of CPU, most of what a delta costs.
-        stream = get_client().post(
-            "/chat/completions", body=body, cast_to=object, stream=True, stream_cls=Stream[object]
-        )
+        stream = _chunks(body)
         started = True
         with stream:
             for chunk in stream:
+                if hasattr(chunk, "model_dump"):  # the client's typed chunks (openai_dict_chunks off)
+                    chunk = chunk.model_dump()
                 if not isinstance(chunk, dict):
                     raise ModelError("model_error", f"the model sent a chunk that is not an object: {chunk!r:.200}")
                 usage = chunk.get("usage")
@@ -242,6 +209,14 @@ def _stream_completion(
     for i, call in enumerate(result.tool_calls):
         call.id = call.id or f"call_{i}"
     return result
+
+
+def _chunks(body: dict[str, Any]) -> Stream[Any]:
+    """The completion's chunks: dicts (shared/overrides/openai_stream.py), or
+    the client's typed chunks with that override off."""
+    if overrides.enabled("openai_dict_chunks"):
+        return openai_stream.dict_chunks(get_client(), body)
+    return get_client().chat.completions.create(**body)
 
 
 def _unreachable(exc: openai.APIConnectionError, timeout: bool) -> ModelError:

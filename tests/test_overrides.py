@@ -9,10 +9,11 @@ import uuid
 import redis
 from kombu import Connection
 from kombu.transport import redis as upstream_redis
+from openai import OpenAI
 
 from shared import overrides
 from shared.config import Settings
-from shared.overrides import kombu_redis
+from shared.overrides import kombu_redis, openai_stream
 
 
 def _clients_built(stack, transport, monkeypatch) -> tuple[int, list[int]]:
@@ -64,6 +65,42 @@ def test_the_app_uses_it_unless_switched_off_under_the_redis_scheme(stack):
 
 def test_each_override_can_be_switched_off():
     dev = {"TURNSTREAM_ENV": "development"}
-    assert Settings.from_env(dev).library_overrides == {"kombu_redis"}
+    assert Settings.from_env(dev).library_overrides == {"kombu_redis", "openai_drain", "openai_dict_chunks"}
     assert Settings.from_env({**dev, "LIBRARY_OVERRIDES": "none"}).library_overrides == frozenset()
     assert Settings.from_env({**dev, "LIBRARY_OVERRIDES": "kombu_redis"}).library_overrides == {"kombu_redis"}
+
+
+def _connections_for_two_streams(stack, client_class) -> int:
+    """Connections the offline model accepted for two streamed completions in a row."""
+    import httpx
+
+    control = f"http://127.0.0.1:{stack['model_port']}/control"
+    client = client_class(base_url=f"http://127.0.0.1:{stack['model_port']}/v1", api_key="x", max_retries=0)
+    before = httpx.post(control, json={}).json()["connections"]
+    for _ in range(2):
+        with openai_stream.dict_chunks(client, _BODY) as stream:
+            assert [c for c in stream][-1]["choices"] is not None
+    return httpx.post(control, json={}).json()["connections"] - before - 1  # less the control request's
+
+
+_BODY = {"model": "turnstream-offline", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+def test_openai_drain_keeps_the_connection_the_client_drops_after_done(stack):
+    assert _connections_for_two_streams(stack, OpenAI) == 2, (
+        "the openai client now keeps its connection after a stream (openai-python #3440 fixed?):"
+        " shared/overrides/openai_stream.py's openai_drain can go"
+    )
+    assert _connections_for_two_streams(stack, openai_stream.DrainingClient) == 1
+
+
+def test_openai_dict_chunks_are_the_dicts_the_client_decoded(stack):
+    client = OpenAI(base_url=f"http://127.0.0.1:{stack['model_port']}/v1", api_key="x", max_retries=0)
+    with openai_stream.dict_chunks(client, _BODY) as stream:
+        chunks = list(stream)
+    assert all(type(c) is dict for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text.startswith('You said: "hi"')
+    with client.chat.completions.create(**_BODY) as stream:  # what the override spares: a typed object per chunk
+        typed = [c.model_dump() for c in stream]
+    assert text == "".join(c["choices"][0]["delta"]["content"] or "" for c in typed if c["choices"])

@@ -6,11 +6,12 @@ from gevent import monkey
 
 monkey.patch_all()
 
-from shared.config import ConfigError, get_settings, is_loopback  # noqa: E402
+from shared.config import ConfigError, cookie_signing_key, get_settings, is_loopback  # noqa: E402
 
 # Read and validated here, in the master: a bad setting stops the server with
 # its sentence before any worker starts.
 _settings = get_settings()
+cookie_signing_key(_settings)
 bind = f"0.0.0.0:{_settings.port}"
 worker_class = "gevent"
 workers = _settings.web_concurrency

@@ -92,16 +92,6 @@ class Settings:
                 "AUTH=off is refused unless TURNSTREAM_ENV=development: without API keys anyone who reaches"
                 " the server reads every conversation and spends the model account."
             )
-        secret_key = r.str("SECRET_KEY", "")
-        if auth == "on" and len(secret_key) < MIN_SECRET_KEY_CHARS:
-            raise ConfigError(
-                f"SECRET_KEY must be at least {MIN_SECRET_KEY_CHARS} random characters when authentication is on"
-                " (it signs the chat page's login cookie); make one with"
-                " `python -c 'import secrets; print(secrets.token_hex(32))'`."
-            )
-        if not secret_key:
-            # With AUTH=off no cookie is issued; Flask still wants a key.
-            secret_key = secrets.token_hex(32)
         port = r.int("PORT", 8000, lo=1, hi=65535)
         settings = cls(
             env=env,
@@ -118,7 +108,7 @@ class Settings:
             mcp_servers=_mcp_servers(r.str("MCP_SERVERS", "")),
             tool_timeout=r.float("TOOL_TIMEOUT_SECONDS", 30.0, lo=0.1),
             max_tool_rounds=r.int("MAX_TOOL_ROUNDS", 8, lo=0, hi=100),
-            secret_key=secret_key,
+            secret_key=r.str("SECRET_KEY", ""),
             auth_enabled=auth == "on",
             key_cache_seconds=r.float("KEY_CACHE_SECONDS", 60.0, lo=0.0, hi=3600.0),
             login_seconds=r.int("LOGIN_SECONDS", 7 * 86400, lo=60),
@@ -150,6 +140,22 @@ class Settings:
         if settings.stale_running_seconds < 2 * settings.heartbeat_seconds:
             raise ConfigError("STALE_RUNNING_SECONDS must be at least twice HEARTBEAT_SECONDS.")
         return settings
+
+
+def cookie_signing_key(settings: Settings) -> str:
+    """The key that signs the chat page's login cookie, for the web tier
+    (the only one that signs cookies): SECRET_KEY, required with
+    authentication on; with it off no cookie is issued, and a random key
+    serves Flask."""
+    if not settings.auth_enabled:
+        return settings.secret_key or secrets.token_hex(32)
+    if len(settings.secret_key) < MIN_SECRET_KEY_CHARS:
+        raise ConfigError(
+            f"SECRET_KEY must be at least {MIN_SECRET_KEY_CHARS} random characters when authentication is on"
+            " (web signs the chat page's login cookie with it); make one with"
+            " `python -c 'import secrets; print(secrets.token_hex(32))'`."
+        )
+    return settings.secret_key
 
 
 @functools.cache

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from shared.config import OFFLINE_MODEL_NAME, ConfigError, Settings, is_loopback, redact
+from shared.config import OFFLINE_MODEL_NAME, ConfigError, Settings, cookie_signing_key, is_loopback, redact
 
 SECRET = "s" * 32
 DEV = {"TURNSTREAM_ENV": "development"}
 
 
 def test_defaults_run_everything_locally_with_the_offline_model_and_authentication_on():
-    s = Settings.from_env({"SECRET_KEY": SECRET})
+    s = Settings.from_env({})
     assert s.env == "production" and s.auth_enabled  # nothing unsafe by omission
     assert s.database_url.startswith("postgresql+psycopg://") and "127.0.0.1" in s.database_url
     assert s.redis_url.startswith("redis://127.0.0.1")
@@ -32,8 +32,10 @@ def test_authentication_is_off_only_when_local_development_is_chosen():
 def test_a_signed_cookie_needs_a_long_secret_key(secret):
     env = {} if secret is None else {"SECRET_KEY": secret}
     for base in ({}, {**DEV, "AUTH": "on"}):
+        settings = Settings.from_env({**base, **env})  # what workers, beat and Flower need: no cookie key
         with pytest.raises(ConfigError, match="SECRET_KEY must be at least 32"):
-            Settings.from_env({**base, **env})
+            cookie_signing_key(settings)  # web signs cookies
+    assert cookie_signing_key(Settings.from_env({**DEV, **env}))  # AUTH=off: no cookie is issued; any key serves
 
 
 def test_platform_urls_are_accepted_as_handed_out():

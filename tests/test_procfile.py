@@ -45,9 +45,10 @@ def _basic(user: str, password: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def platform():
+def platform(stack):
     """Postgres and Redis as add-ons hand them out, and the offline model;
-    nothing migrated: the Procfile's release step does that."""
+    nothing migrated: the Procfile's release step does that. (After the
+    session's stack, whose environment this one's end restores.)"""
     test_process = {"TURNSTREAM_ENV": "development", "REDIS_TLS_VERIFY": "none"}  # this process's own settings
     with services.stack(
         "turnstream-procfile-",
@@ -129,13 +130,16 @@ def test_web_refuses_authentication_off_on_a_public_address(stack):
 
 
 def test_a_forgotten_environment_is_not_an_open_server(stack):
-    """No TURNSTREAM_ENV, no SECRET_KEY: production's rules, and a sentence."""
+    """No TURNSTREAM_ENV, no SECRET_KEY: production's rules, and a sentence
+    from web, which signs cookies with it."""
     env = _platform_env(stack, PORT=str(services.free_port()))
     del env["SECRET_KEY"]
-    for process in ("web", "worker"):
-        refused = _run(services.procfile_args(process), env)
-        assert refused.returncode != 0 and "SECRET_KEY must be at least 32" in refused.stderr, refused.stderr
-        assert "Traceback" not in refused.stderr
+    refused = _run(services.procfile_args("web"), env)
+    assert refused.returncode != 0 and "SECRET_KEY must be at least 32" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    # the worker signs nothing: it loads its app without one
+    report = _run(["celery", "-A", "tasks", "report"], env)
+    assert report.returncode == 0 and "software -> celery" in report.stdout, report.stderr
 
 
 @pytest.mark.parametrize("credential", [None, ""])

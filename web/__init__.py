@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from flask import Flask
 
-from shared.config import Settings, get_settings
+from shared.config import Settings, cookie_signing_key, get_settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -21,7 +21,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or get_settings()
     app = Flask(__name__)
     app.config.update(
-        SECRET_KEY=settings.secret_key,
+        SECRET_KEY=cookie_signing_key(settings),
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",

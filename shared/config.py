@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -39,18 +39,18 @@ class ConfigError(SystemExit):
 @dataclass(frozen=True)
 class Settings:
     env: str
-    database_url: str
-    redis_url: str
+    database_url: str = field(repr=False)  # may hold a password
+    redis_url: str = field(repr=False)  # may hold a password
     redis_prefix: str
     openai_base_url: str
-    openai_api_key: str
+    openai_api_key: str = field(repr=False)  # may hold a password
     openai_model: str
     openai_max_retries: int
     openai_timeout: float
     mcp_servers: dict[str, Any]
     tool_timeout: float
     max_tool_rounds: int
-    secret_key: str
+    secret_key: str = field(repr=False)  # may hold a password
     auth_enabled: bool
     key_cache_seconds: float
     login_seconds: int
@@ -58,7 +58,7 @@ class Settings:
     web_concurrency: int
     web_worker_connections: int
     worker_concurrency: int
-    flower_basic_auth: str | None
+    flower_basic_auth: str | None = field(repr=False)  # may hold a password
     flower_address: str
     flower_port: int
     allowed_origins: tuple[str, ...]

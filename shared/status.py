@@ -10,8 +10,9 @@ from the workers only) for web's `/api/info`, health and the chat page.
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +24,8 @@ from sqlalchemy.engine import make_url
 
 from shared.config import get_settings
 from shared.redis import get_redis, key
+
+log = logging.getLogger(__name__)
 
 # Errors that mean a dependency could not be reached (not a bug of ours).
 POSTGRES_ERRORS = (
@@ -74,13 +77,21 @@ def record_model(**fields: Any) -> None:
     """Merge what a worker saw of the model (ok, error, offline) into its status."""
     values = {name: json.dumps(value) for name, value in fields.items()}
     values["at"] = json.dumps(time.time())
-    get_redis().hset(_model_key(), mapping=values)
+    _best_effort(lambda: get_redis().hset(_model_key(), mapping=values), "the model's")
 
 
 def record_tool_server(name: str, error: str | None, tools: int = 0) -> None:
     """A worker opened a tool server (error None, with its number of tools) or failed to."""
-    status = {"ok": error is None, "error": error, "tools": tools, "at": time.time()}
-    get_redis().hset(_tools_key(), name, json.dumps(status))
+    status = json.dumps({"ok": error is None, "error": error, "tools": tools, "at": time.time()})
+    _best_effort(lambda: get_redis().hset(_tools_key(), name, status), f"MCP server {name!r}'s")
+
+
+def _best_effort(write: Callable[[], object], whose: str) -> None:
+    """A status is for people to read: a turn never fails because Redis could not take it."""
+    try:
+        write()
+    except REDIS_ERRORS as exc:
+        log.warning("could not record %s status: %s", whose, exc)
 
 
 def model_status() -> dict[str, Any] | None:

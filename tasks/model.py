@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -16,9 +15,7 @@ from openai import OpenAI, Stream
 from shared import overrides
 from shared.config import OFFLINE_MODEL_NAME, OFFLINE_MODEL_OWNER, get_settings, redact
 from shared.overrides import openai_stream
-from shared.status import REDIS_ERRORS, record_model
-
-log = logging.getLogger(__name__)
+from shared.status import record_model
 
 
 class ModelError(Exception):
@@ -82,19 +79,13 @@ class _ModelHealth:
         self._told_at = 0.0
         self._lock = threading.Lock()
 
-    def note(self, **fields: Any) -> None:
-        try:
-            record_model(**fields)
-        except REDIS_ERRORS as exc:  # best effort: a turn never fails for it
-            log.warning("could not record the model's status: %s", exc)
-
     def report(self, error: ModelError | None, **extra: Any) -> None:
         ok, now = error is None, time.monotonic()
         with self._lock:
             if ok is self._ok and not extra and now - self._told_at < self.REFRESH_SECONDS:
                 return
             self._ok, self._told_at = ok, now
-        self.note(ok=ok, error=None if error is None else error.message, **extra)
+        record_model(ok=ok, error=None if error is None else error.message, **extra)
 
 
 _health = _ModelHealth()
@@ -111,7 +102,7 @@ def probe_model() -> None:
         _health.report(_unreachable(exc, isinstance(exc, openai.APITimeoutError)), offline=False)
     except openai.APIStatusError as exc:
         if exc.status_code == 404:
-            _health.note(offline=False)
+            record_model(offline=False)
         else:
             _health.report(_refused(exc), offline=False)
     else:

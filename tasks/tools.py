@@ -31,7 +31,7 @@ from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from shared.config import get_settings, redact
-from shared.status import REDIS_ERRORS, record_tool_server
+from shared.status import record_tool_server
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,10 @@ class _Server:
                 log.warning("MCP server %r is unavailable: %s", self.name, self.error)
                 self.failed_at = time.monotonic()
                 self._task.cancel()
-                _record(self.name, self.error)
+                record_tool_server(self.name, self.error)
                 return False
             self.error = None
-            _record(self.name, None, len(self.tools))
+            record_tool_server(self.name, None, len(self.tools))
             return True
 
     async def _hold(self, ready: asyncio.Future) -> None:
@@ -175,14 +175,6 @@ def _describe_failure(config: dict[str, Any], exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return f"{tried} did not answer within {CONNECT_TIMEOUT:g} seconds"
     return f"{tried} failed: {exc or type(exc).__name__}"
-
-
-def _record(name: str, error: str | None, tools: int = 0) -> None:
-    """Tell web what this worker saw (best effort: a turn never fails for it)."""
-    try:
-        record_tool_server(name, error, tools)
-    except REDIS_ERRORS as exc:
-        log.warning("could not record MCP server %r's status: %s", name, exc)
 
 
 def _output_text(result: mcp_types.CallToolResult) -> str:

@@ -13,9 +13,10 @@ import redis
 from celery import Celery
 
 from shared import overrides
+from shared.batching import Batcher
 from shared.config import get_settings
 from shared.overrides import kombu_redis
-from shared.redis import Batcher, get_redis, key
+from shared.redis import get_redis, key
 
 log = logging.getLogger(__name__)
 

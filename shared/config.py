@@ -27,7 +27,14 @@ LOCAL_MODEL_URL = "http://127.0.0.1:8400/v1"
 LOCAL_DATABASE_URL = "postgresql://turnstream@127.0.0.1:5433/turnstream"
 LOCAL_REDIS_URL = "redis://127.0.0.1:6380/0"
 # shared/overrides/: Turnstream's overrides of libraries' internals, by name.
-OVERRIDES = ("kombu_redis", "openai_drain", "openai_dict_chunks")
+OVERRIDES = (
+    "kombu_redis",
+    "openai_drain",
+    "openai_dict_chunks",
+    "redis_pipelined",
+    "redis_pubsub",
+    "gunicorn_direct_write",
+)
 # Signs the chat page's login cookie: long enough that it cannot be guessed.
 MIN_SECRET_KEY_CHARS = 32
 
@@ -158,10 +165,23 @@ def cookie_signing_key(settings: Settings) -> str:
     return settings.secret_key
 
 
+_chosen: Settings | None = None
+
+
 @functools.cache
 def get_settings() -> Settings:
-    """The process's settings, read from the environment on first use."""
-    return Settings.from_env(os.environ)
+    """The process's settings: those given to `use_settings()` (which
+    `create_app(settings)` calls), else read from the environment on first use."""
+    return _chosen if _chosen is not None else Settings.from_env(os.environ)
+
+
+def use_settings(settings: Settings | None) -> None:
+    """Make `settings` the process's, for shared code too (None: read the
+    environment again). Call it before anything connects: engines and
+    clients are built once, from the settings of their first use."""
+    global _chosen
+    _chosen = settings
+    get_settings.cache_clear()
 
 
 class _Reader:

@@ -1,4 +1,4 @@
-"""Database engine and sessions, built once per process on first use."""
+"""The database engine, built once per process on first use, and transactions."""
 
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def _sessionmaker() -> sessionmaker[Session]:
 
 
 @contextmanager
-def db_session() -> Iterator[Session]:
-    """A session that commits on success, rolls back on error, and always
-    returns its connection to the pool on exit."""
+def transaction() -> Iterator[Session]:
+    """An ORM session (`db`) around one transaction: commits on success,
+    rolls back on error, and always returns its connection to the pool."""
     session = _sessionmaker()()
     try:
         yield session

@@ -26,15 +26,82 @@ from typing import Any
 
 import redis
 
+from shared.batching import Batcher
 from shared.config import get_settings
-from shared.redis import Batcher, get_redis, key
+from shared.redis import get_redis, key
 
-TURN_TERMINAL_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
-REPLAY_TERMINAL_TYPES = frozenset({"replay.finished"})
-TERMINAL_TYPES = TURN_TERMINAL_TYPES | REPLAY_TERMINAL_TYPES
+
+@dataclass(frozen=True)
+class EventType:
+    """One type of event: the fields its data carries beyond its log's id
+    (`turn_id` or `replay_id`), `seq` and `type`."""
+
+    name: str
+    fields: tuple[str, ...]
+    doc: str
+    ending: bool = False  # the log's last event: the stream ends after it
+    logged: bool = True  # False: made for one client (no seq, no id), never in a log
+
+
+_REPLAY_FIELDS = ("id", "status", "total", "succeeded", "failed", "created_at", "finished_at")
+
+# The event contract: what the worker and web emit, what the relay streams,
+# and the table in docs/api.md (tests/test_event_types.py holds the three
+# together).
+EVENT_TYPES = {
+    t.name: t
+    for t in (
+        EventType(
+            "turn.accepted",
+            ("session_id",),
+            "first event of `POST /api/chat` with `stream: true`",
+            logged=False,
+        ),
+        EventType("turn.started", ("attempt",), "a worker started the turn (again, after `turn.restarted`)"),
+        EventType(
+            "tools.unavailable",
+            ("servers",),
+            '`[{"name", "error"}]`: configured tool servers this turn is answered without',
+        ),
+        EventType("message.delta", ("delta",), "text to append"),
+        EventType("tool.started", ("call_id", "name", "arguments"), "the model called a tool"),
+        EventType(
+            "tool.finished",
+            ("call_id", "name", "ok", "output"),
+            "the tool's result; `output` holds at most 2,000 characters",
+        ),
+        EventType(
+            "turn.restarted",
+            ("attempt", "reason"),
+            "`reason` is `redelivered` or `model_stream_broke`; drop the text of the earlier attempt",
+        ),
+        EventType(
+            "turn.snapshot",
+            ("status", "text", "error"),
+            "the state so far from Postgres (`error` only if failed), sent when the log after"
+            " `Last-Event-ID` is no longer held",
+            logged=False,
+        ),
+        EventType("turn.completed", ("answer", "usage", "tools"), "the answer", ending=True),
+        EventType("turn.failed", ("error",), "`{code, message}`", ending=True),
+        EventType("turn.cancelled", (), "cancelled by request, or its session was deleted", ending=True),
+        EventType("replay.progress", _REPLAY_FIELDS, "the Replay, after each of its turns ends"),
+        EventType("replay.finished", _REPLAY_FIELDS, "the Replay, once every item ended", ending=True),
+        EventType("replay.snapshot", _REPLAY_FIELDS, "the Replay from Postgres, when the log is gone", logged=False),
+        EventType(
+            "session.turn",
+            ("session_id", "turn_id"),
+            "on a session's channel, never sent to a client: a turn was accepted",
+            logged=False,
+        ),
+    )
+}
+ENDING_TYPES = frozenset(name for name, t in EVENT_TYPES.items() if t.ending)
+_FIELDS = {name: frozenset(t.fields) for name, t in EVENT_TYPES.items()}
+
 
 # KEYS: seq counter, stream, channel, cancel flag, newest attempt
-# ARGV: event JSON without seq (an object, "{...}"), maxlen, terminal (0/1), ttl,
+# ARGV: event JSON without seq (an object, "{...}"), maxlen, ending (0/1), ttl,
 #       attempt (0: not sent by an attempt), the sender's last seq (0: none yet)
 # - An event of an older attempt than one already seen is dropped, and its
 #   sender told to stop (seq 0, cancel 1): a re-queued turn's old attempt, if
@@ -88,8 +155,8 @@ class Event:
     raw: str  # the JSON line, encoded once and sent as-is
 
     @property
-    def terminal(self) -> bool:
-        return self.type in TERMINAL_TYPES
+    def ending(self) -> bool:
+        return self.type in ENDING_TYPES
 
     @classmethod
     def parse(cls, raw: str | bytes) -> Event:
@@ -166,6 +233,9 @@ class EventLog:
             self.append(type_, **fields)
 
     def body(self, type_: str, fields: dict[str, Any]) -> str:
+        allowed = _FIELDS.get(type_)
+        if allowed is None or not fields.keys() <= allowed:
+            raise ValueError(f"{type_} with {sorted(fields)}: not an event of shared.events.EVENT_TYPES")
         return json.dumps({f"{self.kind}_id": self.ident, "type": type_, **fields}, separators=(",", ":"))
 
     def send(self, client: redis.Redis | redis.client.Pipeline, type_: str, fields: dict[str, Any]) -> Any:
@@ -176,12 +246,12 @@ class EventLog:
         a pipeline that holds a registered script first asks Redis, in a
         round trip of its own, whether the script exists."""
         settings = get_settings()
-        terminal = "1" if type_ in TERMINAL_TYPES else "0"
+        ending = "1" if type_ in ENDING_TYPES else "0"
         keys = (self.seq_key, self.stream_key, self.channel, self.cancel_key, self.attempt_key)
         args = (
             self.body(type_, fields),
             settings.event_log_maxlen,
-            terminal,
+            ending,
             settings.event_log_ttl,
             self.attempt,
             self.last,

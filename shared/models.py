@@ -25,9 +25,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime, Uuid
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+ENDED = ("succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
-STATUSES = ACTIVE + TERMINAL
+STATUSES = ACTIVE + ENDED
 
 
 def new_id() -> str:

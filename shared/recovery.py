@@ -28,10 +28,10 @@ from sqlalchemy.orm import Session
 
 from shared.broker import send_replay_advance, send_turn, sent_key
 from shared.config import get_settings
-from shared.db import after_commit, db_session
+from shared.db import after_commit, transaction
 from shared.models import ACTIVE, Replay, ReplayItem, Turn
 from shared.redis import get_redis, key
-from shared.turns import NEXT_IN_SESSION
+from shared.turns import next_queued_turn
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,14 @@ def resend_queued(all_ages: bool = False) -> int:
     session, older than STALE_QUEUED_SECONDS and not sent since (all of them
     with all_ages)."""
     age = timedelta(seconds=0 if all_ages else get_settings().stale_queued_seconds)
-    with db_session() as db:
+    with transaction() as db:
         ids = db.scalars(
             select(Turn.id)
-            .where(Turn.status == "queued", Turn.created_at < func.now() - age, NEXT_IN_SESSION)
+            .where(
+                Turn.status == "queued",
+                Turn.created_at < func.now() - age,
+                Turn.id == next_queued_turn(Turn.session_id),
+            )
             .order_by(Turn.created_at)
         ).all()
     if not all_ages:
@@ -100,7 +104,7 @@ def requeue_stale_running() -> int:
     """Hand back the running turns whose heartbeat expired."""
     if get_redis().info("server")["uptime_in_seconds"] < get_settings().stale_running_seconds:
         return 0
-    with db_session() as db:
+    with transaction() as db:
         rows = db.execute(
             select(Turn.id, Turn.attempts).where(
                 Turn.status == "running", func.coalesce(claimed_lately(), False).is_(False)
@@ -109,7 +113,7 @@ def requeue_stale_running() -> int:
     stale = [row for row, live in zip(rows, alive([r.id for r in rows]), strict=True) if not live]
     requeued = 0
     for turn_id, attempt in stale:
-        with db_session() as db:
+        with transaction() as db:
             requeued += requeue_turn(db, turn_id, attempt)
     if requeued:
         log.warning("sweeper re-queued %d running turns whose worker stopped beating", requeued)
@@ -127,7 +131,7 @@ def resend_stalled_replays() -> int:
         .where(ReplayItem.replay_id == Replay.id, Turn.status.in_(ACTIVE))
         .exists()
     )
-    with db_session() as db:
+    with transaction() as db:
         ids = db.scalars(
             select(Replay.id)
             .where(Replay.finished_at.is_(None), Replay.created_at < func.now() - age, ~under_way)

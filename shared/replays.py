@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from shared.broker import send_replay_advance
 from shared.db import after_commit
 from shared.events import EventLog
-from shared.models import TERMINAL, ChatSession, Replay, ReplayItem, Turn
+from shared.models import ENDED, ChatSession, Replay, ReplayItem, Turn
 from shared.turns import submit_turn
 
 
@@ -45,7 +45,7 @@ def item_rows(db: Session, replay_id: str) -> list[tuple[ReplayItem, Turn | None
 def summary(replay: Replay, rows: list[tuple[ReplayItem, Turn | None]]) -> dict[str, Any]:
     counts = {"succeeded": 0, "failed": 0}
     for _item, turn in rows:
-        if turn is not None and turn.status in TERMINAL:
+        if turn is not None and turn.status in ENDED:
             counts["succeeded" if turn.status == "succeeded" else "failed"] += 1
     return {
         "id": replay.id,
@@ -64,7 +64,7 @@ def advance(db: Session, replay_id: str) -> None:
     if replay is None or replay.finished_at is not None:
         return
     rows = item_rows(db, replay_id)
-    running = sum(1 for item, turn in rows if item.turn_id and (turn is None or turn.status not in TERMINAL))
+    running = sum(1 for item, turn in rows if item.turn_id and (turn is None or turn.status not in ENDED))
     for item, _turn in rows:
         if running >= replay.concurrency:
             break
@@ -81,7 +81,7 @@ def advance(db: Session, replay_id: str) -> None:
         running += 1
     db.flush()
     rows = item_rows(db, replay_id)
-    if all(turn is not None and turn.status in TERMINAL for _item, turn in rows):
+    if all(turn is not None and turn.status in ENDED for _item, turn in rows):
         replay.finished_at = func.now()
         db.flush()
         db.refresh(replay)

@@ -11,8 +11,8 @@ time in the order they were accepted, with no worker waiting on a lock.
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Connection, Row, and_, bindparam, column, exists, func, select, text, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import Boolean, ColumnElement, Connection, Row, bindparam, column, func, select, text, update
+from sqlalchemy.orm import Session
 from sqlalchemy.types import Uuid
 
 from shared.broker import send_turn
@@ -102,12 +102,16 @@ def submit_turn(
     return turn, True
 
 
+def next_queued_turn(session_id: ColumnElement) -> ColumnElement:
+    """Postgres's `next_queued_turn()`, the one definition of a session's run
+    order: its first queued turn, if none is running (as a str, as ids are)."""
+    return func.next_queued_turn(session_id, type_=Uuid(as_uuid=False))
+
+
 def next_queued(db: Session | Connection, session_id: str) -> str | None:
-    """The session's turn to send now that one of its turns ended: its first
-    queued turn, if none is running (Postgres's `next_queued_turn()`, which
-    `finish_turn()` uses too). Call with the session row locked."""
-    next_turn = func.next_queued_turn(bindparam("session_id"), type_=Uuid(as_uuid=False))  # a str, as ids are
-    return db.scalar(select(next_turn), {"session_id": session_id})
+    """The session's turn to send now that one of its turns ended. Call with
+    the session row locked."""
+    return db.scalar(select(next_queued_turn(bindparam("session_id"))), {"session_id": session_id})
 
 
 def schedule_next(db: Session, session_id: str) -> None:
@@ -136,10 +140,3 @@ def cancel_turn(db: Session, turn: Turn, *, send_next: bool = True) -> None:
         after_commit(db, log.append, "turn.cancelled")
     elif turn.status == "running":
         log.request_cancel()
-
-
-_earlier = aliased(Turn)
-# SQL condition on Turn: no earlier turn of its session is still active.
-NEXT_IN_SESSION = ~exists().where(
-    and_(_earlier.session_id == Turn.session_id, _earlier.number < Turn.number, status_of(_earlier).in_(ACTIVE))
-)

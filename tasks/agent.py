@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from shared.config import Settings
 from shared.events import EventLog
@@ -40,9 +40,9 @@ class Outcome:
             self.usage[k] += completion.usage.get(k, 0)
 
 
-def backoff(retry: int) -> float:
-    """Seconds before retry n (1, 2, …): exponential, capped, with jitter."""
-    return min(0.5 * 2 ** (retry - 1), 8.0) * (1 - 0.25 * random.random())
+# The worker's pause before a retry: 0.5, 1, 2, 4, 8, 8 … seconds, plus up to
+# a quarter second of jitter.
+BACKOFF = wait_exponential_jitter(multiplier=0.5, max=8, jitter=0.25)
 
 
 def run_agent(
@@ -50,21 +50,26 @@ def run_agent(
 ) -> Outcome:
     """Run the turn; a stream that breaks off midway is run again from the
     start (after `turn.restarted`), at most OPENAI_MAX_RETRIES times."""
-    restarts = 0
-    while True:
-        try:
-            return _Run(history, events, toolbox, settings).run()
-        except StreamBroken as exc:
-            if restarts >= settings.openai_max_retries:
-                return Outcome("failed", error={"code": exc.code, "message": exc.message})
-            restarts += 1
-            log.warning("turn %s: %s; restart %d", events.ident, exc.message, restarts)
-            time.sleep(backoff(restarts))
-            events.emit("turn.restarted", attempt=attempt, reason="model_stream_broke")
-            if events.cancelled:
-                return Outcome("cancelled")
-        except ModelError as exc:
-            return Outcome("failed", error={"code": exc.code, "message": exc.message})
+
+    def restart(state: RetryCallState) -> None:
+        log.warning("turn %s: %s; restart %d", events.ident, state.outcome.exception(), state.attempt_number)
+        events.emit("turn.restarted", attempt=attempt, reason="model_stream_broke")
+
+    restarts = Retrying(
+        retry=retry_if_exception_type(StreamBroken),
+        stop=stop_after_attempt(settings.openai_max_retries + 1),
+        wait=BACKOFF,
+        before_sleep=restart,
+        reraise=True,
+    )
+    try:
+        for run in restarts:
+            with run:
+                if run.retry_state.attempt_number > 1 and events.cancelled:
+                    return Outcome("cancelled")
+                return _Run(history, events, toolbox, settings).run()
+    except ModelError as exc:  # StreamBroken too, once the restarts ran out
+        return Outcome("failed", error={"code": exc.code, "message": exc.message})
 
 
 class _Run:

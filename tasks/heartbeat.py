@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from shared.config import get_settings
-from shared.db import db_session
+from shared.db import transaction
 from shared.events import EventLog
 from shared.models import Turn
 from shared.recovery import alive_key, requeue_turn
@@ -65,7 +65,7 @@ class Heartbeat:
         handed = 0
         for (turn_id, attempt), events in self.running().items():
             try:
-                with db_session() as db:
+                with transaction() as db:
                     if not requeue_turn(db, turn_id, attempt):
                         continue
             except (SQLAlchemyError, redis.RedisError, kombu.exceptions.OperationalError) as exc:
@@ -97,7 +97,7 @@ class Heartbeat:
         taken over by a newer attempt. One that just finished its own turn
         is not lost."""
         ids = list({turn_id for turn_id, _attempt in runs})
-        with db_session() as db:
+        with transaction() as db:
             owned = {
                 (turn_id, attempt)
                 for turn_id, attempt in db.execute(

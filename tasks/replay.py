@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from shared.broker import ADVANCE_REPLAY
-from shared.db import db_session
+from shared.db import transaction
 from shared.replays import advance
 from tasks.turn import TurnstreamTask
 
@@ -13,5 +13,5 @@ from tasks.turn import TurnstreamTask
 @shared_task(name=ADVANCE_REPLAY, base=TurnstreamTask)
 def advance_replay(replay_id: str) -> None:
     """Idempotent: it starts only what the replay's concurrency allows."""
-    with db_session() as db:
+    with transaction() as db:
         advance(db, replay_id)

@@ -10,8 +10,9 @@ from tasks.turn import TurnstreamTask
 
 
 # No task events: run every SWEEP_SECONDS, it would fill Flower's task list,
-# which is there to show turns. What it does, shared/recovery.py logs.
-@shared_task(name=SWEEP_TURNS, base=TurnstreamTask, send_events=False)
+# which is there to show turns. What it does, shared/recovery.py logs. No
+# retries either: beat sends the next sweep soon enough.
+@shared_task(name=SWEEP_TURNS, base=TurnstreamTask, send_events=False, autoretry_for=())
 def sweep_turns() -> dict[str, int]:
     """How many queued turns were re-sent, running ones re-queued and
     stalled replays advanced."""

@@ -18,17 +18,18 @@ from sqlalchemy import and_, bindparam, column, func, join, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import aliased
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from shared.broker import RUN_TURN, send_replay_advance, send_turn
 from shared.config import get_settings
-from shared.db import autocommit_engine, committed, db_session
+from shared.db import autocommit_engine, committed, transaction
 from shared.events import EventLog, EventLogLost, get_publisher
 from shared.models import Message, Turn, new_id, status_of
 from shared.recovery import requeue_turn
 from shared.redis import check_eviction_policy, get_redis
 from shared.status import POSTGRES_ERRORS, REDIS_ERRORS, describe_outage
-from shared.turns import NEXT_IN_SESSION
-from tasks.agent import Outcome, backoff, run_agent
+from shared.turns import next_queued_turn
+from tasks.agent import BACKOFF, Outcome, run_agent
 from tasks.heartbeat import get_heartbeat
 from tasks.model import get_client, probe_model
 from tasks.tools import get_toolbox
@@ -44,11 +45,19 @@ TRANSIENT = (OperationalError, InterfaceError, redis.ConnectionError, redis.Time
 
 class TurnstreamTask(Task):
     """Base for every task: late acks (a crash means redelivery, and the task
-    is idempotent), results kept in Postgres rather than Celery."""
+    is idempotent), results kept in Postgres rather than Celery, and a
+    failure that passes (Postgres or Redis restarting) retried by Celery
+    with exponential backoff: 1, 2, 4, 8, 8 … seconds at most, jittered,
+    about a minute in all."""
 
     acks_late = True
     reject_on_worker_lost = True
     ignore_result = True
+    autoretry_for = TRANSIENT
+    retry_backoff = True
+    retry_backoff_max = 8
+    retry_jitter = True
+    max_retries = 10
 
 
 class TurnFailed(Exception):
@@ -75,7 +84,12 @@ class Claim:
 # on a Core connection: a turn needs no ORM unit of work.
 _CLAIM = (
     update(Turn)
-    .where(Turn.id == bindparam("turn_id"), status_of(Turn) == "queued", NEXT_IN_SESSION)
+    .where(
+        Turn.id == bindparam("turn_id"),
+        # checked again on the row as it is once locked, so two claims never both win
+        status_of(Turn) == "queued",
+        Turn.id == next_queued_turn(Turn.session_id),
+    )
     .values(
         status="running",
         attempts=Turn.attempts + 1,
@@ -113,8 +127,8 @@ _FINISH = (
 
 
 def claim_turn(turn_id: str) -> Claim | None:
-    """queued -> running, atomically, only if no earlier turn of its session
-    is still active. Returns None when there is nothing to do: the turn is
+    """queued -> running, atomically, only if it is its session's next turn
+    (`next_queued_turn()`). Returns None when there is nothing to do: the turn is
     gone, finished, already running elsewhere, or waiting its turn."""
     with autocommit_engine().connect() as db:
         rows = db.execute(_CLAIM_WITH_HISTORY, {"turn_id": turn_id, "model": get_settings().openai_model}).all()
@@ -162,16 +176,13 @@ def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | 
     return "turn.cancelled", {}
 
 
-@shared_task(name=RUN_TURN, bind=True, base=TurnstreamTask, throws=(TurnFailed,))
-def run_turn(self: Task, turn_id: str) -> str:
+@shared_task(name=RUN_TURN, base=TurnstreamTask, throws=(TurnFailed,))
+def run_turn(turn_id: str) -> str:
     """Run one chat turn. Safe to receive twice: only a claim runs it.
     Returns what happened, for Flower; raises TurnFailed for a turn that
     ended failed or cancelled."""
     heartbeat = get_heartbeat()
-    try:
-        claim = claim_turn(turn_id)
-    except TRANSIENT as exc:  # nothing was written: try again soon
-        raise self.retry(exc=exc, countdown=backoff(self.request.retries + 1), max_retries=10) from exc
+    claim = claim_turn(turn_id)  # a failure that passes: nothing was written, and Celery retries
     if claim is None:
         log.info("turn %s: nothing to run", turn_id)
         return f"turn {turn_id}: nothing to run (finished, running elsewhere, or waiting behind its session)"
@@ -230,24 +241,23 @@ def _finish(claim: Claim, events: EventLog, outcome: Outcome) -> bool:
     return True
 
 
-def _retrying(fn: Callable[[], T], what: str, tries: int = 6) -> T:
-    """fn(), retried with backoff while Postgres or Redis is unreachable (about 15 s)."""
-    n = 0
-    while True:
-        n += 1
-        try:
-            return fn()
-        except TRANSIENT:
-            if n == tries:
-                raise
-            log.warning("could not %s, retrying", what, exc_info=True)
-            time.sleep(backoff(n))
+def _retrying(fn: Callable[[], T], what: str) -> T:
+    """fn(), retried with backoff while Postgres or Redis is unreachable
+    (6 tries over about 15 s)."""
+    retrying = Retrying(
+        retry=retry_if_exception_type(TRANSIENT),
+        stop=stop_after_attempt(6),
+        wait=BACKOFF,
+        before_sleep=lambda state: log.warning("could not %s, retrying: %s", what, state.outcome.exception()),
+        reraise=True,
+    )
+    return retrying(fn)
 
 
 def _hand_back(claim: Claim) -> None:
     """Put the turn back in the queue now, rather than wait for the sweeper."""
     try:
-        with db_session() as db:
+        with transaction() as db:
             requeue_turn(db, claim.turn_id, claim.attempt)
     except (*TRANSIENT, redis.RedisError, kombu.exceptions.OperationalError):
         log.warning("turn %s: could not hand it back; the sweeper will", claim.turn_id, exc_info=True)

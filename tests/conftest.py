@@ -50,7 +50,26 @@ def stack():
 def app(stack):
     from web import create_app
 
-    return create_app()
+    app = create_app()
+    yield app
+    app.extensions["turnstream.relay"].close()
+
+
+@pytest.fixture
+def new_relay(stack):
+    """Relays of their own (a web process's hub), closed after the test."""
+    from shared.redis import new_redis
+    from web.relay.hub import Relay
+
+    made = []
+
+    def make(ping_seconds: float = 30):
+        made.append(Relay(new_redis, ping_seconds))
+        return made[-1]
+
+    yield make
+    for relay in made:
+        relay.close()
 
 
 @pytest.fixture
@@ -78,6 +97,26 @@ def web_server(stack):
     proc.stop()
 
 
+@pytest.fixture(scope="session")
+def library_web_server(stack):
+    """The same gunicorn with every override of a library's internals off
+    (LIBRARY_OVERRIDES=none): the relay reads through redis-py's PubSub and
+    writes every frame through the response."""
+    proc, port = services.start_gunicorn(stack["logdir"], {**stack["env"], "LIBRARY_OVERRIDES": "none"}, name="web-lib")
+    stack["procs"].append(proc)
+    base = f"http://127.0.0.1:{port}"
+    services.wait_until(lambda: httpx.get(f"{base}/api/health", timeout=2).status_code == 200, 30, "web")
+    yield base
+    proc.stop()
+
+
+@pytest.fixture(params=["overrides", "library"])
+def any_web_server(request):
+    """Each web server in turn: with the overrides (the default), and without."""
+    name = "web_server" if request.param == "overrides" else "library_web_server"
+    return request.param, request.getfixturevalue(name)
+
+
 @pytest.fixture
 def http(web_server):
     with httpx.Client(base_url=web_server, timeout=30) as c:
@@ -95,7 +134,7 @@ def wait_turn(client, headers: dict, turn_id: str, timeout: float = 30) -> dict:
         turn = client.get(f"/api/turns/{turn_id}", headers=headers).get_json()
         if turn["status"] in ("succeeded", "failed", "cancelled"):
             end = EventLog("turn", turn_id).last_event()
-            if end is not None and end.terminal:
+            if end is not None and end.ending:
                 return turn
         time.sleep(0.05)
     raise AssertionError(f"turn {turn_id} did not finish, with its terminal event logged, in {timeout}s: {turn}")

@@ -294,8 +294,8 @@ def reset_process_singletons() -> None:
     from shared import broker, config, db, events, redis
     from tasks import model, tools
 
+    config.use_settings(None)
     for fn in (
-        config.get_settings,
         db.get_engine,
         db._sessionmaker,
         redis.get_redis,

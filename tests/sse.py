@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import httpx
 
-TERMINAL = {"turn.completed", "turn.failed", "turn.cancelled", "replay.finished"}
+from shared.events import ENDING_TYPES
 
 
 @dataclass
@@ -59,6 +59,6 @@ def read_events(
             events.append(item)
             if on_event is not None:
                 on_event(len(events))
-            if item.event in TERMINAL or (stop_after is not None and len(events) >= stop_after):
+            if item.event in ENDING_TYPES or (stop_after is not None and len(events) >= stop_after):
                 break
     return response, events

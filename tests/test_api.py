@@ -95,7 +95,7 @@ def test_logout_ends_the_login_on_the_server_not_only_in_the_browser(app, owner)
 def test_a_login_has_an_absolute_lifetime(app, owner):
     from sqlalchemy import update
 
-    from shared.db import db_session
+    from shared.db import transaction
     from shared.models import Login
 
     browser = app.test_client()
@@ -104,7 +104,7 @@ def test_a_login_has_an_absolute_lifetime(app, owner):
     for _ in range(3):  # using it does not slide it forward: no new cookie
         used = browser.get("/api/sessions")
         assert used.status_code == 200 and "Set-Cookie" not in used.headers
-    with db_session() as db:  # its time passes
+    with transaction() as db:  # its time passes
         db.execute(update(Login).where(Login.owner_id == _owner_id(owner)).values(expires_at=Login.created_at))
     time.sleep(1.1)  # KEY_CACHE_SECONDS in the tests
     _error(browser.get("/api/sessions"), 401, "unauthorized")
@@ -134,11 +134,11 @@ def test_a_revoked_key_and_its_logins_stop_working(app, owner):
 def _owner_id(owner: dict) -> str:
     from sqlalchemy import select
 
-    from shared.db import db_session
+    from shared.db import transaction
     from shared.models import ApiKey
     from web.auth import hash_key
 
-    with db_session() as db:
+    with transaction() as db:
         return db.scalar(select(ApiKey.owner_id).where(ApiKey.key_hash == hash_key(owner["Authorization"].split()[1])))
 
 

@@ -1,4 +1,4 @@
-"""shared.redis.Batcher: an idle batcher lets an inline caller handle its
+"""shared.batching.Batcher: an idle batcher lets an inline caller handle its
 own item; anything that comes while a batch is in flight waits for it and
 goes after it, in order."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 
-from shared.redis import Batcher
+from shared.batching import Batcher
 
 
 def test_an_inline_item_is_handled_by_its_caller_when_the_batcher_is_idle():

@@ -19,11 +19,11 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from shared.db import db_session
-from shared.models import TERMINAL, Message, Turn
+from shared.db import transaction
+from shared.events import ENDING_TYPES
+from shared.models import ENDED, Message, Turn
 from tests import services
 from tests.conftest import TEST_ENV
-from tests.sse import TERMINAL as TERMINAL_EVENTS
 from tests.sse import iter_sse
 
 CHAOS_ENV = {
@@ -141,9 +141,7 @@ def _follow(base: str, headers: dict, turn_id: str, deadline: float, out: dict) 
                         continue
                     events.append((time.monotonic(), item))
                     last = item.id or last
-                    if item.event in TERMINAL_EVENTS or (
-                        item.event == "turn.snapshot" and item.data["status"] in TERMINAL
-                    ):
+                    if item.event in ENDING_TYPES or (item.event == "turn.snapshot" and item.data["status"] in ENDED):
                         out[turn_id]["ended"] = True
                         return
         except httpx.HTTPError:
@@ -153,13 +151,13 @@ def _follow(base: str, headers: dict, turn_id: str, deadline: float, out: dict) 
 
 
 def _finished(ids: list[str]) -> bool:
-    with db_session() as db:
-        return not db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status.not_in(TERMINAL)))
+    with transaction() as db:
+        return not db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status.not_in(ENDED)))
 
 
 def _count(ids: list[str], streams: dict) -> dict:
     """What the issue asks every chaos test to print, from Postgres and the streams."""
-    with db_session() as db:
+    with transaction() as db:
         turns = {t.id: t for t in db.scalars(select(Turn).where(Turn.id.in_(ids)))}
         answers = dict(
             db.execute(
@@ -184,7 +182,7 @@ def _count(ids: list[str], streams: dict) -> dict:
         "succeeded": statuses.count("succeeded"),
         "failed": statuses.count("failed"),
         "duplicated": sum(1 for n in answers.values() if n > 1),
-        "lost": len(ids) - sum(1 for s in statuses if s in TERMINAL),
+        "lost": len(ids) - sum(1 for s in statuses if s in ENDED),
         "stuck_streams": sum(1 for t in ids if not streams[t]["ended"]),
         "streams_not_matching_answer": mismatched,
         "turns_restarted": sum(1 for t in turns.values() if t.attempts > 1),

@@ -12,7 +12,7 @@ from kombu.transport import redis as upstream_redis
 from openai import OpenAI
 
 from shared import overrides
-from shared.config import Settings
+from shared.config import OVERRIDES, Settings
 from shared.overrides import kombu_redis, openai_stream
 
 
@@ -65,7 +65,7 @@ def test_the_app_uses_it_unless_switched_off_under_the_redis_scheme(stack):
 
 def test_each_override_can_be_switched_off():
     dev = {"TURNSTREAM_ENV": "development"}
-    assert Settings.from_env(dev).library_overrides == {"kombu_redis", "openai_drain", "openai_dict_chunks"}
+    assert Settings.from_env(dev).library_overrides == set(OVERRIDES)
     assert Settings.from_env({**dev, "LIBRARY_OVERRIDES": "none"}).library_overrides == frozenset()
     assert Settings.from_env({**dev, "LIBRARY_OVERRIDES": "kombu_redis"}).library_overrides == {"kombu_redis"}
 
@@ -104,3 +104,73 @@ def test_openai_dict_chunks_are_the_dicts_the_client_decoded(stack):
     with client.chat.completions.create(**_BODY) as stream:  # what the override spares: a typed object per chunk
         typed = [c.model_dump() for c in stream]
     assert text == "".join(c["choices"][0]["delta"]["content"] or "" for c in typed if c["choices"])
+
+
+def test_redis_pipelined_relies_on_every_command_passing_through_execute_command(stack):
+    """What Pipelined replaces is the one door every command goes through:
+    plain commands, stream reads and scripts alike."""
+    from shared.config import get_settings
+
+    seen = []
+
+    class Counting(redis.Redis):
+        def execute_command(self, *args, **options):
+            seen.append(args[0])
+            return super().execute_command(*args, **options)
+
+    client = Counting.from_url(get_settings().redis_url)
+    name = f"override:{uuid.uuid4().hex[:8]}"
+    client.set(name, "1")
+    client.xrange(name + ":s")
+    client.register_script("return 1")()
+    assert seen[:2] == ["SET", "XRANGE"] and seen[-1] == "EVALSHA", (
+        "redis-py no longer sends every command through execute_command:"
+        " shared/overrides/redis_pipelined.py would miss some"
+    )
+    pipe = client.pipeline(transaction=False)
+    pipe.lpush(name, "x")  # a wrong type: its error stays in its place
+    pipe.get(name)
+    wrong, value = pipe.execute(raise_on_error=False)
+    assert isinstance(wrong, redis.ResponseError) and value == b"1"
+
+
+def test_redis_pubsub_reads_pushes_as_plain_replies_where_the_library_builds_a_dict_each(stack):
+    from shared.overrides.redis_pubsub import RawSubscriber
+    from shared.redis import new_redis
+    from web.relay.hub import LibrarySubscriber
+
+    channel = f"override:{uuid.uuid4().hex[:8]}".encode()
+    for subscriber in (RawSubscriber(new_redis()), LibrarySubscriber(new_redis())):
+        try:
+            subscriber.send("SUBSCRIBE", channel)
+            assert subscriber.read()[:2] == [b"subscribe", channel]
+            new_redis().publish(channel, b"hello")
+            assert subscriber.read() == [b"message", channel, b"hello"], (
+                "a RESP2 push is no longer [kind, channel, data]: shared/overrides/redis_pubsub.py reads it wrong"
+            )
+        finally:
+            subscriber.close()
+    pubsub = new_redis().pubsub()
+    pubsub.subscribe(channel)
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # the per-message dict the override spares
+
+
+def test_gunicorn_writes_each_chunk_whole_and_at_once():
+    """Direct writes go between gunicorn's own: it must frame a chunk as the
+    relay does and keep nothing back in a buffer of its own."""
+    import socket
+
+    from gunicorn import util
+
+    from shared.overrides.gunicorn_direct_write import chunk
+
+    ours, peer = socket.socketpair()
+    try:
+        util.write(ours, b"event: x\n\n", chunked=True)
+        peer.settimeout(1)
+        assert peer.recv(100) == chunk(b"event: x\n\n") == b"A\r\nevent: x\n\n\r\n", (
+            "gunicorn frames or buffers chunks differently: shared/overrides/gunicorn_direct_write.py must follow"
+        )
+    finally:
+        ours.close()
+        peer.close()

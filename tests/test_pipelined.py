@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from shared.config import get_settings
-from shared.redis import Pipelined
+from shared.overrides.redis_pipelined import Pipelined
 
 
 def test_concurrent_commands_share_round_trips_and_keep_their_replies(stack):

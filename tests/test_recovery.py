@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from sqlalchemy import func, update
 
-from shared.db import db_session
+from shared.db import transaction
 from shared.events import EventLog
 from shared.models import ChatSession, Turn
 from shared.recovery import alive, alive_key
@@ -35,14 +35,14 @@ def _orphan(client, owner, message: str, attempts: int = 0, claimed_ago: float =
     send = shared.turns.send_turn
     shared.turns.send_turn = lambda turn_id: None  # the dead worker took the message with it
     try:
-        with db_session() as db:
+        with transaction() as db:
             chat = db.get(ChatSession, sid)
             turn, _ = submit_turn(db, sid, chat.owner_id, message)
             turn_id = turn.id
     finally:
         shared.turns.send_turn = send
     if attempts:
-        with db_session() as db:
+        with transaction() as db:
             db.execute(update(Turn).where(Turn.id == turn_id).values(attempts=attempts))
     assert claim_turn(turn_id) is not None
     _claimed_ago(turn_id, claimed_ago)
@@ -50,7 +50,7 @@ def _orphan(client, owner, message: str, attempts: int = 0, claimed_ago: float =
 
 
 def _claimed_ago(turn_id: str, seconds: float) -> None:
-    with db_session() as db:
+    with transaction() as db:
         db.execute(update(Turn).where(Turn.id == turn_id).values(claimed_at=func.now() - timedelta(seconds=seconds)))
 
 

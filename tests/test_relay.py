@@ -23,12 +23,12 @@ PING = 1.0  # SSE_PING_SECONDS in the test environment
 
 def running_turn(owner: dict) -> str:
     """A turn that is `running` with no worker behind it: the test writes its log."""
-    from shared.db import db_session
+    from shared.db import transaction
     from shared.models import ChatSession, Turn
     from web.auth import lookup_key
 
     owner_id = lookup_key(owner["Authorization"].split()[1]).owner_id
-    with db_session() as db:
+    with transaction() as db:
         chat = ChatSession(owner_id=owner_id, title="relay", meta={}, turn_count=1)
         db.add(chat)
         db.flush()
@@ -41,10 +41,10 @@ def running_turn(owner: dict) -> str:
 def finish(turn_id: str, answer: str) -> None:
     from sqlalchemy import func, update
 
-    from shared.db import db_session
+    from shared.db import transaction
     from shared.models import Turn
 
-    with db_session() as db:
+    with transaction() as db:
         db.execute(
             update(Turn).where(Turn.id == turn_id).values(status="succeeded", answer=answer, finished_at=func.now())
         )
@@ -126,37 +126,37 @@ def test_clients_of_one_turn_share_one_subscription_released_by_the_last(web_ser
         assert relay_stats(http)["streams"] == before["streams"]
 
 
-def test_a_stream_whose_queue_fills_is_ended_and_resumes_from_the_log(stack, monkeypatch):
+def test_a_stream_whose_queue_fills_is_ended_and_resumes_from_the_log(stack, monkeypatch, new_relay):
     import uuid
 
     from shared.events import EventLog
-    from shared.redis import new_redis
-    from web import relay as relay_module
+    from web.relay import hub
+    from web.relay.frames import RETRY
+    from web.relay.resume import Resume
 
-    monkeypatch.setattr(relay_module, "QUEUE_SIZE", 5)
+    monkeypatch.setattr(hub, "QUEUE_SIZE", 5)
     log = EventLog("turn", f"full-{uuid.uuid4().hex[:8]}")
     log.append("turn.started", attempt=1)
-    frames = relay_module.relay_events(relay_module.Relay(new_redis, 30), log, 0, lambda: None)
-    assert next(frames) == relay_module.RETRY
+    frames = Resume(new_relay(30), log, 0, lambda: None).frames()
+    assert next(frames) == RETRY
     assert b"event: turn.started" in next(frames)
     for n in range(20):  # the client reads none of these: its queue takes 5
         log.append("message.delta", delta=str(n))
     time.sleep(0.3)
     assert list(frames) == []  # ended, without a frame more: the reader never waited for it
-    resumed = relay_module.relay_events(relay_module.Relay(new_redis, 30), log, 1, lambda: None)
-    assert next(resumed) == relay_module.RETRY
+    resumed = Resume(new_relay(30), log, 1, lambda: None).frames()
+    assert next(resumed) == RETRY
     chunk = next(resumed)
     assert [int(line[4:]) for line in chunk.split(b"\n") if line.startswith(b"id: ")] == list(range(2, 22))
 
 
-def test_a_crowded_channel_wakes_its_streams_by_lane_and_each_gets_every_message(stack):
+def test_a_crowded_channel_wakes_its_streams_by_lane_and_each_gets_every_message(stack, new_relay):
     import uuid
 
     from shared.events import EventLog
-    from shared.redis import new_redis
-    from web.relay import WAKE_BATCH, Relay
+    from web.relay.hub import WAKE_BATCH
 
-    relay = Relay(new_redis, 0.4)  # ticks of 0.1 s
+    relay = new_relay(0.4)  # ticks of 0.1 s
     log = EventLog("turn", f"lanes-{uuid.uuid4().hex[:8]}")
     subs = [relay.subscribe(log.channel) for _ in range(2 * WAKE_BATCH + 10)]
     try:
@@ -194,7 +194,7 @@ def test_a_crowded_channel_wakes_its_streams_by_lane_and_each_gets_every_message
             relay.unsubscribe(sub)
 
 
-def test_a_stream_leaves_nothing_for_the_garbage_collector(stack):
+def test_a_stream_leaves_nothing_for_the_garbage_collector(stack, new_relay):
     """Every stream's objects are freed as it ends, gap path included: cyclic
     garbage would wait for the collector's full passes, which stop every
     stream of the process for tens of milliseconds."""
@@ -202,37 +202,39 @@ def test_a_stream_leaves_nothing_for_the_garbage_collector(stack):
     import uuid
 
     from shared.events import EventLog
-    from shared.redis import new_redis
-    from web.relay import Relay, relay_events
+    from web.relay.resume import Resume
 
     log = EventLog("turn", f"gc-{uuid.uuid4().hex[:8]}")
     for n in range(5):
         log.append("message.delta", delta=str(n))
     log.append("turn.completed", answer="01234")
     log.redis.xtrim(log.stream_key, minid="0-4", approximate=False)  # seq 2 and 3 are gone: a gap after 1
-    relay = Relay(new_redis, 30)
-    assert list(relay_events(relay, log, 5, lambda: None))[-1].startswith(b"event: turn.completed")  # warm-up
+    relay = new_relay(30)
+    assert list(Resume(relay, log, 5, lambda: None).frames())[-1].startswith(b"event: turn.completed")  # warm-up
     gc.collect()
     gc.disable()
     try:
         for _ in range(20):
-            chunks = list(relay_events(relay, log, 1, lambda: None))
+            chunks = list(Resume(relay, log, 1, lambda: None).frames())
             assert [int(line[4:]) for line in b"".join(chunks).split(b"\n") if line.startswith(b"id: ")] == [4, 5, 6]
+        gc.set_debug(gc.DEBUG_SAVEALL)
         garbage = gc.collect()
+        found = [repr(o)[:150] for o in gc.garbage]
+        gc.garbage.clear()
+        gc.set_debug(0)
     finally:
         gc.enable()
-    assert garbage == 0
+    assert garbage == 0, found
 
 
 # 2. Lossless: subscribe, backlog, then live, across an injected delay.
 
 
-def test_events_published_while_the_backlog_is_read_arrive_once_and_in_order(stack):
+def test_events_published_while_the_backlog_is_read_arrive_once_and_in_order(stack, new_relay):
     import uuid
 
     from shared.events import EventLog
-    from shared.redis import new_redis
-    from web.relay import Relay, relay_events
+    from web.relay.resume import Resume
 
     class SlowLog(EventLog):
         """The worker writes while the relay is between SUBSCRIBE and XRANGE,
@@ -254,7 +256,7 @@ def test_events_published_while_the_backlog_is_read_arrive_once_and_in_order(sta
     log = SlowLog("turn", f"race-{uuid.uuid4().hex[:8]}")
     log.append("turn.started", attempt=1)  # before the stream subscribed
     log.append("message.delta", delta="b")
-    frames = relay_events(Relay(new_redis, 30), log, 0, lambda: None)
+    frames = Resume(new_relay(30), log, 0, lambda: None).frames()
     got = b""
     for chunk in frames:
         got += chunk
@@ -342,15 +344,19 @@ def test_a_client_that_stops_reading_is_dropped_and_does_not_hold_up_another(web
     frozen.close()
 
 
-def test_a_client_that_lags_gets_every_byte_of_every_event(web_server, owner):
-    """The reader writes events straight to a waiting stream's socket, each as
-    an HTTP chunk; once a lagging client's buffers are full it leaves part of
-    one, which the stream writes before anything else. A strict HTTP parser
-    reads the body back: every event whole, once and in order."""
+def test_a_client_that_lags_gets_every_byte_of_every_event(any_web_server, owner):
+    """With direct writes, the reader writes events straight to a waiting
+    stream's socket, each as an HTTP chunk; once a lagging client's buffers
+    are full it leaves part of one, which the stream writes before anything
+    else. Without, every frame goes through the response. Either way a
+    strict HTTP parser reads the body back: every event whole, once and in
+    order."""
     import h11
 
     from shared.events import EventLog
 
+    path, web_server = any_web_server
+    direct_before = relay_stats(httpx.Client(base_url=web_server))["written_directly"]
     turn_id = running_turn(owner)
     log = EventLog("turn", turn_id)
     url = urlsplit(web_server)
@@ -388,6 +394,8 @@ def test_a_client_that_lags_gets_every_byte_of_every_event(web_server, owner):
     assert ids == list(range(1, len(deltas) + 3))
     got = [json.loads(block.split(b"\ndata: ", 1)[1])["delta"] for block in events[1:-1]]
     assert got == deltas
+    direct = relay_stats(httpx.Client(base_url=web_server))["written_directly"] - direct_before
+    assert direct > 0 if path == "overrides" else direct == 0
 
 
 def test_a_client_that_closes_its_connection_is_freed_at_the_next_ping(web_server, owner):
@@ -465,7 +473,7 @@ def test_events_published_while_the_relay_reconnects_arrive_with_no_gap(http, ow
 
 def follow_session(http, owner, sid, terminals: int, headers: dict | None = None, on_event=None) -> list:
     """Read a session's stream until `terminals` turns ended."""
-    from tests.sse import TERMINAL, iter_sse
+    from tests.sse import ENDING_TYPES, iter_sse
 
     events = []
     with http.stream("GET", f"/api/sessions/{sid}/events", headers={**owner, **(headers or {})}) as response:
@@ -476,7 +484,7 @@ def follow_session(http, owner, sid, terminals: int, headers: dict | None = None
             events.append(item)
             if on_event is not None:
                 on_event(len(events), item)
-            if sum(e.event in TERMINAL for e in events) == terminals:
+            if sum(e.event in ENDING_TYPES for e in events) == terminals:
                 return events
     raise AssertionError(f"the session stream ended early: {[e.event for e in events]}")
 

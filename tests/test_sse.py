@@ -101,9 +101,10 @@ def test_another_owner_cannot_follow_a_turn(http, owner, stack):
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 
-def test_many_clients_on_one_turn_all_get_the_full_stream(web_server, owner):
+def test_many_clients_on_one_turn_all_get_the_full_stream(any_web_server, owner):
     from concurrent.futures import ThreadPoolExecutor
 
+    _path, web_server = any_web_server
     with httpx.Client(base_url=web_server, timeout=30) as http:
         sid = _session(http, owner)
         turn = _turn(http, owner, sid, "fan out [[tokens=40]] [[delay=0.01]] [[first=0.5]]")
@@ -119,15 +120,16 @@ def test_many_clients_on_one_turn_all_get_the_full_stream(web_server, owner):
         assert events[-1].event == "turn.completed"
 
 
-def test_a_turn_that_runs_start_to_end_between_the_first_read_and_the_snapshot_streams_its_events(stack):
+def test_a_turn_that_runs_start_to_end_between_the_first_read_and_the_snapshot_streams_its_events(stack, new_relay):
     """The relay read an empty log, then the whole turn ran before it asked
     Postgres: it must send the events (with usage), not a bare snapshot."""
     import json
     import uuid
 
-    from shared.events import Event, EventLog
-    from shared.redis import new_redis
-    from web.relay import Relay, relay_events
+    from shared.events import EventLog
+    from web.relay.frames import synthetic
+    from web.relay.resume import Resume
+    from web.relay.snapshots import Snapshot
 
     log = EventLog("turn", f"race-{uuid.uuid4().hex[:8]}")
 
@@ -135,9 +137,9 @@ def test_a_turn_that_runs_start_to_end_between_the_first_read_and_the_snapshot_s
         log.append("turn.started", attempt=1)  # the worker, meanwhile
         log.append("message.delta", delta="hi")
         data = {"turn_id": log.ident, "seq": 0, "type": "turn.snapshot", "status": "succeeded", "text": "hi"}
-        return Event(0, "turn.snapshot", data, json.dumps(data))
+        return Snapshot(synthetic("turn.snapshot", json.dumps(data)), ended=True)
 
-    frames = relay_events(Relay(new_redis, 0.2), log, 0, snapshot)
+    frames = Resume(new_relay(0.2), log, 0, snapshot).frames()
     assert next(frames) == b"retry: 2000\n\n"
     head = next(frames)  # the log's events, in one write
     assert [line for line in head.split(b"\n") if line.startswith(b"event:")] == [
@@ -170,13 +172,14 @@ def test_a_stream_whose_terminal_event_never_reached_the_log_still_ends(http, ow
     assert tail[0].data["status"] == "succeeded" and tail[0].data["text"] == events[-1].data["answer"]
 
 
-def test_an_open_stream_whose_turn_ended_without_its_terminal_event_ends_after_idle_pings(stack):
+def test_an_open_stream_whose_turn_ended_without_its_terminal_event_ends_after_idle_pings(stack, new_relay):
     import json
     import uuid
 
-    from shared.events import Event, EventLog
-    from shared.redis import new_redis
-    from web.relay import IDLE_PINGS_BEFORE_CHECK, Relay, relay_events
+    from shared.events import EventLog
+    from web.relay.frames import synthetic
+    from web.relay.resume import IDLE_PINGS_BEFORE_CHECK, Resume
+    from web.relay.snapshots import Snapshot
 
     log = EventLog("turn", f"lost-end-{uuid.uuid4().hex[:8]}")
     log.append("turn.started", attempt=1)
@@ -186,9 +189,9 @@ def test_an_open_stream_whose_turn_ended_without_its_terminal_event_ends_after_i
     def snapshot():
         status = "succeeded" if ended["now"] else "running"
         data = {"turn_id": log.ident, "seq": 0, "type": "turn.snapshot", "status": status, "text": "all of it"}
-        return Event(0, "turn.snapshot", data, json.dumps(data))
+        return Snapshot(synthetic("turn.snapshot", json.dumps(data)), ended=ended["now"])
 
-    frames = relay_events(Relay(new_redis, 0.05), log, 2, snapshot)
+    frames = Resume(new_relay(0.05), log, 2, snapshot).frames()
     assert next(frames) == b"retry: 2000\n\n"
     assert [next(frames) for _ in range(IDLE_PINGS_BEFORE_CHECK + 1)] == [b": ping\n\n"] * (IDLE_PINGS_BEFORE_CHECK + 1)
     ended["now"] = True  # the turn's end committed; its terminal event never reached Redis

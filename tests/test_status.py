@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from shared.config import get_settings
+from shared.config import get_settings, use_settings
 from shared.events import EventLog
 from tests.services import wait_until
 
@@ -71,10 +71,14 @@ def test_a_tool_server_that_cannot_start_shows_in_info_health_and_the_turn(stack
     assert ghost in notes[0].data["servers"][0]["error"]
 
     client = create_app(settings).test_client()
-    listed = {t["name"]: t for t in _info(client, owner)["tools"]}
-    assert listed["ghost"]["ok"] is False and ghost in listed["ghost"]["error"]
-    assert listed["sql"]["ok"] is True and listed["sql"]["tools"] == 3
-    assert client.get("/api/health").get_json()["checks"]["tools_unavailable"] == ["ghost"]
+    try:
+        assert get_settings() is settings  # the app's settings are the process's
+        listed = {t["name"]: t for t in _info(client, owner)["tools"]}
+        assert listed["ghost"]["ok"] is False and ghost in listed["ghost"]["error"]
+        assert listed["sql"]["ok"] is True and listed["sql"]["tools"] == 3
+        assert client.get("/api/health").get_json()["checks"]["tools_unavailable"] == ["ghost"]
+    finally:
+        use_settings(None)
 
 
 def test_a_turn_with_every_tool_server_up_says_nothing_about_tools(client, owner):

@@ -8,7 +8,7 @@ import time
 from sqlalchemy import func, update
 
 from shared.broker import sent_key
-from shared.db import db_session
+from shared.db import transaction
 from shared.models import ChatSession, Replay, Turn
 from shared.recovery import resend_queued
 from shared.redis import get_redis
@@ -22,11 +22,11 @@ def test_a_turn_whose_message_was_lost_is_resent_and_runs_once(client, owner, mo
 
     sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
     monkeypatch.setattr(shared.turns, "send_turn", lambda turn_id: None)  # the broker "loses" the message
-    with db_session() as db:
+    with transaction() as db:
         chat = db.get(ChatSession, sid)
         turn, _ = submit_turn(db, sid, chat.owner_id, "lost in transit")
         turn_id = turn.id
-    with db_session() as db:  # make it older than STALE_QUEUED_SECONDS
+    with transaction() as db:  # make it older than STALE_QUEUED_SECONDS
         db.execute(
             update(Turn).where(Turn.id == turn_id).values(created_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 5))
         )
@@ -51,7 +51,7 @@ def test_a_replay_whose_advance_was_lost_is_advanced_and_finishes(client, owner,
     monkeypatch.setattr(shared.replays, "send_replay_advance", lambda replay_id: None)  # lost
     body = {"questions": [{"message": f"stalled {i}"} for i in range(3)], "concurrency": 2}
     replay = client.post("/api/replays", json=body, headers=owner).get_json()
-    with db_session() as db:  # older than STALE_QUEUED_SECONDS, and nothing of it under way
+    with transaction() as db:  # older than STALE_QUEUED_SECONDS, and nothing of it under way
         db.execute(
             update(Replay)
             .where(Replay.id == replay["id"])

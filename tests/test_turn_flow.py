@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from shared.db import db_session
+from shared.db import transaction
 from shared.events import EventLog
 from shared.models import Message
 from tests.conftest import wait_turn
@@ -32,7 +32,7 @@ def test_turn_streams_deltas_that_concatenate_to_the_stored_answer(client, owner
     assert "".join(e.data["delta"] for e in events if e.type == "message.delta") == done["answer"]
     assert all(e.data["turn_id"] == turn["id"] for e in events)
 
-    with db_session() as db:
+    with transaction() as db:
         answers = db.scalar(
             select(func.count()).select_from(Message).where(Message.turn_id == turn["id"], Message.role == "assistant")
         )
@@ -169,7 +169,7 @@ def test_a_turn_submitted_while_the_last_one_ends_is_sent_once_that_end_commits(
     sent: list[str] = []
     monkeypatch.setattr(shared.turns, "send_turn", sent.append)  # no worker runs these turns
     sid = _session(client, owner)
-    with db_session() as db:
+    with transaction() as db:
         owner_id = db.get(ChatSession, sid).owner_id
         first, _ = submit_turn(db, sid, owner_id, "first")
     assert sent == [first.id]
@@ -199,7 +199,7 @@ def test_a_turn_submitted_while_the_last_one_ends_is_sent_once_that_end_commits(
         ending.close()
     waiting.join(10)
     assert sent == [first.id, submitted["id"]]
-    with db_session() as db:  # leave nothing queued for the sweeper
+    with transaction() as db:  # leave nothing queued for the sweeper
         db.execute(update(Turn).where(Turn.session_id == sid).values(status="cancelled"))
 
 
@@ -215,7 +215,7 @@ def test_deleting_a_session_ends_its_running_turn_as_cancelled(client, owner):
     log = EventLog("turn", turn_id)
     wait_until(lambda: any(e.type == "message.delta" for e in log.read_after(0)), 10, "first delta")
     assert client.delete(f"/api/sessions/{sid}", headers=owner).status_code == 204
-    wait_until(lambda: any(e.terminal for e in log.read_after(0)), 10, "the end of the stream")
+    wait_until(lambda: any(e.ending for e in log.read_after(0)), 10, "the end of the stream")
     assert log.read_after(0)[-1].type == "turn.cancelled"
     assert client.get(f"/api/turns/{turn_id}", headers=owner).status_code == 404
 

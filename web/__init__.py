@@ -7,18 +7,23 @@ from datetime import timedelta
 
 from flask import Flask
 
-from shared.config import Settings, cookie_signing_key, get_settings
+from shared.config import Settings, cookie_signing_key, get_settings, use_settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    """Build the Flask app. Reads settings (and fails fast on bad ones); opens
-    no connection: engines, Redis clients and the relay start on first use."""
+    """Build the Flask app with `settings` (else the environment's), which
+    become the process's: shared code reads them too. Fails fast on bad
+    settings; opens no connection: engines, Redis clients and the relay
+    start on first use."""
     from shared.redis import new_redis
     from web import auth, cli, health, page, replays, sessions, turns
     from web.errors import register_error_handlers
-    from web.relay import Relay
+    from web.relay.hub import Relay
 
-    settings = settings or get_settings()
+    if settings is None:
+        settings = get_settings()
+    else:
+        use_settings(settings)
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=cookie_signing_key(settings),

@@ -23,7 +23,7 @@ from flask import Blueprint, current_app, g, jsonify, request, session
 from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from shared.db import autocommit_engine, db_session
+from shared.db import autocommit_engine, transaction
 from shared.models import ApiKey, Login, Owner
 from web.errors import ApiError
 from web.validation import Login as LoginBody
@@ -89,7 +89,7 @@ def create_key(owner_name: str, key_name: str = "default") -> str:
     """Make an API key for an owner (created if new). Returns the key; only its
     hash is stored, so this is the one time it can be shown."""
     key = "ts_" + secrets.token_urlsafe(32)
-    with db_session() as db:
+    with transaction() as db:
         owner = get_or_create_owner(db, owner_name)
         db.add(ApiKey(owner_id=owner.id, name=key_name, key_hash=hash_key(key), prefix=key[:KEY_PREFIX_CHARS]))
     return key
@@ -143,7 +143,7 @@ def caller_for_login(login_id: str) -> Caller | None:
 
 
 def local_owner_id() -> str:
-    with db_session() as db:
+    with transaction() as db:
         return get_or_create_owner(db, LOCAL_OWNER).id
 
 
@@ -204,7 +204,7 @@ def login():
     if caller is None:
         raise ApiError(401, "unknown or revoked API key")
     lifetime = timedelta(seconds=current_app.extensions["turnstream.settings"].login_seconds)
-    with db_session() as db:
+    with transaction() as db:
         made = Login(key_id=caller.key_id, owner_id=caller.owner_id, expires_at=datetime.now(UTC) + lifetime)
         db.add(made)
         db.flush()
@@ -220,7 +220,7 @@ def logout():
     """End the login on the server, not only the browser's copy of its cookie."""
     login_id = session.get("login")
     if login_id:
-        with db_session() as db:
+        with transaction() as db:
             db.execute(update(Login).where(Login.id == login_id, Login.ended_at.is_(None)).values(ended_at=func.now()))
         remembered().forget(login_id)
     session.clear()

@@ -17,8 +17,8 @@ from sqlalchemy import func, select
 from tqdm import tqdm
 
 from shared.broker import send_turn
-from shared.db import db_session
-from shared.models import ACTIVE, STATUSES, TERMINAL, ApiKey, Owner, Replay, Turn
+from shared.db import transaction
+from shared.models import ACTIVE, ENDED, STATUSES, ApiKey, Owner, Replay, Turn
 from shared.recovery import alive, claimed_lately, requeue_stale_running, requeue_turn, resend_queued
 from shared.replays import create_replay, item_rows, summary
 from shared.status import describe_outage
@@ -106,7 +106,7 @@ def keys_list(owner_name: str | None) -> None:
     query = select(ApiKey, Owner.name).join(Owner, Owner.id == ApiKey.owner_id).order_by(ApiKey.created_at)
     if owner_name is not None:
         query = query.where(Owner.name == owner_name)
-    with db_session() as db:
+    with transaction() as db:
         rows = db.execute(query).all()
     if not rows:
         click.echo("no keys" + (f" for {owner_name}" if owner_name else "") + ": make one with `keys create NAME`")
@@ -126,7 +126,7 @@ def keys_revoke(keys: tuple[str, ...]) -> None:
     KEY_CACHE_SECONDS (60 by default) in every web process."""
     from web.auth import revoke_keys
 
-    with db_session() as db:
+    with transaction() as db:
         revoked = revoke_keys(db, list(keys))
     for key in revoked:
         click.echo(f"revoked {key.id} ({key.prefix or 'no prefix'}, {key.name})")
@@ -152,14 +152,14 @@ def replay(file: Path, out: Path, owner: str, concurrency: int, timeout: float) 
     from web.replays import result_line
 
     questions = _read_questions(file)
-    with db_session() as db:
+    with transaction() as db:
         owner_id = get_or_create_owner(db, owner).id
         replay_id = create_replay(db, owner_id, questions, concurrency).id
     click.echo(f"replay {replay_id}: {len(questions)} questions", err=True)
     deadline = time.monotonic() + timeout
     with _progress(len(questions)) as show:
         while True:
-            with db_session() as db:
+            with transaction() as db:
                 state = summary(db.get(Replay, replay_id), rows := item_rows(db, replay_id))
             show(state["succeeded"] + state["failed"], state["failed"])
             if state["status"] == "finished" or time.monotonic() > deadline:
@@ -168,7 +168,7 @@ def replay(file: Path, out: Path, owner: str, concurrency: int, timeout: float) 
     with out.open("w") as fh:
         for item, turn in rows:
             fh.write(json.dumps(result_line(item, turn)) + "\n")
-    unfinished = sum(1 for _item, turn in rows if turn is None or turn.status not in TERMINAL)
+    unfinished = sum(1 for _item, turn in rows if turn is None or turn.status not in ENDED)
     click.echo(f"{state['succeeded']} succeeded, {state['failed']} failed, {unfinished} unfinished -> {out}", err=True)
     if unfinished:
         sys.exit(EXIT_TIMEOUT)
@@ -231,7 +231,7 @@ def turns_list(statuses: tuple[str, ...], limit: int) -> None:
     """Turns, newest first, with their age, (running ones) heartbeat and
     (failed ones) error code."""
     statuses = statuses or ACTIVE
-    with db_session() as db:
+    with transaction() as db:
         rows = db.execute(
             select(Turn.id, Turn.status, Turn.attempts, func.now() - Turn.created_at, claimed_lately(), Turn.error)
             .where(Turn.status.in_(statuses))
@@ -261,7 +261,7 @@ def turns_requeue(turn_ids: tuple[str, ...], stale: bool, force: bool) -> None:
     if stale:
         click.echo(f"re-sent {resend_queued(all_ages=True)} queued, re-queued {requeue_stale_running()} running")
         return
-    with db_session() as db:
+    with transaction() as db:
         turns = {
             t.id: (t, fresh) for t, fresh in db.execute(select(Turn, claimed_lately()).where(Turn.id.in_(turn_ids)))
         }
@@ -277,6 +277,6 @@ def turns_requeue(turn_ids: tuple[str, ...], stale: bool, force: bool) -> None:
         elif not force and (fresh or alive([turn_id])[0]):
             click.echo(f"{turn_id}: its worker is alive (use --force)")
         else:
-            with db_session() as db:
+            with transaction() as db:
                 done = requeue_turn(db, turn_id, turn.attempts)
             click.echo(f"{turn_id}: {'re-queued' if done else 'changed meanwhile, left alone'}")

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, current_app, g, jsonify
+from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy import select
 
-from shared.db import db_session
-from shared.events import Event, EventLog
+from shared.db import transaction
+from shared.events import EventLog
 from shared.models import ChatSession, Message, Replay, Turn
+from shared.overrides.gunicorn_direct_write import writable_socket
 from shared.replays import create_replay, item_rows, summary
 from web.errors import ApiError
-from web.relay import direct_socket, last_event_id, parse_seq, relay_events, sse_response
+from web.relay.frames import sse_response
+from web.relay.resume import Resume, last_event_id, parse_seq
+from web.relay.snapshots import replay_snapshot
 from web.resources import owned, valid_id
 from web.validation import ReplayCreate, parse_body
 
@@ -25,7 +28,7 @@ def create():
     body = parse_body(ReplayCreate, None)
     if (body.questions is None) == (body.from_sessions is None):
         raise ApiError(422, "give exactly one of questions or from_sessions", {"field": "questions"})
-    with db_session() as db:
+    with transaction() as db:
         if body.questions is not None:
             questions = [q.model_dump() for q in body.questions]
             for q in questions:
@@ -44,14 +47,14 @@ def create():
 
 @bp.get("/api/replays/<replay_id>")
 def get(replay_id: str):
-    with db_session() as db:
+    with transaction() as db:
         replay = owned(db, Replay, replay_id)
         return jsonify(summary(replay, item_rows(db, replay.id)))
 
 
 @bp.get("/api/replays/<replay_id>/results")
 def results(replay_id: str):
-    with db_session() as db:
+    with transaction() as db:
         replay = owned(db, Replay, replay_id)
         lines = [json.dumps(result_line(item, turn)) + "\n" for item, turn in item_rows(db, replay.id)]
     return Response(lines, mimetype="application/x-ndjson")
@@ -61,18 +64,11 @@ def results(replay_id: str):
 def events(replay_id: str):
     relay = current_app.extensions["turnstream.relay"]
     after = parse_seq(last_event_id())
-    with db_session() as db:
+    with transaction() as db:
         replay = owned(db, Replay, replay_id)
     log = EventLog("replay", replay.id)
-
-    def snapshot() -> Event:
-        with db_session() as db:
-            state = summary(db.get(Replay, replay.id), item_rows(db, replay.id))
-        data = {"replay_id": replay.id, "seq": 0, "type": "replay.snapshot", **state}
-        return Event(0, "replay.snapshot", data, json.dumps(data))
-
-    stream = relay_events(relay, log, after, snapshot, sock=direct_socket())
-    return sse_response(stream, relay.ping_seconds)
+    stream = Resume(relay, log, after, lambda: replay_snapshot(replay.id), sock=writable_socket(request.environ))
+    return sse_response(stream.frames(), relay.ping_seconds)
 
 
 def result_line(item, turn: Turn | None) -> dict:

@@ -11,25 +11,17 @@ from datetime import datetime
 from flask import Blueprint, current_app, g, jsonify, request
 from sqlalchemy import func, select, tuple_
 
-from shared.db import db_session
+from shared.db import transaction
 from shared.events import EventLog
-from shared.models import ACTIVE, TERMINAL, ChatSession, Message, Turn
+from shared.models import ACTIVE, ENDED, ChatSession, Message, Turn
 from shared.redis import key
 from shared.turns import cancel_turn
 from web.errors import ApiError
-from web.relay import (
-    RETRY,
-    Relay,
-    delivered,
-    last_event_id,
-    parse_seq,
-    prefixed,
-    relay_events,
-    sse_response,
-    wait_for_message,
-)
+from web.relay.frames import RETRY, sse_response
+from web.relay.hub import Relay
+from web.relay.resume import Resume, delivered, last_event_id, parse_seq, prefixed, wait_for_message
+from web.relay.snapshots import turn_snapshot
 from web.resources import message_count, message_json, owned, session_json, valid_id
-from web.turns import turn_snapshot
 from web.validation import SessionCreate, parse_body
 
 bp = Blueprint("sessions", __name__)
@@ -38,7 +30,7 @@ bp = Blueprint("sessions", __name__)
 @bp.post("/api/sessions")
 def create_session():
     body = parse_body(SessionCreate)
-    with db_session() as db:
+    with transaction() as db:
         chat = ChatSession(owner_id=g.owner_id, title=body.title, meta=body.metadata)
         db.add(chat)
         db.flush()
@@ -60,7 +52,7 @@ def list_sessions():
     )
     if cursor is not None:
         query = query.where(tuple_(ChatSession.created_at, ChatSession.id) < cursor)
-    with db_session() as db:
+    with transaction() as db:
         rows = db.execute(query).all()
     items = [session_json(chat, count) for chat, count in rows[:limit]]
     next_cursor = _encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
@@ -69,14 +61,14 @@ def list_sessions():
 
 @bp.get("/api/sessions/<session_id>")
 def get_session(session_id: str):
-    with db_session() as db:
+    with transaction() as db:
         chat = owned(db, ChatSession, session_id)
         return jsonify(session_json(chat, message_count(db, chat.id)))
 
 
 @bp.delete("/api/sessions/<session_id>")
 def delete_session(session_id: str):
-    with db_session() as db:
+    with transaction() as db:
         chat = owned(db, ChatSession, session_id, lock=True)
         for turn in db.scalars(select(Turn).where(Turn.session_id == chat.id, Turn.status.in_(ACTIVE))):
             cancel_turn(db, turn, send_next=False)  # every turn of the session goes with it
@@ -86,7 +78,7 @@ def delete_session(session_id: str):
 
 @bp.get("/api/sessions/<session_id>/messages")
 def list_messages(session_id: str):
-    with db_session() as db:
+    with transaction() as db:
         chat = owned(db, ChatSession, session_id)
         messages = db.scalars(
             select(Message)
@@ -103,7 +95,7 @@ def session_events(session_id: str):
     turn after it, as they come, so a second tab or device can join. Each
     id is `<turn id>:<seq>`; a reconnect with it resumes there."""
     resume, after = _position(last_event_id())
-    with db_session() as db:
+    with transaction() as db:
         chat = owned(db, ChatSession, session_id)
         ours = select(Turn.id).where(Turn.id == resume, Turn.session_id == chat.id)
         if resume is not None and db.scalar(ours) is None:
@@ -134,9 +126,9 @@ def _follow(relay: Relay, session_id: str, resume: str | None, after: int) -> It
                 if not (yield from wait_for_message(relay, sub)):
                     return
                 continue
-            turn_id, number, finished = turn
+            turn_id, number, ended = turn
             start, resume, after = (after if turn_id == resume else 0), None, 0
-            frames = relay_events(relay, EventLog("turn", turn_id), start, lambda t=turn_id: turn_snapshot(t), finished)
+            frames = Resume(relay, EventLog("turn", turn_id), start, lambda t=turn_id: turn_snapshot(t), ended).frames()
             if (yield from prefixed(frames, f"{turn_id}:".encode())) is None:
                 return  # the stream had to end: the client resumes from its Last-Event-ID
     finally:
@@ -151,11 +143,11 @@ def _next_turn(session_id: str, number: int | None, resume: str | None, after: i
     one starts with the session's running (or first queued) turn; after
     that, turns follow in order."""
     query = select(Turn.id, Turn.number, Turn.status).where(Turn.session_id == session_id).order_by(Turn.number)
-    with db_session() as db:
+    with transaction() as db:
         if resume is not None:
             row = db.execute(query.where(Turn.id == resume)).one()
-            if not delivered(EventLog("turn", row.id), row.status in TERMINAL, after):
-                return row.id, row.number, row.status in TERMINAL
+            if not delivered(EventLog("turn", row.id), row.status in ENDED, after):
+                return row.id, row.number, row.status in ENDED
             number = row.number
         if number is None:
             row = db.execute(query.where(Turn.status.in_(ACTIVE)).limit(1)).first()
@@ -165,7 +157,7 @@ def _next_turn(session_id: str, number: int | None, resume: str | None, after: i
             row = db.execute(query.where(Turn.number > number).limit(1)).first()
             if row is None:
                 return number
-    return row.id, row.number, row.status in TERMINAL
+    return row.id, row.number, row.status in ENDED
 
 
 def _int_arg(name: str, default: int, lo: int, hi: int) -> int:

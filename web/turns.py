@@ -10,12 +10,15 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy import bindparam, select
 
-from shared.db import autocommit_engine, db_session
-from shared.events import Event, EventLog
-from shared.models import TERMINAL, ChatSession, Turn
+from shared.db import autocommit_engine, transaction
+from shared.events import EventLog
+from shared.models import ENDED, ChatSession, Turn
+from shared.overrides.gunicorn_direct_write import writable_socket
 from shared.turns import TurnConflict, cancel_turn, lock_session, submit_turn
 from web.errors import ApiError
-from web.relay import delivered, direct_socket, last_event_id, parse_seq, relay_events, sse_response
+from web.relay.frames import sse_response, synthetic
+from web.relay.resume import Resume, delivered, last_event_id, parse_seq
+from web.relay.snapshots import turn_snapshot
 from web.resources import owned, turn_json, valid_id
 from web.validation import ChatRequest, TurnCreate, parse_body
 
@@ -51,15 +54,15 @@ def create_turn(session_id: str):
 
 @bp.get("/api/turns/<turn_id>")
 def get_turn(turn_id: str):
-    with db_session() as db:
+    with transaction() as db:
         return jsonify(turn_json(owned(db, Turn, turn_id)))
 
 
 @bp.post("/api/turns/<turn_id>/cancel")
 def cancel(turn_id: str):
-    with db_session() as db:
+    with transaction() as db:
         turn = owned(db, Turn, turn_id)
-        if turn.status in TERMINAL:
+        if turn.status in ENDED:
             return jsonify(turn_json(turn)), 200
         if lock_session(db, turn.session_id, g.owner_id) is None:
             raise ApiError(404, "no such turn")
@@ -84,9 +87,9 @@ def turn_events(turn_id: str):
     if status is None:
         raise ApiError(404, "no such turn")
     events = EventLog("turn", turn_id)
-    if delivered(events, status in TERMINAL, after):
+    if delivered(events, status in ENDED, after):
         return "", 204  # the browser stops retrying
-    return _sse(events, after, turn_id, finished=status in TERMINAL)
+    return _sse(events, after, turn_id, ended=status in ENDED)
 
 
 @bp.post("/api/chat")
@@ -100,7 +103,7 @@ def chat():
             raise ApiError(404, "no such session")
         session_id = submitted[0].session_id
     else:  # a new session and its first turn, in one transaction
-        with db_session() as db:
+        with transaction() as db:
             chat_session = ChatSession(owner_id=g.owner_id, title=body.message[:80], meta={})
             db.add(chat_session)
             db.flush()
@@ -110,17 +113,17 @@ def chat():
     events = EventLog("turn", turn_id)
     if body.stream:
         accepted = json.dumps({"seq": 0, "type": "turn.accepted", "turn_id": turn_id, "session_id": session_id})
-        return _sse(events, 0, turn_id, finished=False, first=f"event: turn.accepted\ndata: {accepted}\n\n".encode())
+        return _sse(events, 0, turn_id, ended=False, first=synthetic("turn.accepted", accepted))
     relay = current_app.extensions["turnstream.relay"]
     sub = relay.subscribe(events.channel)
     try:
-        if not any(e.terminal for e in events.read_after(0)):
-            _wait_terminal(relay, sub, settings.chat_wait_seconds)
+        if not any(e.ending for e in events.read_after(0)):
+            _wait_for_end(relay, sub, settings.chat_wait_seconds)
     finally:
         relay.unsubscribe(sub)
-    with db_session() as db:
+    with transaction() as db:
         turn = db.get(Turn, turn_id)
-        if turn.status not in TERMINAL:
+        if turn.status not in ENDED:
             return jsonify(turn_json(turn)), 202
         return jsonify(
             {
@@ -135,30 +138,19 @@ def chat():
         )
 
 
-def _wait_terminal(relay, sub, seconds: float) -> None:
+def _wait_for_end(relay, sub, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         relay.wake_at(sub, deadline)
         batch = sub.take()
-        if sub.ended or any(item.terminal for item in batch):
+        if sub.ended or any(item.ending for item in batch):
             return  # ended: the answer is read from Postgres as it stands
 
 
-def turn_snapshot(turn_id: str) -> Event | None:
-    """The turn's state from Postgres, for a client whose events are gone."""
-    with db_session() as db:
-        turn = db.get(Turn, turn_id)
-        if turn is None:
-            return None
-        data = {"turn_id": turn_id, "seq": 0, "type": "turn.snapshot", "status": turn.status, "text": turn.answer or ""}
-        if turn.error:
-            data["error"] = turn.error
-    return Event(seq=0, type="turn.snapshot", data=data, raw=json.dumps(data))
-
-
-def _sse(events: EventLog, after: int, turn_id: str, finished: bool, first: bytes = b"") -> Response:
+def _sse(events: EventLog, after: int, turn_id: str, ended: bool, first: bytes = b"") -> Response:
     relay = current_app.extensions["turnstream.relay"]
-    frames = relay_events(relay, events, after, lambda: turn_snapshot(turn_id), finished, direct_socket())
+    sock = writable_socket(request.environ)
+    frames = Resume(relay, events, after, lambda: turn_snapshot(turn_id), ended, sock).frames()
     if first:
         frames = _after_first(first, frames)
     return sse_response(frames, relay.ping_seconds)

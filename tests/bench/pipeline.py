@@ -318,10 +318,10 @@ async def under_load(
 
 
 def succeeded(ids: list[str]) -> int:
-    from shared.db import db_session
+    from shared.db import transaction
     from shared.models import Turn
 
-    with db_session() as db:
+    with transaction() as db:
         return db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status == "succeeded"))
 
 

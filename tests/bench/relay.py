@@ -424,14 +424,14 @@ def make_turns(n: int) -> tuple[list[str], str]:
     """n running turns of one owner, and that owner's API key."""
     from sqlalchemy import insert
 
-    from shared.db import db_session
+    from shared.db import transaction
     from shared.models import ChatSession, Turn
     from web.auth import create_key, lookup_key
 
     key = create_key(f"bench-{uuid.uuid4().hex[:8]}")
     owner_id = lookup_key(key).owner_id
     ids = [str(uuid.uuid4()) for _ in range(n)]
-    with db_session() as db:
+    with transaction() as db:
         chat = ChatSession(owner_id=owner_id, title="relay bench", meta={}, turn_count=n)
         db.add(chat)
         db.flush()

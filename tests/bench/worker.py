@@ -75,12 +75,12 @@ class Bench:
 
     def wait(self, ids: list[str], timeout: float) -> dict:
         """Poll Postgres until every turn is terminal; the most seen running at once."""
-        from shared.db import db_session
+        from shared.db import transaction
         from shared.models import Turn
 
         peak, deadline = 0, time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with db_session() as db:
+            with transaction() as db:
                 rows = dict(
                     db.execute(select(Turn.status, func.count()).where(Turn.id.in_(ids)).group_by(Turn.status)).all()
                 )
@@ -92,10 +92,10 @@ class Bench:
 
     def span(self, ids: list[str]) -> float:
         """Seconds from the first turn's start to the last one's end."""
-        from shared.db import db_session
+        from shared.db import transaction
         from shared.models import Turn
 
-        with db_session() as db:
+        with transaction() as db:
             first, last = db.execute(
                 select(func.min(Turn.started_at), func.max(Turn.finished_at)).where(Turn.id.in_(ids))
             ).one()
@@ -103,10 +103,10 @@ class Bench:
 
     def timings(self, ids: list[str]) -> dict:
         """Median and worst seconds turns waited queued, and ran."""
-        from shared.db import db_session
+        from shared.db import transaction
         from shared.models import Turn
 
-        with db_session() as db:
+        with transaction() as db:
             rows = db.execute(select(Turn.created_at, Turn.started_at, Turn.finished_at).where(Turn.id.in_(ids))).all()
         waited = sorted((s - c).total_seconds() for c, s, _f in rows)
         ran = sorted((f - s).total_seconds() for _c, s, f in rows)
@@ -118,10 +118,10 @@ class Bench:
         }
 
     def deltas_of(self, ids: list[str]) -> int:
-        from shared.db import db_session
+        from shared.db import transaction
         from shared.models import Turn
 
-        with db_session() as db:
+        with transaction() as db:
             usages = db.scalars(select(Turn.usage).where(Turn.id.in_(ids))).all()
         return sum(u["completion_tokens"] for u in usages)
 

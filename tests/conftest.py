@@ -112,7 +112,8 @@ def library_web_server(stack):
 
 @pytest.fixture(params=["overrides", "library"])
 def any_web_server(request):
-    """Each web server in turn: with the overrides (the default), and without."""
+    """Each web server in turn: the session's (with the overrides, unless LIBRARY_OVERRIDES
+    says otherwise), and one with none."""
     name = "web_server" if request.param == "overrides" else "library_web_server"
     return request.param, request.getfixturevalue(name)
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from limits import parse_many
+
 # The offline model server that ships with the project (offline_model/),
 # and how its model list names it (so a worker can tell it is what answers).
 OFFLINE_MODEL_NAME = "turnstream-offline"
@@ -85,6 +87,22 @@ class Settings:
     db_pool_size: int
     redis_pool_size: int
     library_overrides: frozenset[str]
+    forwarded_hops: int
+    rate_limits_enabled: bool
+    # Rate limits, as flask-limiter spells them ("60/minute"); "" is none.
+    rate_limit_submit: str
+    rate_limit_submit_address: str
+    rate_limit_replays: str
+    rate_limit_replays_address: str
+    rate_limit_streams: str
+    rate_limit_streams_address: str
+    rate_limit_login: str
+    rate_limit_login_address: str
+    # Quotas per owner.
+    max_active_turns: int
+    max_running_turns: int
+    max_streams: int
+    max_replay_items: int
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -126,7 +144,7 @@ class Settings:
             flower_basic_auth=_flower_credential(r.str("FLOWER_BASIC_AUTH", "")),
             flower_address=r.str("FLOWER_ADDRESS", "0.0.0.0"),
             flower_port=r.int("FLOWER_PORT", port if "PORT" in environ else 5555, lo=1, hi=65535),
-            allowed_origins=tuple(o.strip() for o in r.str("ALLOWED_ORIGINS", "").split(",") if o.strip()),
+            allowed_origins=_origins(r.str("ALLOWED_ORIGINS", "")),
             max_body_bytes=r.int("MAX_BODY_BYTES", 256 * 1024, lo=1024),
             max_message_chars=r.int("MAX_MESSAGE_CHARS", 32_000, lo=1),
             chat_wait_seconds=r.float("CHAT_WAIT_SECONDS", 30.0, lo=0.0),
@@ -143,6 +161,20 @@ class Settings:
             db_pool_size=r.int("DB_POOL_SIZE", 10, lo=1, hi=500),
             redis_pool_size=r.int("REDIS_POOL_SIZE", 2, lo=1, hi=1000),
             library_overrides=_overrides(r.str("LIBRARY_OVERRIDES", "all")),
+            forwarded_hops=r.int("FORWARDED_HOPS", 0, lo=0, hi=10),
+            rate_limits_enabled=r.choice("RATE_LIMITS", ("on", "off"), "on") == "on",
+            rate_limit_submit=r.limit("RATE_LIMIT_SUBMIT", "60/minute"),
+            rate_limit_submit_address=r.limit("RATE_LIMIT_SUBMIT_ADDRESS", "300/minute"),
+            rate_limit_replays=r.limit("RATE_LIMIT_REPLAYS", "20/hour"),
+            rate_limit_replays_address=r.limit("RATE_LIMIT_REPLAYS_ADDRESS", "60/hour"),
+            rate_limit_streams=r.limit("RATE_LIMIT_STREAMS", "300/minute"),
+            rate_limit_streams_address=r.limit("RATE_LIMIT_STREAMS_ADDRESS", "1200/minute"),
+            rate_limit_login=r.limit("RATE_LIMIT_LOGIN", "10/minute"),
+            rate_limit_login_address=r.limit("RATE_LIMIT_LOGIN_ADDRESS", "30/minute"),
+            max_active_turns=r.int("MAX_ACTIVE_TURNS_PER_OWNER", 100, lo=1),
+            max_running_turns=r.int("MAX_RUNNING_TURNS_PER_OWNER", 16, lo=1),
+            max_streams=r.int("MAX_STREAMS_PER_OWNER", 200, lo=1),
+            max_replay_items=r.int("MAX_REPLAY_ITEMS_PER_OWNER", 20_000, lo=1),
         )
         if settings.stale_running_seconds < 2 * settings.heartbeat_seconds:
             raise ConfigError("STALE_RUNNING_SECONDS must be at least twice HEARTBEAT_SECONDS.")
@@ -200,6 +232,18 @@ class _Reader:
         value = self.str(name, default).lower()
         if value not in options:
             raise ConfigError(f"{name} must be one of {', '.join(options)}; got {value!r}.")
+        return value
+
+    def limit(self, name: str, default: str) -> str:
+        """A rate limit as flask-limiter spells it ("60/minute;1000/day"), or
+        "" for `off`."""
+        value = self.str(name, default).strip()
+        if value == "off":
+            return ""
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a rate limit like 60/minute (several joined by ;) or off.") from None
         return value
 
     def int(self, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
@@ -267,6 +311,21 @@ def _redis_url(url: str, verify: str) -> str:
     query = dict(parse_qsl(parts.query))
     query.setdefault("ssl_cert_reqs", verify)
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    """ALLOWED_ORIGINS: comma-separated origins, as a browser sends them
+    (`https://host[:port]`, no path; a trailing slash is dropped)."""
+    origins = []
+    for raw in value.split(","):
+        origin = raw.strip().rstrip("/")
+        if not origin:
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+            raise ConfigError(f"ALLOWED_ORIGINS: {raw.strip()!r} is not an origin like https://chat.example.com.")
+        origins.append(origin)
+    return tuple(origins)
 
 
 def _overrides(value: str) -> frozenset[str]:

@@ -25,6 +25,9 @@ def get_engine() -> Engine:
         # with a Postgres restart fails its first statement, SQLAlchemy then
         # drops the whole pool, and callers retry (workers) or answer 503.
         pool_pre_ping=False,
+        # A failing statement's error (and so the log) leaves out its
+        # parameters: they hold users' messages.
+        hide_parameters=True,
         # Connections kept open; as many more may open under load, and close
         # when returned. A worker thread holds one only between model calls.
         pool_size=settings.db_pool_size,

@@ -131,6 +131,7 @@ class Turn(Base):
         UniqueConstraint("session_id", "number"),
         UniqueConstraint("owner_id", "idempotency_key"),
         Index("ix_turns_status_created", "status", "created_at"),
+        Index("ix_turns_owner_status", "owner_id", "status"),
     )
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from shared.broker import send_replay_advance
 from shared.db import after_commit
 from shared.events import EventLog
-from shared.models import ENDED, ChatSession, Replay, ReplayItem, Turn
+from shared.models import ACTIVE, ENDED, ChatSession, Replay, ReplayItem, Turn
 from shared.turns import submit_turn
 
 
@@ -30,6 +30,20 @@ def create_replay(db: Session, owner_id: str, questions: list[dict[str, Any]], c
     )
     after_commit(db, send_replay_advance, replay.id)
     return replay
+
+
+def unfinished_items(db: Session, owner_id: str) -> int:
+    """Questions of the owner's replays not answered yet: not started, or
+    their turn queued or running."""
+    return db.scalar(
+        select(func.count())
+        .select_from(ReplayItem)
+        .join(Replay, Replay.id == ReplayItem.replay_id)
+        .outerjoin(Turn, Turn.id == ReplayItem.turn_id)
+        .where(
+            Replay.owner_id == owner_id, Replay.finished_at.is_(None), or_(Turn.id.is_(None), Turn.status.in_(ACTIVE))
+        )
+    )
 
 
 def item_rows(db: Session, replay_id: str) -> list[tuple[ReplayItem, Turn | None]]:

@@ -73,6 +73,10 @@ def _tools_key() -> str:
     return key("status", "tools")
 
 
+def _workers_key() -> str:
+    return key("status", "workers")
+
+
 def record_model(**fields: Any) -> None:
     """Merge what a worker saw of the model (ok, error, offline) into its status."""
     values = {name: json.dumps(value) for name, value in fields.items()}
@@ -106,3 +110,23 @@ def tool_status(configured: Iterable[str]) -> dict[str, dict[str, Any]]:
     seen = {k.decode(): json.loads(v) for k, v in get_redis().hgetall(_tools_key()).items()}
     unknown = {"ok": None, "error": None, "tools": 0, "at": None}
     return {name: seen.get(name, unknown) for name in configured}
+
+
+def record_worker(name: str) -> None:
+    """A worker process is alive (its heartbeat, every HEARTBEAT_SECONDS);
+    entries older than STALE_RUNNING_SECONDS are dropped as it writes."""
+    now = time.time()
+
+    def write() -> None:
+        pipe = get_redis().pipeline(transaction=False)
+        pipe.zadd(_workers_key(), {name: now})
+        pipe.zremrangebyscore(_workers_key(), "-inf", now - get_settings().stale_running_seconds)
+        pipe.execute()
+
+    _best_effort(write, "a worker's")
+
+
+def workers_alive() -> int:
+    """Worker processes that beat within STALE_RUNNING_SECONDS: one cheap
+    read, where asking the workers (a Celery broadcast) waits for replies."""
+    return get_redis().zcount(_workers_key(), time.time() - get_settings().stale_running_seconds, "+inf")

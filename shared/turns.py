@@ -11,14 +11,18 @@ time in the order they were accepted, with no worker waiting on a lock.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from sqlalchemy import Boolean, ColumnElement, Connection, Row, bindparam, column, func, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.types import Uuid
 
 from shared.broker import send_turn
 from shared.db import after_commit
 from shared.events import EventLog, announce_turn
 from shared.models import ACTIVE, ChatSession, Turn, new_id, status_of
+from shared.redis import get_redis, key
 
 
 class TurnConflict(Exception):
@@ -102,10 +106,60 @@ def submit_turn(
     return turn, True
 
 
+_ACTIVE_OF_OWNER = (
+    select(func.count()).select_from(Turn).where(Turn.owner_id == bindparam("owner_id"), Turn.status.in_(ACTIVE))
+)
+
+
+def active_turns(db: Session | Connection, owner_id: str) -> int:
+    """The owner's turns queued or running (through ix_turns_owner_status)."""
+    return db.scalar(_ACTIVE_OF_OWNER, {"owner_id": owner_id})
+
+
+_owner_turn = aliased(Turn)
+
+
+def running_of_owner(owner_id: ColumnElement) -> ColumnElement:
+    """How many turns the owner has running (through ix_turns_owner_status)."""
+    return (
+        select(func.count())
+        .select_from(_owner_turn)
+        .where(_owner_turn.owner_id == owner_id, _owner_turn.status == "running")
+        .scalar_subquery()
+    )
+
+
+def _held_key(owner_id: str) -> str:
+    return key("owner", owner_id, "held")
+
+
+def hold_back(owner_id: str, turn_id: str, running: Callable[[], int], most: int) -> None:
+    """A turn that may run but whose owner already runs MAX_RUNNING_TURNS_PER_OWNER
+    turns waits, without a message, until one of them ends (`send_held_back`).
+    `running()` is read again after the turn is recorded: a turn that ended
+    in between found nothing to send, and this one goes now."""
+    held = _held_key(owner_id)
+    pipe = get_redis().pipeline(transaction=False)
+    pipe.zadd(held, {turn_id: time.time()})
+    pipe.expire(held, 86400)  # the sweeper re-sends what a lost key held
+    pipe.execute()
+    if running() < most:
+        send_held_back(owner_id)
+
+
+def send_held_back(owner_id: str) -> None:
+    """One of the owner's turns ended (or was handed back): send the one it
+    held back longest, if any."""
+    popped = get_redis().zpopmin(_held_key(owner_id))
+    if popped:
+        send_turn(popped[0][0].decode())
+
+
 def next_queued_turn(session_id: ColumnElement) -> ColumnElement:
     """Postgres's `next_queued_turn()`, the one definition of a session's run
-    order: its first queued turn, if none is running (as a str, as ids are)."""
-    return func.next_queued_turn(session_id, type_=Uuid(as_uuid=False))
+    order: its first queued turn, if none is running (as a str, as ids are).
+    Called in FROM, so that Postgres inlines it into the calling query."""
+    return select(func.next_queued_turn(session_id, type_=Uuid(as_uuid=False)).column_valued("n")).scalar_subquery()
 
 
 def next_queued(db: Session | Connection, session_id: str) -> str | None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import socket
 import threading
 import time
 
@@ -31,6 +33,7 @@ from shared.events import EventLog
 from shared.models import Turn
 from shared.recovery import alive_key, requeue_turn
 from shared.redis import get_redis
+from shared.status import record_worker
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,9 @@ class Heartbeat:
 
     def _run(self) -> None:
         settings = get_settings()
+        name = f"{socket.gethostname()}:{os.getpid()}"
         while True:
+            record_worker(name)  # for health: this process is alive, busy or not
             time.sleep(settings.heartbeat_seconds)
             runs = self.running()
             if not runs:

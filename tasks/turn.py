@@ -14,7 +14,7 @@ import kombu.exceptions
 import redis
 from celery import Task, shared_task
 from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
-from sqlalchemy import and_, bindparam, column, func, join, select, text, update
+from sqlalchemy import Boolean, Integer, and_, bindparam, column, func, join, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import aliased
@@ -28,7 +28,7 @@ from shared.models import Message, Turn, new_id, status_of
 from shared.recovery import requeue_turn
 from shared.redis import check_eviction_policy, get_redis
 from shared.status import POSTGRES_ERRORS, REDIS_ERRORS, describe_outage
-from shared.turns import next_queued_turn
+from shared.turns import hold_back, next_queued_turn, running_of_owner, send_held_back
 from tasks.agent import BACKOFF, Outcome, run_agent
 from tasks.heartbeat import get_heartbeat
 from tasks.model import get_client, probe_model
@@ -64,17 +64,27 @@ class TurnFailed(Exception):
     """A turn that ended failed or cancelled, raised once its end is recorded
     so that Celery's task events (what Flower shows) say so: the task fails
     with the turn's id and error code. Expected (`throws`): logged in a line,
-    never retried (nothing is left to do), and the message is acknowledged."""
+    never retried (nothing is left to do), and the message is acknowledged.
+    Its args are its fields, so it pickles back as itself, as Celery checks
+    (else it is wrapped, and logged as unexpected with a traceback)."""
 
     def __init__(self, turn_id: str, status: str, error: dict[str, Any] | None) -> None:
+        super().__init__(turn_id, status, error)
+
+    def __str__(self) -> str:
+        turn_id, status, error = self.args
         detail = f"{error['code']}: {error['message']}" if error else "cancelled by request"
-        super().__init__(f"turn {turn_id} {status} ({detail})")
+        return f"turn {turn_id} {status} ({detail})"
+
+    def __repr__(self) -> str:
+        return f"TurnFailed({str(self)!r})"
 
 
 @dataclass(frozen=True)
 class Claim:
     turn_id: str
     session_id: str
+    owner_id: str
     number: int
     attempt: int
     history: list[dict[str, Any]]
@@ -89,6 +99,9 @@ _CLAIM = (
         # checked again on the row as it is once locked, so two claims never both win
         status_of(Turn) == "queued",
         Turn.id == next_queued_turn(Turn.session_id),
+        # Fairness: an owner runs at most MAX_RUNNING_TURNS_PER_OWNER turns at
+        # once, so one owner's burst leaves threads for others' turns.
+        func.owner_may_run(Turn.owner_id, bindparam("max_running", type_=Integer), type_=Boolean),
     )
     .values(
         status="running",
@@ -97,8 +110,16 @@ _CLAIM = (
         claimed_at=func.now(),
         model=bindparam("model"),
     )
-    .returning(Turn.session_id, Turn.number, Turn.attempts)
+    .returning(Turn.session_id, Turn.owner_id, Turn.number, Turn.attempts)
 )
+# Why a claim found nothing to do, when the reason is the owner's running
+# turns: the turn is queued and its session's next.
+_HELD_BACK = select(Turn.owner_id).where(
+    Turn.id == bindparam("turn_id"),
+    status_of(Turn) == "queued",
+    Turn.id == next_queued_turn(Turn.session_id),
+)
+_RUNNING = select(running_of_owner(bindparam("owner_id")))
 # The claim and the history the model is sent, in one statement (in
 # autocommit: one round trip). The history's snapshot is the claim's: every
 # earlier turn's messages committed before this turn was sent.
@@ -128,15 +149,26 @@ _FINISH = (
 
 def claim_turn(turn_id: str) -> Claim | None:
     """queued -> running, atomically, only if it is its session's next turn
-    (`next_queued_turn()`). Returns None when there is nothing to do: the turn is
-    gone, finished, already running elsewhere, or waiting its turn."""
+    (`next_queued_turn()`) and its owner runs fewer than
+    MAX_RUNNING_TURNS_PER_OWNER. Returns None when there is nothing to do:
+    the turn is gone, finished, already running elsewhere, waiting its turn
+    in its session, or held back until one of its owner's turns ends."""
+    settings = get_settings()
+    params = {"turn_id": turn_id, "model": settings.openai_model, "max_running": settings.max_running_turns}
     with autocommit_engine().connect() as db:
-        rows = db.execute(_CLAIM_WITH_HISTORY, {"turn_id": turn_id, "model": get_settings().openai_model}).all()
-    if not rows:
-        return None
-    session_id, number, attempt = rows[0].session_id, rows[0].number, rows[0].attempts
+        rows = db.execute(_CLAIM_WITH_HISTORY, params).all()
+        if not rows:
+            owner_id = db.scalar(_HELD_BACK, {"turn_id": turn_id})
+            if owner_id is not None:
+
+                def running() -> int:
+                    return db.scalar(_RUNNING, {"owner_id": owner_id})
+
+                hold_back(owner_id, turn_id, running, settings.max_running_turns)
+            return None
+    first = rows[0]
     history = [{"role": r.role, "content": r.content} for r in rows if r.role is not None]
-    return Claim(turn_id, session_id, number, attempt, history)
+    return Claim(turn_id, first.session_id, first.owner_id, first.number, first.attempts, history)
 
 
 def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | None:
@@ -161,10 +193,11 @@ def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | 
                 "message_id": new_id(),
             },
         ).one()
-    if end.ended == "gone":  # the session was deleted while the turn ran
-        return "turn.cancelled", {}
     if end.ended == "lost":
         return None
+    committed(send_held_back, claim.owner_id)  # a place freed for its owner's turn held back longest
+    if end.ended == "gone":  # the session was deleted while the turn ran
+        return "turn.cancelled", {}
     if end.next_turn is not None:
         committed(send_turn, str(end.next_turn))
     if end.replay is not None:
@@ -259,6 +292,7 @@ def _hand_back(claim: Claim) -> None:
     try:
         with transaction() as db:
             requeue_turn(db, claim.turn_id, claim.attempt)
+        send_held_back(claim.owner_id)
     except (*TRANSIENT, redis.RedisError, kombu.exceptions.OperationalError):
         log.warning("turn %s: could not hand it back; the sweeper will", claim.turn_id, exc_info=True)
 

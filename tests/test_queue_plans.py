@@ -68,7 +68,7 @@ def test_a_long_queue_under_old_statistics_is_not_walked_per_turn(stack):
             # The trap is set: a plain lookup by id and status walks the queue.
             assert _status_scans(conn, "SELECT id FROM turns WHERE id = %(turn_id)s AND status = 'queued'", ids)
 
-            claim = _CLAIM_WITH_HISTORY.params(turn_id=ids["turn_id"], model="m").compile(
+            claim = _CLAIM_WITH_HISTORY.params(turn_id=ids["turn_id"], model="m", max_running=16).compile(
                 dialect=postgresql.psycopg.dialect(), compile_kwargs={"literal_binds": True}
             )
             assert not _status_scans(conn, str(claim)), "the claim"

@@ -46,7 +46,9 @@ def _ended(state: State, turn_id: str):
     return found[-1] if found else None
 
 
-def test_flower_shows_failed_and_cancelled_turns_as_failed_tasks_naming_turn_and_code(client, owner, task_events):
+def test_flower_shows_failed_and_cancelled_turns_as_failed_tasks_naming_turn_and_code(
+    stack, client, owner, task_events
+):
     failed = _submit(client, owner, "no luck [[fault=503]]")
     cancelled = _submit(client, owner, "long [[tokens=300]] [[delay=0.02]]")
     succeeded = _submit(client, owner, "fine")
@@ -66,6 +68,9 @@ def test_flower_shows_failed_and_cancelled_turns_as_failed_tasks_naming_turn_and
     assert task.state == "SUCCESS" and f"turn {succeeded} succeeded" in task.result
     # the turn's row is already final: nothing is retried because the task failed
     assert [t.state for t in _tasks_of(task_events, failed)] == ["FAILURE"]
+    # an expected failure: one line in the worker's log, no traceback
+    lines = [line for line in stack["worker"].log_path.read_text().splitlines() if f"turn {failed} failed" in line]
+    assert lines and all("raised expected: TurnFailed(" in line for line in lines), lines
 
 
 def test_the_sweeper_stays_out_of_flowers_task_list(stack, task_events):

@@ -6,6 +6,7 @@ import logging
 from datetime import timedelta
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared.config import Settings, cookie_signing_key, get_settings, use_settings
 
@@ -16,7 +17,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings; opens no connection: engines, Redis clients and the relay
     start on first use."""
     from shared.redis import new_redis
-    from web import auth, cli, health, page, replays, sessions, turns
+    from web import auth, cli, headers, health, limits, page, replays, sessions, turns
     from web.errors import register_error_handlers
     from web.relay.hub import Relay
 
@@ -41,27 +42,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["turnstream.settings"] = settings
     app.extensions["turnstream.relay"] = Relay(new_redis, settings.sse_ping_seconds)
     app.extensions["turnstream.callers"] = auth.RememberedCallers(settings.key_cache_seconds)
+    if settings.forwarded_hops:  # the client's address and scheme as the platform's proxies saw them
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.forwarded_hops, x_proto=settings.forwarded_hops)
     register_error_handlers(app)
     app.before_request(auth.authenticate)
+    limits.init_app(app, settings)  # after authentication: per-key limits count the caller it found
     for module in (auth, cli, health, page, replays, sessions, turns):
         app.register_blueprint(module.bp)
-    if settings.allowed_origins:
-        _allow_origins(app, settings.allowed_origins)
+    headers.init_app(app, settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return app
-
-
-def _allow_origins(app: Flask, origins: tuple[str, ...]) -> None:
-    from flask import request
-
-    @app.after_request
-    def _cors(response):
-        origin = request.headers.get("Origin")
-        if origin in origins:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Allow-Headers"] = (
-                "Authorization, X-API-Key, Content-Type, Idempotency-Key, Last-Event-ID"
-            )
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-            response.headers["Vary"] = "Origin"
-        return response

@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from shared.db import autocommit_engine, transaction
 from shared.models import ApiKey, Login, Owner
 from web.errors import ApiError
+from web.limits import by_address, rate_limits
 from web.validation import Login as LoginBody
 from web.validation import parse_body
 
@@ -167,8 +168,9 @@ def _presented_key() -> str | None:
 
 
 def authenticate() -> None:
-    """before_request: set g.owner_id or answer 401."""
-    if request.endpoint in PUBLIC_ENDPOINTS or request.endpoint is None:
+    """before_request: set g.owner_id or answer 401. A CORS preflight
+    (OPTIONS) carries no credentials by design, and does nothing."""
+    if request.endpoint in PUBLIC_ENDPOINTS or request.endpoint is None or request.method == "OPTIONS":
         return
     settings = current_app.extensions["turnstream.settings"]
     if not settings.auth_enabled:
@@ -176,30 +178,40 @@ def authenticate() -> None:
             current_app.extensions["turnstream.local_owner"] = local_owner_id()
         g.owner_id = current_app.extensions["turnstream.local_owner"]
         return
+    g.owner_id = presented_owner()
+    if g.owner_id is None:
+        raise ApiError(401, "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+
+
+def presented_owner() -> str | None:
+    """The owner of the request's API key or login cookie; None if it
+    presents neither, 401 if what it presents is unknown or ended."""
     key = _presented_key()
     if key is not None:
         caller = caller_for_key(key)
         if caller is None:
             raise ApiError(401, "unknown or revoked API key")
-        g.owner_id = caller.owner_id
-        return
+        return caller.owner_id
     login_id = session.get("login")
     if login_id:
         caller = caller_for_login(login_id)
         if caller is None:
             session.clear()
             raise ApiError(401, "your login has ended: sign in again with an API key")
-        g.owner_id = caller.owner_id
-        return
-    raise ApiError(401, "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        return caller.owner_id
+    return None
 
 
 @bp.post("/api/login")
 def login():
     """Exchange an API key for the chat page's signed, HttpOnly cookie
     (EventSource cannot send headers). The cookie names a login on the
-    server, which ends at logout or after LOGIN_SECONDS, whatever happens."""
+    server, which ends at logout or after LOGIN_SECONDS, whatever happens.
+    Attempts are limited per client address and per key prefix, so keys
+    cannot be guessed from one address or spread over many."""
+    rate_limits().check("rate_limit_login_address", by_address())
     body = parse_body(LoginBody)
+    rate_limits().check("rate_limit_login", f"key:{body.key[:KEY_PREFIX_CHARS]}")
     caller = caller_for_key(body.key)
     if caller is None:
         raise ApiError(401, "unknown or revoked API key")

@@ -11,18 +11,20 @@ from shared.db import transaction
 from shared.events import EventLog
 from shared.models import ChatSession, Message, Replay, Turn
 from shared.overrides.gunicorn_direct_write import writable_socket
-from shared.replays import create_replay, item_rows, summary
+from shared.replays import create_replay, item_rows, summary, unfinished_items
 from web.errors import ApiError
+from web.limits import limited, quota_exceeded
 from web.relay.frames import sse_response
 from web.relay.resume import Resume, last_event_id, parse_seq
 from web.relay.snapshots import replay_snapshot
 from web.resources import owned, valid_id
-from web.validation import ReplayCreate, parse_body
+from web.validation import MAX_QUESTIONS, ReplayCreate, parse_body
 
 bp = Blueprint("replays", __name__)
 
 
 @bp.post("/api/replays")
+@limited("rate_limit_replays")
 def create():
     settings = current_app.extensions["turnstream.settings"]
     body = parse_body(ReplayCreate, None)
@@ -38,6 +40,14 @@ def create():
                     q["session_id"] = owned(db, ChatSession, q["session_id"]).id
         else:
             questions = _questions_from_sessions(db, body.from_sessions)
+        if len(questions) > MAX_QUESTIONS:
+            raise ApiError(422, f"a replay holds at most {MAX_QUESTIONS} questions", {"field": "from_sessions"})
+        waiting = unfinished_items(db, g.owner_id)
+        if waiting + len(questions) > settings.max_replay_items:
+            raise quota_exceeded(
+                f"this key's replays would hold {waiting + len(questions)} unfinished questions, more than"
+                f" {settings.max_replay_items} (MAX_REPLAY_ITEMS_PER_OWNER); wait for some to end"
+            )
         replay = create_replay(db, g.owner_id, questions, body.concurrency)
         db.flush()
         db.refresh(replay)
@@ -61,6 +71,7 @@ def results(replay_id: str):
 
 
 @bp.get("/api/replays/<replay_id>/events")
+@limited("rate_limit_streams")
 def events(replay_id: str):
     relay = current_app.extensions["turnstream.relay"]
     after = parse_seq(last_event_id())

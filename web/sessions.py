@@ -17,6 +17,7 @@ from shared.models import ACTIVE, ENDED, ChatSession, Message, Turn
 from shared.redis import key
 from shared.turns import cancel_turn
 from web.errors import ApiError
+from web.limits import limited
 from web.relay.frames import RETRY, sse_response
 from web.relay.hub import Relay
 from web.relay.resume import Resume, delivered, last_event_id, parse_seq, prefixed, wait_for_message
@@ -90,6 +91,7 @@ def list_messages(session_id: str):
 
 
 @bp.get("/api/sessions/<session_id>/events")
+@limited("rate_limit_streams")
 def session_events(session_id: str):
     """Follow a session: the events of whatever turn runs in it, then of each
     turn after it, as they come, so a second tab or device can join. Each
@@ -184,5 +186,5 @@ def _decode_cursor(cursor: str | None):
     try:
         created_at, ident = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         return datetime.fromisoformat(created_at), str(uuid.UUID(ident))
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, RecursionError):
         raise ApiError(422, "cursor is not one this API handed out", {"field": "cursor"}) from None

@@ -9,13 +9,15 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from sqlalchemy import bindparam, select
+from sqlalchemy.exc import IntegrityError
 
 from shared.db import autocommit_engine, transaction
 from shared.events import EventLog
 from shared.models import ENDED, ChatSession, Turn
 from shared.overrides.gunicorn_direct_write import writable_socket
-from shared.turns import TurnConflict, cancel_turn, lock_session, submit_turn
+from shared.turns import TurnConflict, active_turns, cancel_turn, lock_session, submit_turn
 from web.errors import ApiError
+from web.limits import limited, open_streams, quota_exceeded
 from web.relay.frames import sse_response, synthetic
 from web.relay.resume import Resume, delivered, last_event_id, parse_seq
 from web.relay.snapshots import turn_snapshot
@@ -26,6 +28,7 @@ bp = Blueprint("turns", __name__)
 
 
 @bp.post("/api/sessions/<session_id>/turns")
+@limited("rate_limit_submit")
 def create_turn(session_id: str):
     settings = current_app.extensions["turnstream.settings"]
     body = parse_body(TurnCreate, settings.max_message_chars)
@@ -34,6 +37,7 @@ def create_turn(session_id: str):
         raise ApiError(422, "Idempotency-Key must be at most 200 characters", {"field": "Idempotency-Key"})
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     with autocommit_engine().connect() as conn:  # one statement: one round trip
+        _within_quota(conn, settings.max_active_turns)
         try:
             submitted = submit_turn(
                 conn,
@@ -46,6 +50,13 @@ def create_turn(session_id: str):
             )
         except TurnConflict as exc:
             raise ApiError(409, str(exc)) from None
+        except IntegrityError:
+            if key is None:
+                raise
+            # The same key sent at the same moment for two sessions: each
+            # locked its own session, found no turn with the key, and one
+            # insert lost on the key's unique index.
+            raise ApiError(409, "Idempotency-Key is in use by a request at the same moment") from None
     if submitted is None:
         raise ApiError(404, "no such session")
     turn, created = submitted
@@ -79,6 +90,7 @@ _OWNED_STATUS = select(Turn.status).where(Turn.id == bindparam("turn_id"), Turn.
 
 
 @bp.get("/api/turns/<turn_id>/events")
+@limited("rate_limit_streams")
 def turn_events(turn_id: str):
     after = parse_seq(last_event_id())
     turn_id = valid_id(turn_id)
@@ -93,9 +105,14 @@ def turn_events(turn_id: str):
 
 
 @bp.post("/api/chat")
+@limited("rate_limit_submit")
 def chat():
     settings = current_app.extensions["turnstream.settings"]
     body = parse_body(ChatRequest, settings.max_message_chars)
+    if body.stream:
+        open_streams().check(g.owner_id)  # before anything is written
+    with autocommit_engine().connect() as conn:
+        _within_quota(conn, settings.max_active_turns)
     if body.session_id is not None:
         with autocommit_engine().connect() as conn:
             submitted = submit_turn(conn, valid_id(body.session_id), g.owner_id, body.message)
@@ -135,6 +152,14 @@ def chat():
                 "usage": turn.usage,
                 "tools": turn.tools or [],
             }
+        )
+
+
+def _within_quota(conn, most: int) -> None:
+    """429 if the caller has MAX_ACTIVE_TURNS_PER_OWNER turns queued or running."""
+    if active_turns(conn, g.owner_id) >= most:
+        raise quota_exceeded(
+            f"this key has {most} turns queued or running (MAX_ACTIVE_TURNS_PER_OWNER); wait for some to end"
         )
 
 

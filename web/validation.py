@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeVar
+import json
+import re
+from typing import Annotated, Any, Literal, TypeVar
 
 from flask import request
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -10,6 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from web.errors import ApiError
 
 M = TypeVar("M", bound=BaseModel)
+
+# Deeper than any body of this API needs; checked while walking the body, so
+# a hostile nesting costs no more than its bytes.
+MAX_DEPTH = 32
+# What Postgres cannot store (NUL in text or jsonb) or UTF-8 cannot encode
+# (a lone surrogate, which JSON's \u escapes can spell).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
@@ -39,8 +48,11 @@ class ReplayQuestion(Body):
     session_id: str | None = None
 
 
+MAX_QUESTIONS = 10_000  # in one replay, however they are given
+
+
 class ReplayCreate(Body):
-    questions: Annotated[list[ReplayQuestion], Field(min_length=1, max_length=10_000)] | None = None
+    questions: Annotated[list[ReplayQuestion], Field(min_length=1, max_length=MAX_QUESTIONS)] | None = None
     from_sessions: Annotated[list[str], Field(min_length=1, max_length=1000)] | None = None
     concurrency: Annotated[int, Field(ge=1, le=100)] = 4
 
@@ -53,9 +65,7 @@ def parse_body(model: type[M], max_message_chars: int | None = None) -> M:
     """The request's JSON body validated as `model`, or the documented 4xx."""
     if not request.is_json:
         raise ApiError(415, "send the body as application/json")
-    data = request.get_json(silent=True)
-    if data is None:
-        raise ApiError(400, "the body is not valid JSON")
+    data = parse_json(request.get_data(cache=False))
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     try:
@@ -68,3 +78,40 @@ def parse_body(model: type[M], max_message_chars: int | None = None) -> M:
     if max_message_chars is not None and message is not None and len(message) > max_message_chars:
         raise ApiError(422, f"message must be at most {max_message_chars} characters", {"field": "message"})
     return body
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """Strict JSON that Postgres can store: no NaN or Infinity, no NUL, no
+    lone surrogate, at most MAX_DEPTH levels; else the documented 4xx."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, f"the body is nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError:  # a syntax error, bad UTF-8, NaN or Infinity
+        raise ApiError(400, "the body is not valid JSON") from None
+    _check(data, "", 0)
+    return data
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check(value: Any, path: str, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ApiError(400, f"the body is nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, str):
+        if _UNSTORABLE.search(value):
+            raise ApiError(
+                422, f"{path or 'body'}: NUL characters and lone surrogates are not allowed", {"field": path}
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if _UNSTORABLE.search(key):
+                raise ApiError(
+                    422, f"{path or 'body'}: a key holds a NUL character or a lone surrogate", {"field": path}
+                )
+            _check(item, f"{path}.{key}" if path else key, depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check(item, f"{path}.{index}" if path else str(index), depth + 1)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
-from flask import Response, request
+from flask import Response, g, request
 
 from shared.events import ENDING_TYPES, peek
 from shared.overrides.gunicorn_direct_write import chunk
+from web.limits import open_streams
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PING = b": ping\n\n"
@@ -39,11 +40,13 @@ def synthetic(type_: str, data: str) -> bytes:
 
 
 def sse_response(frames: Iterable[bytes], ping_seconds: float) -> Response:
-    """A streaming SSE response. A client that stops reading (its socket
-    blocks a write) or whose host vanished (sent data stays unacknowledged)
-    is dropped after two pings, and one that closed its connection at its
-    next ping, so its greenlet, socket and subscription are freed; it
-    resumes from the log if it comes back."""
+    """A streaming SSE response, counted against its owner's open streams
+    until it closes. A client that stops reading (its socket blocks a
+    write) or whose host vanished (sent data stays unacknowledged) is
+    dropped after two pings, and one that closed its connection at its next
+    ping, so its greenlet, socket and subscription are freed; it resumes
+    from the log if it comes back."""
+    release = open_streams().hold(g.owner_id)
     deadline = 2 * ping_seconds
     sock = request.environ.get("gunicorn.socket")
     if sock is not None:
@@ -53,7 +56,32 @@ def sse_response(frames: Iterable[bytes], ping_seconds: float) -> Response:
         frames = _until_closed(frames, sock, deadline)
     # No request context rides along (the frames need none), and bytes pass
     # through as they are.
-    return Response(frames, mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True)
+    return Response(
+        _Released(frames, release), mimetype="text/event-stream", headers=SSE_HEADERS, direct_passthrough=True
+    )
+
+
+class _Released:
+    """The frames, and `release` once the server closes them (a passed-through
+    iterable is what the server closes, not the Response)."""
+
+    __slots__ = ("_frames", "_release")
+
+    def __init__(self, frames: Iterable[bytes], release: Callable[[], None]) -> None:
+        self._frames = iter(frames)
+        self._release = release
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._frames)
+
+    def close(self) -> None:
+        self._release()
+        close = getattr(self._frames, "close", None)
+        if close is not None:
+            close()
 
 
 def _until_closed(frames: Iterable[bytes], sock: socket.socket, deadline: float) -> Iterator[bytes]:

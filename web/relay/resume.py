@@ -247,11 +247,15 @@ def last_event_id() -> str:
     return request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
 
 
+# Redis stream entry ids are 64-bit; a log's seqs stay far below this.
+MAX_SEQ = 2**63 - 1
+
+
 def parse_seq(raw: str) -> int:
     try:
         after = int(raw)
     except ValueError:
         raise ApiError(422, "Last-Event-ID (or after) must be a whole number", {"field": "after"}) from None
-    if after < 0:
-        raise ApiError(422, "Last-Event-ID (or after) must not be negative", {"field": "after"})
+    if not 0 <= after <= MAX_SEQ:
+        raise ApiError(422, f"Last-Event-ID (or after) must be between 0 and {MAX_SEQ}", {"field": "after"})
     return after

@@ -1,0 +1,69 @@
+"""Fairness between owners: one owner's burst cannot take every worker
+thread while another owner's turn waits. An owner runs at most
+MAX_RUNNING_TURNS_PER_OWNER turns at once; its other turns are held back,
+without a message, and sent as its running ones end."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+from sqlalchemy import func, select
+
+from shared.broker import get_celery
+from shared.db import transaction
+from shared.models import Turn
+from tests import services
+from tests.conftest import wait_turn
+from tests.test_shutdown import _node, _submit
+from web.auth import create_key, lookup_key
+
+SLOW = "busy [[tokens=10]] [[delay=0.15]]"  # 1.5 s a turn
+
+
+def _running(owner_id: str) -> int:
+    with transaction() as db:
+        return db.scalar(select(func.count()).where(Turn.owner_id == owner_id, Turn.status == "running"))
+
+
+def test_one_owner_cannot_take_every_thread_while_anothers_turn_waits(stack, client):
+    session_worker = _node("worker@")
+    get_celery().control.cancel_consumer("turns", destination=[session_worker], reply=True)
+    fair = None
+    try:
+        env = {**stack["env"], "MAX_RUNNING_TURNS_PER_OWNER": "2"}
+        fair = services.start_worker(stack["logdir"], env, "fair-worker", concurrency=4)
+        services.wait_for_worker(fair)
+        keys = [create_key(f"fair-{uuid.uuid4().hex[:8]}") for _ in range(2)]
+        busy, other = ({"Authorization": f"Bearer {k}"} for k in keys)
+        busy_id = lookup_key(keys[0]).owner_id
+
+        seen, done = [], threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                seen.append(_running(busy_id))
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            burst = [_submit(client, busy, SLOW) for _ in range(6)]  # more than the worker's 4 threads
+            time.sleep(0.3)
+            asked = time.monotonic()
+            theirs = _submit(client, other, "my turn")
+            answered = wait_turn(client, other, theirs, timeout=10)
+            waited = time.monotonic() - asked
+            finished = [wait_turn(client, busy, t, timeout=30) for t in burst]
+        finally:
+            done.set()
+            watcher.join()
+    finally:
+        get_celery().control.add_consumer("turns", destination=[session_worker], reply=True)
+        if fair is not None:
+            fair.stop()
+    assert answered["status"] == "succeeded"
+    assert waited < 1.5, waited  # not behind the burst, whose first turns take 1.5 s
+    assert max(seen) == 2, seen  # never more than its share, and it used it
+    assert all(t["status"] == "succeeded" and t["attempts"] == 1 for t in finished)  # held back, none lost

@@ -56,6 +56,7 @@ ENV = {
     # One key sends everything here: the system is measured, not the limits.
     "RATE_LIMITS": "off",
     "MAX_ACTIVE_TURNS_PER_OWNER": "1000000",
+    "MAX_RUNNING_TURNS_PER_OWNER": "1000000",
     "MAX_STREAMS_PER_OWNER": "1000000",
     "AUTH": "on",
     "REDIS_PREFIX": "pipe:",

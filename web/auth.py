@@ -25,15 +25,26 @@ from sqlalchemy.exc import IntegrityError
 
 from shared.db import autocommit_engine, transaction
 from shared.models import ApiKey, Login, Owner
+from web import schemas
 from web.errors import ApiError
 from web.limits import by_address, rate_limits
+from web.openapi import operation
 from web.validation import Login as LoginBody
 from web.validation import parse_body
 
 bp = Blueprint("auth", __name__)
 
 LOCAL_OWNER = "local"
-PUBLIC_ENDPOINTS = {"health.health", "auth.login", "auth.logout", "page.index", "page.favicon", "static"}
+PUBLIC_ENDPOINTS = {
+    "health.health",
+    "auth.login",
+    "auth.logout",
+    "page.index",
+    "page.favicon",
+    "static",
+    "openapi.document",
+    "openapi.docs",
+}
 KEY_PREFIX_CHARS = 10  # "ts_" and 7 characters of the key: enough to tell keys apart, useless to guess it
 
 
@@ -203,6 +214,13 @@ def presented_owner() -> str | None:
 
 
 @bp.post("/api/login")
+@operation(
+    "Exchange an API key for the chat page's login cookie",
+    {200: schemas.Ok},
+    body=LoginBody,
+    errors=(401,),
+    public=True,
+)
 def login():
     """Exchange an API key for the chat page's signed, HttpOnly cookie
     (EventSource cannot send headers). The cookie names a login on the
@@ -228,6 +246,7 @@ def login():
 
 
 @bp.post("/api/logout")
+@operation("End the login on the server", {200: schemas.Ok}, public=True)
 def logout():
     """End the login on the server, not only the browser's copy of its cookie."""
     login_id = session.get("login")

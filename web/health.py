@@ -23,13 +23,22 @@ from shared.status import (
     tool_status,
     workers_alive,
 )
+from web import schemas
 from web.auth import presented_owner
 from web.errors import ApiError
+from web.openapi import operation
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/api/health")
+@operation(
+    "Whether Postgres and Redis answer, and what the workers last saw",
+    {200: schemas.Health, 503: schemas.Health},
+    query={"detail": {"type": "string", "enum": ["1"]}},
+    errors=(401,),
+    public=True,
+)
 def health():
     detail = bool(request.args.get("detail"))
     if detail and not is_loopback(request.remote_addr or "") and presented_owner() is None:

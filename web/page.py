@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from flask import Blueprint, current_app, jsonify, render_template, send_from_directory
 
 from shared.status import model_status, tool_status
+from web import schemas
+from web.openapi import operation
 
 bp = Blueprint("page", __name__)
 
@@ -24,6 +26,7 @@ def favicon():
 
 
 @bp.get("/api/info")
+@operation("The model and the tool servers, as the workers last saw them", {200: schemas.Info})
 def info():
     """The model and the tools as the workers last saw them: the offline
     model is named only when a worker found it answering."""

@@ -12,8 +12,10 @@ from shared.events import EventLog
 from shared.models import ChatSession, Message, Replay, Turn
 from shared.overrides.gunicorn_direct_write import writable_socket
 from shared.replays import create_replay, item_rows, summary, unfinished_items
+from web import schemas
 from web.errors import ApiError
 from web.limits import limited, quota_exceeded
+from web.openapi import NDJSON, SSE, operation
 from web.relay.frames import sse_response
 from web.relay.resume import Resume, last_event_id, parse_seq
 from web.relay.snapshots import replay_snapshot
@@ -24,6 +26,7 @@ bp = Blueprint("replays", __name__)
 
 
 @bp.post("/api/replays")
+@operation("Replay many questions, each as a turn, so many at a time", {202: schemas.Replay}, body=ReplayCreate)
 @limited("rate_limit_replays")
 def create():
     settings = current_app.extensions["turnstream.settings"]
@@ -56,6 +59,7 @@ def create():
 
 
 @bp.get("/api/replays/<replay_id>")
+@operation("A replay's progress", {200: schemas.Replay})
 def get(replay_id: str):
     with transaction() as db:
         replay = owned(db, Replay, replay_id)
@@ -63,6 +67,7 @@ def get(replay_id: str):
 
 
 @bp.get("/api/replays/<replay_id>/results")
+@operation("A replay's results, one line per question", {200: NDJSON})
 def results(replay_id: str):
     with transaction() as db:
         replay = owned(db, Replay, replay_id)
@@ -71,6 +76,7 @@ def results(replay_id: str):
 
 
 @bp.get("/api/replays/<replay_id>/events")
+@operation("A replay's progress events", {200: SSE}, headers={"Last-Event-ID": {"type": "string"}})
 @limited("rate_limit_streams")
 def events(replay_id: str):
     relay = current_app.extensions["turnstream.relay"]

@@ -16,8 +16,10 @@ from shared.events import EventLog
 from shared.models import ACTIVE, ENDED, ChatSession, Message, Turn
 from shared.redis import key
 from shared.turns import cancel_turn
+from web import schemas
 from web.errors import ApiError
 from web.limits import limited
+from web.openapi import SSE, operation
 from web.relay.frames import RETRY, sse_response
 from web.relay.hub import Relay
 from web.relay.resume import Resume, delivered, last_event_id, parse_seq, prefixed, wait_for_message
@@ -29,6 +31,7 @@ bp = Blueprint("sessions", __name__)
 
 
 @bp.post("/api/sessions")
+@operation("Start a session", {201: schemas.Session}, body=SessionCreate)
 def create_session():
     body = parse_body(SessionCreate)
     with transaction() as db:
@@ -41,6 +44,11 @@ def create_session():
 
 
 @bp.get("/api/sessions")
+@operation(
+    "The caller's sessions, newest first",
+    {200: schemas.SessionPage},
+    query={"limit": {"type": "integer", "minimum": 1, "maximum": 100}, "cursor": {"type": "string"}},
+)
 def list_sessions():
     limit = _int_arg("limit", 20, 1, 100)
     cursor = _decode_cursor(request.args.get("cursor"))
@@ -61,6 +69,7 @@ def list_sessions():
 
 
 @bp.get("/api/sessions/<session_id>")
+@operation("A session", {200: schemas.Session})
 def get_session(session_id: str):
     with transaction() as db:
         chat = owned(db, ChatSession, session_id)
@@ -68,6 +77,7 @@ def get_session(session_id: str):
 
 
 @bp.delete("/api/sessions/<session_id>")
+@operation("Delete a session; its running turn is cancelled, its queued ones end cancelled", {204: None})
 def delete_session(session_id: str):
     with transaction() as db:
         chat = owned(db, ChatSession, session_id, lock=True)
@@ -78,6 +88,7 @@ def delete_session(session_id: str):
 
 
 @bp.get("/api/sessions/<session_id>/messages")
+@operation("A session's messages, oldest first", {200: schemas.MessageList})
 def list_messages(session_id: str):
     with transaction() as db:
         chat = owned(db, ChatSession, session_id)
@@ -91,6 +102,11 @@ def list_messages(session_id: str):
 
 
 @bp.get("/api/sessions/<session_id>/events")
+@operation(
+    "Follow a session: the events of its running turn, then of each turn after it (ids `<turn id>:<seq>`)",
+    {200: SSE},
+    headers={"Last-Event-ID": {"type": "string"}},
+)
 @limited("rate_limit_streams")
 def session_events(session_id: str):
     """Follow a session: the events of whatever turn runs in it, then of each

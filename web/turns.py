@@ -16,8 +16,10 @@ from shared.events import EventLog
 from shared.models import ENDED, ChatSession, Turn
 from shared.overrides.gunicorn_direct_write import writable_socket
 from shared.turns import TurnConflict, active_turns, cancel_turn, lock_session, submit_turn
+from web import schemas
 from web.errors import ApiError
 from web.limits import limited, open_streams, quota_exceeded
+from web.openapi import SSE, operation
 from web.relay.frames import sse_response, synthetic
 from web.relay.resume import Resume, delivered, last_event_id, parse_seq
 from web.relay.snapshots import turn_snapshot
@@ -28,6 +30,13 @@ bp = Blueprint("turns", __name__)
 
 
 @bp.post("/api/sessions/<session_id>/turns")
+@operation(
+    "Submit a turn: the message is answered by a worker, after any turn before it in the session",
+    {202: schemas.Turn, 200: schemas.Turn},
+    body=TurnCreate,
+    headers={"Idempotency-Key": {"type": "string", "maxLength": 200}},
+    errors=(409,),
+)
 @limited("rate_limit_submit")
 def create_turn(session_id: str):
     settings = current_app.extensions["turnstream.settings"]
@@ -64,12 +73,14 @@ def create_turn(session_id: str):
 
 
 @bp.get("/api/turns/<turn_id>")
+@operation("A turn", {200: schemas.Turn})
 def get_turn(turn_id: str):
     with transaction() as db:
         return jsonify(turn_json(owned(db, Turn, turn_id)))
 
 
 @bp.post("/api/turns/<turn_id>/cancel")
+@operation("Cancel a turn (200: it had already ended)", {202: schemas.Turn, 200: schemas.Turn})
 def cancel(turn_id: str):
     with transaction() as db:
         turn = owned(db, Turn, turn_id)
@@ -90,6 +101,12 @@ _OWNED_STATUS = select(Turn.status).where(Turn.id == bindparam("turn_id"), Turn.
 
 
 @bp.get("/api/turns/<turn_id>/events")
+@operation(
+    "A turn's events after `Last-Event-ID` (or `after`), live until its last (204: all were delivered)",
+    {200: SSE, 204: None},
+    query={"after": {"type": "integer", "minimum": 0}},
+    headers={"Last-Event-ID": {"type": "string"}},
+)
 @limited("rate_limit_streams")
 def turn_events(turn_id: str):
     after = parse_seq(last_event_id())
@@ -105,6 +122,13 @@ def turn_events(turn_id: str):
 
 
 @bp.post("/api/chat")
+@operation(
+    "Ask in one call (a new session unless `session_id`): the answer (JSON), or with `stream` the turn's events;"
+    " 202 with the Turn if it is still running after CHAT_WAIT_SECONDS",
+    {200: (schemas.ChatAnswer, SSE), 202: schemas.Turn},
+    body=ChatRequest,
+    errors=(404,),
+)
 @limited("rate_limit_submit")
 def chat():
     settings = current_app.extensions["turnstream.settings"]

@@ -1,0 +1,140 @@
+"""The shapes of what the API answers, as pydantic models: the OpenAPI
+document is generated from them (web/openapi.py), and the fuzzing tests check
+every answer against it. The JSON itself is built in web/resources.py."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.models import STATUSES
+
+TurnStatus = Literal[STATUSES]  # type: ignore[valid-type]
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(Answer):
+    code: str = Field(description="machine-readable: validation_error, not_found, rate_limited, …")
+    message: str = Field(description="for a person: what was wrong and what to do")
+    details: dict[str, Any] | None = Field(None, description="e.g. `field`, the field at fault")
+
+
+class Error(Answer):
+    error: ErrorBody
+
+
+class Ok(Answer):
+    ok: bool
+
+
+class Session(Answer):
+    id: str
+    title: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    message_count: int
+
+
+class SessionPage(Answer):
+    items: list[Session]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class Message(Answer):
+    id: str
+    role: Literal["user", "assistant"]
+    content: str
+    turn_id: str
+    created_at: datetime
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="the tools called for this answer, if any")
+
+
+class MessageList(Answer):
+    items: list[Message]
+
+
+class Usage(Answer):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TurnError(Answer):
+    code: str
+    message: str
+
+
+class Turn(Answer):
+    id: str
+    session_id: str
+    status: TurnStatus
+    answer: str | None
+    error: TurnError | None
+    usage: Usage
+    tools: list[dict[str, Any]]
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    events_url: str
+
+
+class ChatAnswer(Answer):
+    response: str | None
+    session_id: str
+    turn_id: str
+    status: TurnStatus
+    error: TurnError | None
+    usage: Usage
+    tools: list[dict[str, Any]]
+
+
+class Replay(Answer):
+    id: str
+    status: Literal["running", "finished"]
+    total: int
+    succeeded: int
+    failed: int
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class ReplayResult(Answer):
+    """One line of a replay's results (NDJSON)."""
+
+    index: int
+    message: str
+    status: Literal[(*STATUSES, "pending")]  # type: ignore[valid-type]
+    answer: str | None
+    error: TurnError | None
+    turn_id: str | None
+    latency_ms: int | None
+
+
+class Health(Answer):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, Any] = Field(description="database, redis, workers, model, tools_unavailable, relay")
+
+
+class CheckedStatus(Answer):
+    ok: bool | None
+    error: str | None
+    checked_at: datetime | None
+
+
+class ToolServer(CheckedStatus):
+    name: str
+    tools: int
+
+
+class Info(Answer):
+    model: str
+    offline_model: bool
+    model_status: CheckedStatus
+    tools: list[ToolServer]
+    auth: bool

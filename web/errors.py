@@ -76,7 +76,11 @@ def register_error_handlers(app: Flask) -> None:
             405: f"method {request.method} is not allowed here",
             413: "request body is too large",
         }.get(status, exc.description or exc.name)
-        return error_response(status, _CODES.get(status, "error"), message)
+        response = error_response(status, _CODES.get(status, "error"), message)
+        allowed = getattr(exc, "valid_methods", None)  # a 405 says what is allowed (RFC 9110)
+        if allowed:
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

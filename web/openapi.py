@@ -77,16 +77,36 @@ def docs():
     return response
 
 
+# What a created object's id is called in the paths that take it: links
+# from the operation that made it to those, so a client (or a fuzzer) can
+# follow one to the other.
+_ID_OF = {schemas.Session: "session_id", schemas.Turn: "turn_id", schemas.Replay: "replay_id"}
+
+
 def build(app: Flask) -> dict[str, Any]:
     models: dict[type[BaseModel], str] = {}
     paths: dict[str, dict[str, Any]] = {}
+    made: list[tuple[dict[str, Any], Operation]] = []
+    takes: dict[str, list[str]] = {}  # a path parameter -> the operations that take only it
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         op = getattr(app.view_functions[rule.endpoint], "openapi", None)
         if op is None:
             continue
         path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
-            paths.setdefault(path, {})[method.lower()] = _operation(op, rule.arguments, models)
+            found = {"operationId": f"{rule.endpoint}.{method.lower()}", **_operation(op, rule.arguments, models)}
+            paths.setdefault(path, {})[method.lower()] = found
+            made.append((found, op))
+            if len(rule.arguments) == 1:
+                takes.setdefault(next(iter(rule.arguments)), []).append(found["operationId"])
+    for found, op in made:
+        for status, answer in op.answers.items():
+            param = _ID_OF.get(answer) if isinstance(answer, type) else None
+            if param and 200 <= status < 300:
+                found["responses"][str(status)]["links"] = {
+                    target: {"operationId": target, "parameters": {param: "$response.body#/id"}}
+                    for target in takes.get(param, ())
+                }
     _, top = models_json_schema(
         [(model, mode) for model, mode in models.items()], ref_template="#/components/schemas/{model}"
     )
@@ -163,10 +183,20 @@ def _answer(status: int, answer: Any, models: dict[type[BaseModel], str]) -> dic
         return {"description": "no body" if status == 204 else "see the summary"}
     if answer == SSE:
         events = [{"$ref": f"#/components/schemas/event.{name}"} for name in EVENT_TYPES if name != "session.turn"]
+        message = {
+            "type": "object",
+            "description": "one SSE message: `data` is the JSON of one of `x-events`",
+            "properties": {
+                "event": {"enum": [name for name in EVENT_TYPES if name != "session.turn"]},
+                "id": {"type": "string"},
+                "data": {"type": "string", "contentMediaType": "application/json"},
+            },
+            "required": ["event", "data"],
+        }
         return {
             "description": "Server-Sent Events: each message's `event` is its type, `id` its seq (none on"
             " events made for one client), `data` one line of JSON",
-            "content": {SSE: {"schema": {"type": "string"}, "x-events": {"oneOf": events}}},
+            "content": {SSE: {"schema": message, "x-events": {"oneOf": events}}},
         }
     if answer == NDJSON:
         return {

@@ -26,7 +26,12 @@ bp = Blueprint("replays", __name__)
 
 
 @bp.post("/api/replays")
-@operation("Replay many questions, each as a turn, so many at a time", {202: schemas.Replay}, body=ReplayCreate)
+@operation(
+    "Replay many questions, each as a turn, so many at a time",
+    {202: schemas.Replay},
+    body=ReplayCreate,
+    errors=(404,),  # a session it names is not the caller's
+)
 @limited("rate_limit_replays")
 def create():
     settings = current_app.extensions["turnstream.settings"]

@@ -164,6 +164,8 @@ def chat():
         relay.unsubscribe(sub)
     with transaction() as db:
         turn = db.get(Turn, turn_id)
+        if turn is None:
+            raise ApiError(404, "the session was deleted while its turn ran")
         if turn.status not in ENDED:
             return jsonify(turn_json(turn)), 202
         return jsonify(

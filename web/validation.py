@@ -51,9 +51,20 @@ class ReplayQuestion(Body):
 MAX_QUESTIONS = 10_000  # in one replay, however they are given
 
 
+def _exactly_one_source(schema: dict) -> None:
+    """ReplayCreate's schema: one of its two lists, neither null."""
+    for name in ("questions", "from_sessions"):
+        schema["properties"][name].pop("default", None)
+    schema["oneOf"] = [{"required": ["questions"]}, {"required": ["from_sessions"]}]
+
+
 class ReplayCreate(Body):
-    questions: Annotated[list[ReplayQuestion], Field(min_length=1, max_length=MAX_QUESTIONS)] | None = None
-    from_sessions: Annotated[list[str], Field(min_length=1, max_length=1000)] | None = None
+    """Exactly one of `questions` and `from_sessions`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one_source)
+    # Absent, or a list: None stands for absent, and null is refused.
+    questions: Annotated[list[ReplayQuestion], Field(min_length=1, max_length=MAX_QUESTIONS)] = None
+    from_sessions: Annotated[list[str], Field(min_length=1, max_length=1000)] = None
     concurrency: Annotated[int, Field(ge=1, le=100)] = 4
 
 

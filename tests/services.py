@@ -339,3 +339,23 @@ def wait_for_worker(worker: Proc) -> None:
         return any(name.startswith(f"{worker.name}@") for reply in replies for name in reply)
 
     wait_until(ready, 60, "Celery worker")
+
+
+@contextlib.contextmanager
+def sole_worker(stack: dict, name: str, settings: dict[str, str], concurrency: int) -> Iterator[Proc]:
+    """A worker of its own, with these settings, the only one taking turns
+    while it lasts: the session's worker stops consuming them meanwhile."""
+    from shared.broker import get_celery
+
+    control = get_celery().control
+    session_worker = next(node for reply in control.ping(timeout=1) for node in reply if node.startswith("worker@"))
+    control.cancel_consumer("turns", destination=[session_worker], reply=True)
+    worker = None
+    try:
+        worker = start_worker(stack["logdir"], {**stack["env"], **settings}, name, concurrency=concurrency)
+        wait_for_worker(worker)
+        yield worker
+    finally:
+        control.add_consumer("turns", destination=[session_worker], reply=True)
+        if worker is not None:
+            worker.stop()

@@ -11,12 +11,11 @@ import uuid
 
 from sqlalchemy import func, select
 
-from shared.broker import get_celery
 from shared.db import transaction
 from shared.models import Turn
 from tests import services
 from tests.conftest import wait_turn
-from tests.test_shutdown import _node, _submit
+from tests.test_shutdown import _submit
 from web.auth import create_key, lookup_key
 
 SLOW = "busy [[tokens=10]] [[delay=0.15]]"  # 1.5 s a turn
@@ -28,13 +27,7 @@ def _running(owner_id: str) -> int:
 
 
 def test_one_owner_cannot_take_every_thread_while_anothers_turn_waits(stack, client):
-    session_worker = _node("worker@")
-    get_celery().control.cancel_consumer("turns", destination=[session_worker], reply=True)
-    fair = None
-    try:
-        env = {**stack["env"], "MAX_RUNNING_TURNS_PER_OWNER": "2"}
-        fair = services.start_worker(stack["logdir"], env, "fair-worker", concurrency=4)
-        services.wait_for_worker(fair)
+    with services.sole_worker(stack, "fair-worker", {"MAX_RUNNING_TURNS_PER_OWNER": "2"}, concurrency=4):
         keys = [create_key(f"fair-{uuid.uuid4().hex[:8]}") for _ in range(2)]
         busy, other = ({"Authorization": f"Bearer {k}"} for k in keys)
         busy_id = lookup_key(keys[0]).owner_id
@@ -59,10 +52,6 @@ def test_one_owner_cannot_take_every_thread_while_anothers_turn_waits(stack, cli
         finally:
             done.set()
             watcher.join()
-    finally:
-        get_celery().control.add_consumer("turns", destination=[session_worker], reply=True)
-        if fair is not None:
-            fair.stop()
     assert answered["status"] == "succeeded"
     assert waited < 1.5, waited  # not behind the burst, whose first turns take 1.5 s
     assert max(seen) == 2, seen  # never more than its share, and it used it

@@ -8,7 +8,6 @@ import time
 
 import httpx
 
-from shared.broker import get_celery
 from shared.events import EventLog
 from tests import services
 from tests.conftest import wait_turn
@@ -16,11 +15,6 @@ from tests.sse import read_events
 
 SHORT = "short [[tokens=10]] [[delay=0.1]]"  # 1 s: ends within the grace
 LONG = "long [[tokens=50]] [[delay=0.1]]"  # 5 s: handed back
-
-
-def _node(prefix: str) -> str:
-    replies = get_celery().control.ping(timeout=1)
-    return next(name for reply in replies for name in reply if name.startswith(prefix))
 
 
 def _submit(client, owner, message: str) -> str:
@@ -39,13 +33,7 @@ def _streaming(turn_id: str) -> bool:
 
 def test_sigterm_to_a_worker_finishes_short_turns_and_hands_back_long_ones(stack, client, owner):
     # Only the worker under test takes turns until it has stopped.
-    session_worker = _node("worker@")
-    get_celery().control.cancel_consumer("turns", destination=[session_worker], reply=True)
-    leaving = None
-    try:
-        env = {**stack["env"], "WORKER_SHUTDOWN_GRACE_SECONDS": "2"}
-        leaving = services.start_worker(stack["logdir"], env, "leaving-worker", concurrency=8)
-        services.wait_for_worker(leaving)
+    with services.sole_worker(stack, "leaving-worker", {"WORKER_SHUTDOWN_GRACE_SECONDS": "2"}, 8) as leaving:
         short = [_submit(client, owner, SHORT) for _ in range(2)]
         long = [_submit(client, owner, LONG) for _ in range(3)]
         services.wait_until(lambda: all(map(_streaming, short + long)), 20, "turns to stream")
@@ -60,10 +48,6 @@ def test_sigterm_to_a_worker_finishes_short_turns_and_hands_back_long_ones(stack
             done = wait_turn(client, owner, t, timeout=1)
             assert done["status"] == "succeeded" and done["attempts"] == 1
         assert all(_status(client, owner, t) == "queued" for t in long)
-    finally:
-        get_celery().control.add_consumer("turns", destination=[session_worker], reply=True)
-        if leaving is not None:
-            leaving.stop()
     for t in long:  # another worker (the session's) takes them over
         done = wait_turn(client, owner, t, timeout=30)
         assert done["status"] == "succeeded" and done["attempts"] == 2

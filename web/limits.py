@@ -145,10 +145,6 @@ class OpenStreams:
 
         return release
 
-    def count(self, owner_id: str) -> int:
-        with self._lock:
-            return self._open[owner_id]
-
 
 def open_streams() -> OpenStreams:
     return current_app.extensions["turnstream.streams"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything Turnstream needs on a Debian machine, idempotently:
-# Debian packages (redis-server, postgresql), a virtual environment in .venv
+# Debian packages (redis-server, postgresql, chromium), a virtual environment in .venv
 # with the pinned requirements (production's and the development tools), the
 # project installed in it. Run as root, or with sudo available.
 set -euo pipefail
@@ -13,6 +13,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || missing+=(postgresql)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v openssl >/dev/null || missing+=(openssl)  # the tests' TLS Redis
+command -v chromium >/dev/null || missing+=(chromium)  # the browser tests (Playwright drives it; no download)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   "${sudo_[@]}" apt-get update -qq

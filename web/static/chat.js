@@ -57,13 +57,48 @@ async function showNotices() {
   }));
 }
 
+// The model answers in Markdown: rendered (marked), then sanitised
+// (DOMPurify) before it reaches the page, so its output can run no script
+// and fetch nothing from elsewhere (the page's CSP says the same). Links open
+// apart from the page. What people type is only ever text.
+window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.hasAttribute("src")) {
+    const url = new URL(node.getAttribute("src"), location.href);
+    if (url.origin !== location.origin && url.protocol !== "data:") node.removeAttribute("src");
+  }
+  if (node.tagName === "A" && node.hasAttribute("href")) {
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer");
+  }
+});
+
+function renderMarkdown(el, text) {
+  el.innerHTML = window.DOMPurify.sanitize(window.marked.parse(text), {
+    FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select"],
+    FORBID_ATTR: ["style"],
+  });
+}
+
 function bubble(role, text) {
   const div = document.createElement("div");
   div.className = "msg " + role;
-  div.textContent = text;
+  if (role === "assistant") renderMarkdown(div, text);
+  else div.textContent = text;
   $("messages").appendChild(div);
   $("messages").scrollTop = $("messages").scrollHeight;
   return div;
+}
+
+// Re-render a streaming answer at most once a frame, however fast deltas come.
+function renderer(el) {
+  let text = "";
+  let queued = false;
+  return (next) => {
+    text = next;
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(() => { queued = false; renderMarkdown(el, text); });
+  };
 }
 
 async function loadSessions() {
@@ -121,6 +156,7 @@ $("new-session").onclick = async () => {
 
 function follow(turn) {
   let out = bubble("assistant", "");
+  const show = renderer(out);
   let text = "";
   let calls = {};
   $("status").textContent = "queued…";
@@ -129,9 +165,9 @@ function follow(turn) {
     stream.close(); stream = null; $("status").textContent = label; loadSessions(); showNotices().catch(() => {});
   };
   stream.addEventListener("turn.started", () => { $("status").textContent = "answering…"; });
-  stream.addEventListener("message.delta", (e) => { text += JSON.parse(e.data).delta; out.textContent = text; });
+  stream.addEventListener("message.delta", (e) => { text += JSON.parse(e.data).delta; show(text); });
   stream.addEventListener("turn.restarted", () => {
-    text = ""; out.textContent = "";
+    text = ""; show(text);
     for (const c of Object.values(calls)) c.box.remove();
     calls = {};
   });
@@ -151,12 +187,12 @@ function follow(turn) {
   });
   stream.addEventListener("turn.snapshot", (e) => {
     const d = JSON.parse(e.data);
-    text = d.text; out.textContent = text;
+    text = d.text; show(text);
     if (["succeeded", "failed", "cancelled"].includes(d.status)) finish(d.status);
   });
-  stream.addEventListener("turn.completed", (e) => { out.textContent = JSON.parse(e.data).answer; finish(""); });
+  stream.addEventListener("turn.completed", (e) => { show(JSON.parse(e.data).answer); finish(""); });
   stream.addEventListener("turn.failed", (e) => {
-    out.className = "msg failed"; out.textContent = "Failed: " + JSON.parse(e.data).error.message; finish("");
+    out.className = "msg failed"; show("Failed: " + JSON.parse(e.data).error.message); finish("");
   });
   stream.addEventListener("turn.cancelled", () => finish("cancelled"));
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (deploy/setup.sh): no browser download
 HOSTILE = (
@@ -60,13 +60,28 @@ def test_the_answer_appears_progressively_and_renders_markdown(page: Page):
     assert page.locator(".msg.user").last.text_content().startswith("**bold**")  # people's text stays text
 
 
+def test_stop_cancels_the_turn_and_the_page_says_so_within_a_second(page: Page):
+    _ask(page, "a long answer [[tokens=400]] [[delay=0.05]]")
+    answer = page.locator(".msg.assistant").last
+    expect(answer).to_contain_text("You said")  # streaming
+    clicked = time.monotonic()
+    page.locator("#stop").click()
+    expect(page.locator("#status")).to_have_text("cancelled", timeout=5_000)
+    assert time.monotonic() - clicked < 1.0
+    assert page.locator("#stop").is_hidden()
+    shown = answer.text_content()
+    page.wait_for_timeout(500)
+    assert answer.text_content() == shown  # nothing more comes
+    assert len(shown) < 400 * 4  # stopped well before its end
+
+
 def test_hostile_text_runs_no_script_and_loads_nothing_remote(page: Page):
     remote = []
     page.on("request", lambda request: remote.append(request.url) if "remote.example" in request.url else None)
     _ask(page, HOSTILE)
     answer = page.locator(".msg.assistant").last
     answer.locator("a").first.wait_for(timeout=20_000)
-    page.wait_for_function("document.getElementById('status').textContent === ''", timeout=20_000)
+    expect(page.locator("#status")).to_have_text("", timeout=20_000)
     assert page.locator(".msg.user").last.text_content() == HOSTILE  # as typed, as text
     assert answer.locator("script").count() == 0
     assert answer.locator("[onerror]").count() == 0

@@ -155,6 +155,11 @@ $("new-session").onclick = async () => {
 };
 
 function follow(turn) {
+  $("stop").hidden = false;
+  $("stop").onclick = () => {
+    $("stop").disabled = true;
+    api(`/api/turns/${turn.id}/cancel`, { method: "POST" }).catch((err) => { $("status").textContent = err.message; });
+  };
   let out = bubble("assistant", "");
   const show = renderer(out);
   let text = "";
@@ -163,6 +168,7 @@ function follow(turn) {
   stream = new EventSource(turn.events_url);
   const finish = (label) => {
     stream.close(); stream = null; $("status").textContent = label; loadSessions(); showNotices().catch(() => {});
+    $("stop").hidden = true; $("stop").disabled = false;
   };
   stream.addEventListener("turn.started", () => { $("status").textContent = "answering…"; });
   stream.addEventListener("message.delta", (e) => { text += JSON.parse(e.data).delta; show(text); });

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from tests.conftest import wait_turn
 from web.auth import create_key
 
 
@@ -38,6 +39,62 @@ def test_session_crud_and_cursor_pagination(client, owner):
 
     assert client.delete(f"/api/sessions/{ids[0]}", headers=owner).status_code == 204
     _error(client.get(f"/api/sessions/{ids[0]}", headers=owner), 404, "not_found")
+
+
+def test_a_session_is_renamed_and_found_by_its_title(client, owner):
+    titles = ["Quarterly sales", "sales: 100% done", "Holiday plans", "under_score"]
+    ids = [client.post("/api/sessions", json={"title": t}, headers=owner).get_json()["id"] for t in titles]
+    renamed = client.patch(f"/api/sessions/{ids[2]}", json={"title": "More SALES talk"}, headers=owner)
+    assert renamed.status_code == 200 and renamed.get_json()["title"] == "More SALES talk"
+    assert renamed.get_json()["updated_at"] > renamed.get_json()["created_at"]
+
+    def found(q: str) -> list[str]:
+        return [s["title"] for s in client.get("/api/sessions", query_string={"q": q}, headers=owner).get_json()["items"]]
+
+    assert found("sales") == ["More SALES talk", "sales: 100% done", "Quarterly sales"]  # any case, newest first
+    assert found("100%") == ["sales: 100% done"]  # % and _ are themselves, not patterns
+    assert found("r_s") == ["under_score"]
+    assert found("e_s") == []  # as a pattern it would match "More SALES"
+    assert found("") == list(reversed(["Quarterly sales", "sales: 100% done", "More SALES talk", "under_score"]))
+
+    # A PATCH changes the fields it names and no other.
+    client.patch(f"/api/sessions/{ids[0]}", json={"metadata": {"pinned": True}}, headers=owner)
+    got = client.get(f"/api/sessions/{ids[0]}", headers=owner).get_json()
+    assert got["title"] == "Quarterly sales" and got["metadata"] == {"pinned": True}
+    assert client.patch(f"/api/sessions/{ids[0]}", json={"title": None}, headers=owner).get_json()["title"] is None
+
+    _error(client.patch(f"/api/sessions/{ids[0]}", json={"title": "x" * 201}, headers=owner), 422, "validation_error")
+    _error(client.patch(f"/api/sessions/{ids[0]}", json={"name": "x"}, headers=owner), 422, "validation_error")
+    _error(client.get("/api/sessions", query_string={"q": "a\x00b"}, headers=owner), 422, "validation_error")
+    _error(client.get("/api/sessions", query_string={"q": "x" * 201}, headers=owner), 422, "validation_error")
+    other = {"X-API-Key": create_key(f"other-{uuid.uuid4().hex[:8]}")}
+    _error(client.patch(f"/api/sessions/{ids[0]}", json={"title": "mine"}, headers=other), 404, "not_found")
+    assert client.get(f"/api/sessions/{ids[0]}", headers=owner).get_json()["title"] is None
+
+
+def test_a_sessions_turns_list_each_question_with_its_outcome(client, owner):
+    sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
+    asked = ["first [[tokens=3]]", "second [[fault=400]]", "third [[tokens=2]]"]
+    turns = [client.post(f"/api/sessions/{sid}/turns", json={"message": m}, headers=owner).get_json() for m in asked]
+    for turn in turns:
+        wait_turn(client, owner, turn["id"])
+    seen, cursor = [], None
+    while True:
+        page = client.get(f"/api/sessions/{sid}/turns", query_string={"limit": 2, **({"cursor": cursor} if cursor else {})}, headers=owner)
+        assert page.status_code == 200, page.get_json()
+        seen += page.get_json()["items"]
+        cursor = page.get_json()["next_cursor"]
+        if cursor is None:
+            break
+    assert [t["message"] for t in seen] == asked
+    assert [t["number"] for t in seen] == [1, 2, 3]
+    assert [t["status"] for t in seen] == ["succeeded", "failed", "succeeded"]
+    assert seen[1]["error"]["message"] and seen[1]["answer"] is None
+    assert seen[0]["model"] == "turnstream-offline" and seen[0]["usage"]["completion_tokens"] > 0
+    assert seen[0] == {**client.get(f"/api/turns/{seen[0]['id']}", headers=owner).get_json(), "message": asked[0]}
+    _error(client.get(f"/api/sessions/{sid}/turns?cursor=-1", headers=owner), 422, "validation_error")
+    other = {"X-API-Key": create_key(f"other-{uuid.uuid4().hex[:8]}")}
+    _error(client.get(f"/api/sessions/{sid}/turns", headers=other), 404, "not_found")
 
 
 def test_another_owners_session_is_404_exactly_like_a_missing_one(client, owner):

@@ -68,7 +68,9 @@ def turn_json(turn: Turn) -> dict[str, Any]:
     return {
         "id": turn.id,
         "session_id": turn.session_id,
+        "number": turn.number,
         "status": turn.status,
+        "model": turn.model,
         "answer": turn.answer,
         "error": turn.error,
         "usage": turn.usage or {"prompt_tokens": 0, "completion_tokens": 0},

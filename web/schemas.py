@@ -72,7 +72,9 @@ class TurnError(Answer):
 class Turn(Answer):
     id: str
     session_id: str
+    number: int = Field(description="its place in its session: 1, 2, 3 …")
     status: TurnStatus
+    model: str | None = Field(description="the model that answered (the newest attempt's)")
     answer: str | None
     error: TurnError | None
     usage: Usage
@@ -82,6 +84,15 @@ class Turn(Answer):
     started_at: datetime | None
     finished_at: datetime | None
     events_url: str
+
+
+class SessionTurn(Turn):
+    message: str = Field(description="the question the turn answers")
+
+
+class SessionTurnPage(Answer):
+    items: list[SessionTurn]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
 
 
 class ChatAnswer(Answer):

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from datetime import datetime
 
 from flask import Blueprint, current_app, g, jsonify, request
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import and_, func, select, tuple_
 
 from shared.db import transaction
 from shared.events import EventLog
@@ -24,8 +24,8 @@ from web.relay.frames import RETRY, sse_response
 from web.relay.hub import Relay
 from web.relay.resume import Resume, delivered, last_event_id, parse_seq, prefixed, wait_for_message
 from web.relay.snapshots import turn_snapshot
-from web.resources import message_count, message_json, owned, session_json, valid_id
-from web.validation import SessionCreate, parse_body
+from web.resources import message_count, message_json, owned, session_json, turn_json, valid_id
+from web.validation import UNSTORABLE, SessionCreate, SessionUpdate, parse_body
 
 bp = Blueprint("sessions", __name__)
 
@@ -45,13 +45,20 @@ def create_session():
 
 @bp.get("/api/sessions")
 @operation(
-    "The caller's sessions, newest first",
+    "The caller's sessions, newest first; `q` keeps those whose title holds it (any case)",
     {200: schemas.SessionPage},
-    query={"limit": {"type": "integer", "minimum": 1, "maximum": 100}, "cursor": {"type": "string"}},
+    query={
+        "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+        "cursor": {"type": "string"},
+        "q": {"type": "string", "maxLength": 200},
+    },
 )
 def list_sessions():
     limit = _int_arg("limit", 20, 1, 100)
     cursor = _decode_cursor(request.args.get("cursor"))
+    search = request.args.get("q", "")
+    if len(search) > 200 or UNSTORABLE.search(search):
+        raise ApiError(422, "q must be at most 200 characters of text", {"field": "q"})
     counts = select(func.count()).select_from(Message).where(Message.session_id == ChatSession.id).scalar_subquery()
     query = (
         select(ChatSession, counts)
@@ -61,6 +68,8 @@ def list_sessions():
     )
     if cursor is not None:
         query = query.where(tuple_(ChatSession.created_at, ChatSession.id) < cursor)
+    if search:
+        query = query.where(ChatSession.title.icontains(search, autoescape=True))
     with transaction() as db:
         rows = db.execute(query).all()
     items = [session_json(chat, count) for chat, count in rows[:limit]]
@@ -73,6 +82,22 @@ def list_sessions():
 def get_session(session_id: str):
     with transaction() as db:
         chat = owned(db, ChatSession, session_id)
+        return jsonify(session_json(chat, message_count(db, chat.id)))
+
+
+@bp.patch("/api/sessions/<session_id>")
+@operation("Rename a session, or replace its metadata", {200: schemas.Session}, body=SessionUpdate)
+def update_session(session_id: str):
+    body = parse_body(SessionUpdate)
+    with transaction() as db:
+        chat = owned(db, ChatSession, session_id, lock=True)
+        if "title" in body.model_fields_set:
+            chat.title = body.title
+        if "metadata" in body.model_fields_set:
+            chat.meta = body.metadata or {}
+        chat.updated_at = func.now()
+        db.flush()
+        db.refresh(chat)
         return jsonify(session_json(chat, message_count(db, chat.id)))
 
 
@@ -99,6 +124,29 @@ def list_messages(session_id: str):
             .order_by(Turn.number, Message.role.desc())
         ).all()
         return jsonify({"items": [message_json(m) for m in messages]})
+
+
+@bp.get("/api/sessions/<session_id>/turns")
+@operation(
+    "A session's turns with their questions, oldest first: what a chat page shows",
+    {200: schemas.SessionTurnPage},
+    query={"limit": {"type": "integer", "minimum": 1, "maximum": 100}, "cursor": {"type": "string"}},
+)
+def list_turns(session_id: str):
+    limit = _int_arg("limit", 100, 1, 100)
+    after = _int_cursor(request.args.get("cursor"))
+    with transaction() as db:
+        chat = owned(db, ChatSession, session_id)
+        rows = db.execute(
+            select(Turn, Message.content)
+            .join(Message, and_(Message.turn_id == Turn.id, Message.role == "user"))
+            .where(Turn.session_id == chat.id, Turn.number > after)
+            .order_by(Turn.number)
+            .limit(limit + 1)
+        ).all()
+        items = [turn_json(turn) | {"message": question} for turn, question in rows[:limit]]
+    next_cursor = str(rows[limit - 1][0].number) if len(rows) > limit else None
+    return jsonify({"items": items, "next_cursor": next_cursor})
 
 
 @bp.get("/api/sessions/<session_id>/events")
@@ -189,6 +237,15 @@ def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ApiError(422, f"{name} must be between {lo} and {hi}", {"field": name})
     return value
+
+
+def _int_cursor(cursor: str | None) -> int:
+    """A turn list's cursor: the number of the last turn of the page before."""
+    if not cursor:
+        return 0
+    if not cursor.isascii() or not cursor.isdigit() or len(cursor) > 9:
+        raise ApiError(422, "cursor is not one this API handed out", {"field": "cursor"})
+    return int(cursor)
 
 
 def _encode_cursor(chat: ChatSession) -> str:

@@ -18,7 +18,7 @@ M = TypeVar("M", bound=BaseModel)
 MAX_DEPTH = 32
 # What Postgres cannot store (NUL in text or jsonb) or UTF-8 cannot encode
 # (a lone surrogate, which JSON's \u escapes can spell).
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
@@ -27,9 +27,19 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+Title = Annotated[str, StringConstraints(max_length=200)]
+
+
 class SessionCreate(Body):
-    title: Annotated[str, StringConstraints(max_length=200)] | None = None
+    title: Title | None = None
     metadata: dict = Field(default_factory=dict)
+
+
+class SessionUpdate(Body):
+    """What a PATCH changes: the fields it names, nothing else."""
+
+    title: Title | None = None
+    metadata: dict | None = None
 
 
 class TurnCreate(Body):
@@ -112,13 +122,13 @@ def _check(value: Any, path: str, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise ApiError(400, f"the body is nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, str):
-        if _UNSTORABLE.search(value):
+        if UNSTORABLE.search(value):
             raise ApiError(
                 422, f"{path or 'body'}: NUL characters and lone surrogates are not allowed", {"field": path}
             )
     elif isinstance(value, dict):
         for key, item in value.items():
-            if _UNSTORABLE.search(key):
+            if UNSTORABLE.search(key):
                 raise ApiError(
                     422, f"{path or 'body'}: a key holds a NUL character or a lone surrogate", {"field": path}
                 )

@@ -49,7 +49,8 @@ def test_a_session_is_renamed_and_found_by_its_title(client, owner):
     assert renamed.get_json()["updated_at"] > renamed.get_json()["created_at"]
 
     def found(q: str) -> list[str]:
-        return [s["title"] for s in client.get("/api/sessions", query_string={"q": q}, headers=owner).get_json()["items"]]
+        page = client.get("/api/sessions", query_string={"q": q}, headers=owner).get_json()
+        return [s["title"] for s in page["items"]]
 
     assert found("sales") == ["More SALES talk", "sales: 100% done", "Quarterly sales"]  # any case, newest first
     assert found("100%") == ["sales: 100% done"]  # % and _ are themselves, not patterns
@@ -80,7 +81,8 @@ def test_a_sessions_turns_list_each_question_with_its_outcome(client, owner):
         wait_turn(client, owner, turn["id"])
     seen, cursor = [], None
     while True:
-        page = client.get(f"/api/sessions/{sid}/turns", query_string={"limit": 2, **({"cursor": cursor} if cursor else {})}, headers=owner)
+        query = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get(f"/api/sessions/{sid}/turns", query_string=query, headers=owner)
         assert page.status_code == 200, page.get_json()
         seen += page.get_json()["items"]
         cursor = page.get_json()["next_cursor"]

@@ -4,10 +4,16 @@ authentication on."""
 
 from __future__ import annotations
 
+import json
+import re
+import socket
+import threading
 import time
+from collections.abc import Iterator
 
+import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (deploy/setup.sh): no browser download
 HOSTILE = (
@@ -17,7 +23,7 @@ HOSTILE = (
 
 
 @pytest.fixture(scope="module")
-def browser() -> Browser:
+def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
@@ -28,16 +34,25 @@ def browser() -> Browser:
 
 
 @pytest.fixture
-def page(browser: Browser, web_server: str, owner: dict) -> Page:
-    """The chat page, signed in with the owner's key."""
+def context(browser: Browser) -> Iterator[BrowserContext]:
     context = browser.new_context()
+    yield context
+    context.close()
+
+
+def _signed_in(context: BrowserContext, url: str, owner: dict) -> Page:
+    """The chat page at `url`, signed in with the owner's key."""
     page = context.new_page()
-    page.goto(web_server)
+    page.goto(url)
     page.locator("#api-key").fill(owner["Authorization"].split()[1])
     page.locator("#login button").click()
     page.locator("#login").wait_for(state="hidden")
-    yield page
-    context.close()
+    return page
+
+
+@pytest.fixture
+def page(context: BrowserContext, web_server: str, owner: dict) -> Page:
+    return _signed_in(context, web_server, owner)
 
 
 def _ask(page: Page, text: str) -> None:
@@ -45,49 +60,282 @@ def _ask(page: Page, text: str) -> None:
     page.locator("#message").press("Enter")
 
 
-def test_the_answer_appears_progressively_and_renders_markdown(page: Page):
+def _last_turn(page: Page):
+    return page.locator(".turn").last
+
+
+def _ended(page: Page, status: str = "succeeded", timeout: float = 20_000):
+    turn = _last_turn(page)
+    expect(turn).to_have_attribute("data-status", status, timeout=timeout)
+    return turn
+
+
+def _page_turn_text(page: Page, turn_id: str) -> str:
+    return page.locator(f'.turn[data-turn="{turn_id}"] .msg.assistant').text_content() or ""
+
+
+def test_the_answer_appears_progressively_renders_markdown_and_says_what_it_cost(page: Page, context: BrowserContext):
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
     _ask(page, "**bold** and `code` [[tokens=40]] [[delay=0.03]]")
-    answer = page.locator(".msg.assistant").last
+    turn = _last_turn(page)
+    answer = turn.locator(".msg.assistant")
     lengths = []
     deadline = time.monotonic() + 20
-    while page.locator("#status").text_content() != "" or not lengths:
+    while turn.get_attribute("data-status") != "succeeded":
         lengths.append(len(answer.text_content() or ""))
         assert time.monotonic() < deadline, lengths
         time.sleep(0.05)
     assert len({n for n in lengths if n}) >= 3, lengths  # seen growing, not only whole
     assert answer.locator("strong").text_content() == "bold"
-    assert answer.locator("code").text_content() == "code"
-    assert page.locator(".msg.user").last.text_content().startswith("**bold**")  # people's text stays text
+    assert answer.locator("code").first.text_content() == "code"
+    assert turn.locator(".msg.user").text_content().startswith("**bold**")  # people's text stays text
+    expect(turn.locator(".state .meta")).to_have_text(re.compile(r"turnstream-offline · \d+ tokens in, \d+ out"))
+
+    # A code block has a copy button that copies the code.
+    _ask(page, "look:\n```\nSELECT 1;\n```\nend")
+    block = _ended(page).locator(".code")
+    block.locator("button.copy").click()
+    expect(block.locator("button.copy")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == block.locator("pre").text_content()
+    assert "SELECT 1;" in block.locator("pre").text_content()
 
 
 def test_stop_cancels_the_turn_and_the_page_says_so_within_a_second(page: Page):
     _ask(page, "a long answer [[tokens=400]] [[delay=0.05]]")
-    answer = page.locator(".msg.assistant").last
-    expect(answer).to_contain_text("You said")  # streaming
+    turn = _last_turn(page)
+    expect(turn.locator(".msg.assistant")).to_contain_text("You said")  # streaming
     clicked = time.monotonic()
     page.locator("#stop").click()
-    expect(page.locator("#status")).to_have_text("cancelled", timeout=5_000)
+    expect(turn).to_have_attribute("data-status", "cancelled", timeout=5_000)
     assert time.monotonic() - clicked < 1.0
+    expect(turn.locator(".state")).to_contain_text("Cancelled")
     assert page.locator("#stop").is_hidden()
-    shown = answer.text_content()
+    shown = turn.locator(".msg.assistant").text_content()
     page.wait_for_timeout(500)
-    assert answer.text_content() == shown  # nothing more comes
+    assert turn.locator(".msg.assistant").text_content() == shown  # nothing more comes
     assert len(shown) < 400 * 4  # stopped well before its end
 
 
-def test_hostile_text_runs_no_script_and_loads_nothing_remote(page: Page):
+def test_a_failed_turn_says_why_and_retry_asks_again(page: Page, stack):
+    control = f"http://127.0.0.1:{stack['model_port']}/control"
+    before = httpx.post(control, json={}).json()
+    try:
+        httpx.post(control, json={"fault_rate": 1.0, "faults": ["400"]})
+        _ask(page, "try this [[tokens=4]]")
+        failed = _ended(page, "failed")
+    finally:
+        httpx.post(control, json={"fault_rate": before["fault_rate"], "faults": before["faults"]})
+    expect(failed.locator(".state")).to_contain_text("Failed: ")
+    assert len(failed.locator(".state .label").text_content()) > len("Failed: ") + 5  # with its reason
+    failed.locator("button.retry").click()
+    retried = _ended(page)
+    expect(page.locator(".turn")).to_have_count(2)
+    assert retried.locator(".msg.user").text_content() == "try this [[tokens=4]]"
+    expect(retried.locator(".msg.assistant")).to_contain_text('You said: "try this".')
+
+
+def test_hostile_text_from_people_models_and_tools_runs_no_script_and_loads_nothing_remote(page: Page):
     remote = []
     page.on("request", lambda request: remote.append(request.url) if "remote.example" in request.url else None)
     _ask(page, HOSTILE)
-    answer = page.locator(".msg.assistant").last
-    answer.locator("a").first.wait_for(timeout=20_000)
-    expect(page.locator("#status")).to_have_text("", timeout=20_000)
-    assert page.locator(".msg.user").last.text_content() == HOSTILE  # as typed, as text
-    assert answer.locator("script").count() == 0
-    assert answer.locator("[onerror]").count() == 0
-    href = answer.locator("a").first.get_attribute("href")
-    assert href is None or not href.startswith("javascript:")
+    answer = _ended(page).locator(".msg.assistant")
+    assert _last_turn(page).locator(".msg.user").text_content() == HOSTILE  # as typed, as text
+    # A tool's output (the explode tool fails with the reason it is given)
+    # is shown as text, and the model's answer quoting it is sanitised.
+    _ask(page, "[[call=kit__explode " + json.dumps({"reason": HOSTILE}) + "]]")
+    tool = _ended(page).locator(".tool")
+    expect(tool).to_have_count(1)
+    tool.locator("summary").click()
+    assert HOSTILE in tool.locator("pre").text_content()
+    for place in (answer, _last_turn(page)):
+        assert place.locator("script").count() == 0
+        assert place.locator("[onerror]").count() == 0
+        assert place.locator("img[src^='https:']").count() == 0
+        for link in place.locator(".msg.assistant a").all():
+            href = link.get_attribute("href")
+            assert href is None or not href.startswith("javascript:")
     answer.locator("a").first.click()
     page.wait_for_timeout(300)
     assert page.evaluate("window.pwned") is None
     assert remote == []
+
+
+class Cuttable:
+    """A TCP proxy in front of the web server that a test can cut, as a
+    network drop would: open connections are closed and new ones refused
+    for a while."""
+
+    def __init__(self, port: int):
+        self.target = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.down_until = 0.0
+        self.live: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.down_until:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.live |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self, seconds: float) -> None:
+        self.down_until = time.monotonic() + seconds
+        with self.lock:
+            live, self.live = self.live, set()
+        for s in live:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut(0)
+
+
+def test_a_network_drop_mid_answer_resumes_with_no_gap_or_duplicate(context, web_server, owner, client):
+    proxy = Cuttable(int(web_server.rsplit(":", 1)[1]))
+    warnings: list[str] = []
+    try:
+        page = _signed_in(context, f"http://127.0.0.1:{proxy.port}", owner)
+        page.on("console", lambda m: warnings.append(m.text) if m.type == "warning" else None)
+        _ask(page, "through a bad network [[tokens=120]] [[delay=0.04]]")
+        turn = _last_turn(page)
+        answer = turn.locator(".msg.assistant")
+        expect(answer).to_contain_text("You said")
+        samples = [answer.text_content().strip()]
+        proxy.cut(2.5)
+        expect(page.locator("#connection")).to_have_text("Reconnecting…", timeout=2_000)
+        while turn.get_attribute("data-status") != "succeeded":
+            samples.append(answer.text_content().strip())
+            time.sleep(0.05)
+        expect(page.locator("#connection")).to_be_hidden()
+        final = client.get(f"/api/turns/{turn.get_attribute('data-turn')}", headers=owner).get_json()["answer"]
+        assert answer.text_content().strip() == final
+        assert all(final.startswith(s) for s in samples)  # never a gap nor a repeat, mid-answer either
+        assert not [w for w in warnings if "differs from its answer" in w]  # the stream itself was whole
+    finally:
+        proxy.close()
+
+
+def test_two_tabs_on_one_session_see_each_others_turns_and_list_changes(context, web_server, owner):
+    first = _signed_in(context, web_server, owner)
+    _ask(first, "hello from the first tab [[tokens=3]]")
+    _ended(first)
+    second = context.new_page()
+    second.goto(first.url)  # the session's address: #<session id>
+    expect(second.locator(".turn")).to_have_count(1)
+
+    _ask(first, "streamed to both [[tokens=60]] [[delay=0.05]]")
+    mirror = second.locator(".turn").nth(1)
+    expect(mirror.locator(".msg.user")).to_have_text("streamed to both [[tokens=60]] [[delay=0.05]]")
+    expect(mirror.locator(".msg.assistant")).to_contain_text("You said")
+    assert mirror.get_attribute("data-status") == "running"  # live, not after the fact
+    expect(mirror).to_have_attribute("data-status", "succeeded", timeout=20_000)
+    assert mirror.locator(".msg.assistant").text_content() == _page_turn_text(first, mirror.get_attribute("data-turn"))
+
+    _ask(second, "and back [[tokens=3]]")
+    expect(first.locator(".turn")).to_have_count(3)
+    expect(first.locator(".turn").nth(2)).to_have_attribute("data-status", "succeeded", timeout=20_000)
+    expect(first.locator(".turn").nth(2).locator(".msg.user")).to_have_text("and back [[tokens=3]]")
+
+    # The list of chats follows too: a rename in one tab, a deletion in the other.
+    item = first.locator("#sessions li.active")
+    item.locator("button[aria-label^='Rename']").click()
+    first.locator("input.rename").fill("Renamed here")
+    first.locator("input.rename").press("Enter")
+    expect(second.locator("#sessions li.active a")).to_have_text("Renamed here")
+    second.on("dialog", lambda dialog: dialog.accept())
+    second.locator("#sessions li.active button[aria-label^='Delete']").click()
+    expect(first.locator("#sessions li")).to_have_count(0)
+    expect(first.locator(".turn")).to_have_count(0)  # the open session went with it
+
+
+def test_sessions_are_searched_by_title(page: Page):
+    for question in ("about invoices [[tokens=2]]", "about holidays [[tokens=2]]", "more INVOICES [[tokens=2]]"):
+        page.locator("#new-session").click()
+        _ask(page, question)
+        _ended(page)
+    expect(page.locator("#sessions li")).to_have_count(3)
+    page.locator("#search").fill("invoices")
+    expect(page.locator("#sessions li a")).to_have_text(["more INVOICES [[tokens=2]]", "about invoices [[tokens=2]]"])
+    page.locator("#search").fill("nothing like it")
+    expect(page.locator("#no-sessions")).to_be_visible()
+    page.locator("#search").fill("")
+    expect(page.locator("#sessions li")).to_have_count(3)
+    page.locator("#sessions li a", has_text="holidays").click()
+    expect(page.locator(".turn .msg.user")).to_have_text(["about holidays [[tokens=2]]"])
+
+
+def test_a_phone_sized_dark_screen_used_with_the_keyboard_alone(browser, web_server, owner):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme="dark", has_touch=True)
+    try:
+        page = context.new_page()
+        page.goto(web_server)
+        expect(page.locator("#api-key")).to_be_focused()  # asked for a key, ready to type it
+        page.keyboard.type(owner["Authorization"].split()[1])
+        page.keyboard.press("Enter")
+        page.locator("#login").wait_for(state="hidden")
+        expect(page.locator("#message")).to_be_focused()  # then ready for a question
+        page.keyboard.type("first line")
+        page.keyboard.press("Shift+Enter")
+        page.keyboard.type("second line [[tokens=30]]")
+        page.keyboard.press("Enter")
+        turn = _ended(page)
+        assert turn.locator(".msg.user").text_content() == "first line\nsecond line [[tokens=30]]"
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, width  # nothing runs off a phone's screen
+        assert page.locator("#composer").bounding_box()["width"] <= 390
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert sum(int(c) for c in background[4:-1].split(",")[:3]) < 3 * 60, background  # dark
+
+        # The chats list is behind the menu button, out of the tab order until opened.
+        assert not page.locator("#sessions a").first.is_visible()
+        page.locator("#menu").focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#new-session")).to_be_focused()
+        expect(page.locator("#sessions a").first).to_be_visible()
+        page.keyboard.press("Tab")  # the search field
+        page.keyboard.press("Tab")  # the first chat
+        expect(page.locator("#sessions a").first).to_be_focused()
+        page.keyboard.press("Escape")
+        expect(page.locator("#menu")).to_be_focused()
+        expect(page.locator("#sessions a").first).to_be_hidden()
+        for control in ("#message", "#search", "#new-session", "#menu"):  # every control says what it is
+            label = page.locator(control).get_attribute("aria-label") or page.locator(control).text_content()
+            assert label and label.strip(), control
+    finally:
+        context.close()
+
+
+def test_a_wrong_key_is_refused_with_a_reason(context, web_server):
+    page = context.new_page()
+    page.goto(web_server)
+    page.locator("#api-key").fill("ts_not_a_key")
+    page.locator("#login button").click()
+    expect(page.locator("#login-error")).not_to_be_empty()
+    expect(page.locator("#login")).to_be_visible()

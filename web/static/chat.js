@@ -1,10 +1,25 @@
-// The chat page: sessions on the left, messages on the right, the answer
-// streamed over EventSource. No build step.
+// The chat page: sessions on the left, the open session's turns on the
+// right. A session is drawn from its turns (GET /api/sessions/{id}/turns) and
+// kept current by its event stream, which carries the turns of every tab and
+// device that writes to it. No build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let currentSession = null;
-let stream = null;
+const ENDED = new Set(["succeeded", "failed", "cancelled"]);
+const TURN_EVENTS = [
+  "turn.started", "tools.unavailable", "message.delta", "tool.started", "tool.finished",
+  "turn.restarted", "turn.snapshot", "turn.completed", "turn.failed", "turn.cancelled",
+];
+// A session stream resumed at a turn's highest possible seq continues with
+// the turn after it: "every event of this turn is here already".
+const LAST_SEQ = "9223372036854775807";
+// Other tabs of this browser hear at once of sessions made, renamed or
+// deleted and of turns sent; other devices see them when the page is next
+// looked at, and a session's turns through its stream.
+const tabs = "BroadcastChannel" in window ? new BroadcastChannel("turnstream") : null;
+
+let current = null; // the open Conversation
+let search = "";
 
 async function api(path, options = {}) {
   const response = await fetch(path, {
@@ -18,11 +33,37 @@ async function api(path, options = {}) {
     showLogin();
     throw new Error(body.error ? body.error.message : "sign in with an API key");
   }
-  if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
+  if (!response.ok) {
+    const error = new Error(body.error ? body.error.message : response.statusText);
+    error.status = response.status;
+    throw error;
+  }
   return body;
 }
 
-function showLogin() { $("login").hidden = false; }
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function button(label, title, onclick, className = "") {
+  const b = el("button", className, label);
+  b.type = "button";
+  b.title = title;
+  b.setAttribute("aria-label", title);
+  b.onclick = onclick;
+  return b;
+}
+
+// For screen readers: a turn's end, a dropped connection. Streamed text is
+// not read out delta by delta.
+function announce(text) { $("announce").textContent = text; }
+
+function showError(err) { announce(err.message); $("composer-error").textContent = err.message; }
+
+function showLogin() { $("login").hidden = false; $("api-key").focus(); }
 
 $("login").addEventListener("submit", async (e) => {
   e.preventDefault();
@@ -30,8 +71,8 @@ $("login").addEventListener("submit", async (e) => {
     await api("/api/login", { method: "POST", body: JSON.stringify({ key: $("api-key").value }) });
     $("login").hidden = true;
     $("login-error").textContent = "";
-    loadSessions();
-    showNotices();
+    $("message").focus();
+    start();
   } catch (err) { $("login-error").textContent = err.message; }
 });
 
@@ -49,18 +90,14 @@ async function showNotices() {
   if (down.length) {
     notes.push(["warning", "Tools unavailable: " + down.map((t) => `${t.name} (${t.error})`).join("; ")]);
   }
-  $("notices").replaceChildren(...notes.map(([kind, text]) => {
-    const p = document.createElement("p");
-    p.className = kind;
-    p.textContent = text;
-    return p;
-  }));
+  $("notices").replaceChildren(...notes.map(([kind, text]) => el("p", kind, text)));
 }
 
 // The model answers in Markdown: rendered (marked), then sanitised
 // (DOMPurify) before it reaches the page, so its output can run no script
 // and fetch nothing from elsewhere (the page's CSP says the same). Links open
-// apart from the page. What people type is only ever text.
+// apart from the page. What people type, and what tools return, is only ever
+// text.
 window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   if (node.hasAttribute("src")) {
     const url = new URL(node.getAttribute("src"), location.href);
@@ -72,155 +109,575 @@ window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
-function renderMarkdown(el, text) {
-  el.innerHTML = window.DOMPurify.sanitize(window.marked.parse(text), {
+function renderMarkdown(target, text) {
+  target.innerHTML = window.DOMPurify.sanitize(window.marked.parse(text), {
     FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select"],
     FORBID_ATTR: ["style"],
   });
+  for (const pre of target.querySelectorAll("pre")) {
+    const copy = button("Copy", "Copy code", () => copyText(pre.textContent).then(
+      () => { copy.textContent = "Copied"; setTimeout(() => { copy.textContent = "Copy"; }, 1500); },
+      (err) => showError(err),
+    ), "copy");
+    const box = el("div", "code");
+    pre.replaceWith(box);
+    box.append(copy, pre);
+  }
 }
 
-function bubble(role, text) {
-  const div = document.createElement("div");
-  div.className = "msg " + role;
-  if (role === "assistant") renderMarkdown(div, text);
-  else div.textContent = text;
-  $("messages").appendChild(div);
-  $("messages").scrollTop = $("messages").scrollHeight;
-  return div;
+async function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) return navigator.clipboard.writeText(text);
+  // A page served over plain HTTP to another host has no Clipboard API.
+  const area = el("textarea");
+  area.value = text;
+  document.body.append(area);
+  area.select();
+  const copied = document.execCommand("copy");
+  area.remove();
+  if (!copied) throw new Error("the browser would not copy");
 }
 
 // Re-render a streaming answer at most once a frame, however fast deltas come.
-function renderer(el) {
+function renderer(target) {
   let text = "";
   let queued = false;
-  return (next) => {
+  const draw = (next) => {
     text = next;
     if (queued) return;
     queued = true;
-    requestAnimationFrame(() => { queued = false; renderMarkdown(el, text); });
+    requestAnimationFrame(() => { queued = false; renderMarkdown(target, text); });
+  };
+  draw.now = (next) => { text = next; renderMarkdown(target, text); };
+  return draw;
+}
+
+// ---- the sessions list ----
+
+async function loadSessions() {
+  const q = search ? `&q=${encodeURIComponent(search)}` : "";
+  const { items } = await api(`/api/sessions?limit=100${q}`);
+  $("sessions").replaceChildren(...items.map(sessionItem));
+  $("no-sessions").hidden = items.length > 0;
+  $("no-sessions").textContent = search ? "No chat has that in its title." : "No chats yet.";
+  markOpen();
+  return items;
+}
+
+function sessionItem(s) {
+  const li = el("li");
+  li.dataset.id = s.id;
+  const title = s.title || "Untitled chat";
+  const link = el("a", "title", title);
+  link.href = `#${s.id}`; // opened by the hashchange: Enter and Tab work as on any link
+  li.append(
+    link,
+    button("✎", `Rename “${title}”`, () => rename(li, s), "icon"),
+    button("✕", `Delete “${title}”`, () => remove(s), "icon"),
+  );
+  return li;
+}
+
+function markOpen() {
+  for (const li of $("sessions").children) {
+    const open = current !== null && li.dataset.id === current.id;
+    li.classList.toggle("active", open);
+    li.querySelector("a").toggleAttribute("aria-current", open);
+  }
+}
+
+function rename(li, s) {
+  const input = el("input", "rename");
+  input.value = s.title || "";
+  input.maxLength = 200;
+  input.setAttribute("aria-label", "New title");
+  li.replaceChildren(input);
+  input.focus();
+  input.select();
+  let done = false;
+  const finish = async (save) => {
+    if (done) return;
+    done = true;
+    try {
+      if (save && input.value.trim() !== (s.title || "")) {
+        await api(`/api/sessions/${s.id}`, { method: "PATCH", body: JSON.stringify({ title: input.value.trim() || null }) });
+        tell({ kind: "sessions" });
+      }
+    } catch (err) { showError(err); }
+    await loadSessions();
+    $("sessions").querySelector(`li[data-id="${s.id}"] a`)?.focus();
+  };
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); finish(true); }
+    if (e.key === "Escape") { e.preventDefault(); finish(false); }
+  });
+  input.addEventListener("blur", () => finish(true));
+}
+
+async function remove(s) {
+  if (!confirm(`Delete “${s.title || "Untitled chat"}” and everything said in it?`)) return;
+  try {
+    await api(`/api/sessions/${s.id}`, { method: "DELETE" });
+  } catch (err) { if (err.status !== 404) { showError(err); return; } }
+  tell({ kind: "sessions" });
+  if (current && current.id === s.id) newChat();
+  loadSessions();
+}
+
+function tell(message) { if (tabs) tabs.postMessage(message); }
+
+if (tabs) {
+  tabs.onmessage = ({ data }) => {
+    if (data.kind === "sessions") loadSessions().then(checkOpen).catch(() => {});
+    if (data.kind === "turn" && current && current.id === data.session) current.catchUp();
   };
 }
 
-async function loadSessions() {
-  const { items } = await api("/api/sessions?limit=50");
-  const list = $("sessions");
-  list.innerHTML = "";
-  for (const s of items) {
-    const li = document.createElement("li");
-    li.textContent = s.title || "Untitled chat";
-    li.dataset.id = s.id;
-    if (s.id === currentSession) li.className = "active";
-    li.onclick = () => openSession(s.id);
-    list.appendChild(li);
-  }
-  if (!currentSession && items.length) openSession(items[0].id);
+// The open session may have been deleted elsewhere.
+async function checkOpen() {
+  if (!current) return;
+  try { await api(`/api/sessions/${current.id}`); } catch (err) { if (err.status === 404) newChat(); }
 }
 
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState !== "visible") return;
+  loadSessions().then(checkOpen).catch(() => {});
+  if (current) current.catchUp();
+});
+
+let searchTimer = null;
+$("search").addEventListener("input", () => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => { search = $("search").value.trim(); loadSessions().catch(showError); }, 200);
+});
+
+function newChat() {
+  if (current) current.close();
+  current = null;
+  history.replaceState(null, "", location.pathname);
+  $("messages").replaceChildren();
+  markOpen();
+  controls();
+  $("message").focus();
+}
+
+$("new-session").onclick = () => { newChat(); closeMenu(); };
+
+window.addEventListener("hashchange", () => {
+  const id = location.hash.slice(1);
+  if (id && (!current || current.id !== id)) openSession(id);
+  closeMenu();
+});
+
 async function openSession(id) {
-  currentSession = id;
-  if (stream) { stream.close(); stream = null; }
-  for (const li of $("sessions").children) li.className = li.dataset.id === id ? "active" : "";
-  const { items } = await api(`/api/sessions/${id}/messages`);
-  $("messages").innerHTML = "";
-  for (const m of items) {
-    for (const call of m.tool_calls || []) toolCall(call).finish(call);
-    bubble(m.role, m.content);
+  if (current) current.close();
+  current = new Conversation(id);
+  if (location.hash !== `#${id}`) history.replaceState(null, "", `#${id}`);
+  $("messages").replaceChildren();
+  markOpen();
+  controls();
+  try {
+    await current.load();
+  } catch (err) {
+    if (err.status === 404) newChat();
+    showError(err);
+  }
+}
+
+// ---- a session's turns ----
+
+class Conversation {
+  constructor(id) {
+    this.id = id;
+    this.views = new Map(); // turn id -> TurnView, in the page in turn order
+    this.stream = null;
+    this.position = null; // where the stream was opened
+    this.lastId = null; // the last event id seen: where a reconnect resumes
+    this.timer = null;
+    this.closed = false;
+  }
+
+  // Every turn so far, then the stream from the first that has not ended
+  // (from its first event), or from after the last.
+  async load() {
+    const turns = await this.turns(0);
+    if (this.closed) return;
+    turns.forEach((t) => this.show(t));
+    const open = turns.find((t) => !ENDED.has(t.status));
+    const last = turns[turns.length - 1];
+    this.connect(open ? `${open.id}:0` : last ? `${last.id}:${LAST_SEQ}` : null);
+    $("messages").scrollTop = $("messages").scrollHeight;
+  }
+
+  async turns(after) {
+    const items = [];
+    let cursor = after ? String(after) : null;
+    do {
+      const page = await api(`/api/sessions/${this.id}/turns` + (cursor ? `?cursor=${cursor}` : ""));
+      items.push(...page.items);
+      cursor = page.next_cursor;
+    } while (cursor);
+    return items;
+  }
+
+  // Turns this page has not drawn yet, or drew from the stream before it
+  // knew their question (sent from another tab or device).
+  async catchUp() {
+    const known = [...this.views.values()].filter((v) => v.message !== null).map((v) => v.number);
+    const turns = await this.turns(known.length ? Math.max(...known) : 0).catch(() => []);
+    if (!this.closed) turns.forEach((t) => this.show(t));
+  }
+
+  show(turn) {
+    const view = this.view(turn.id);
+    view.fill(turn);
+    this.place(view);
+    controls();
+    return view;
+  }
+
+  view(turnId) {
+    let view = this.views.get(turnId);
+    if (!view) {
+      view = new TurnView(this, turnId);
+      this.views.set(turnId, view);
+      this.place(view);
+    }
+    return view;
+  }
+
+  // In turn order; a turn the stream named before its number is known goes last.
+  place(view) {
+    const box = $("messages");
+    const follow = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+    const later = [...this.views.values()].find((v) => v !== view && v.number !== null && view.number !== null && v.number > view.number);
+    if (later) box.insertBefore(view.root, later.root);
+    else if (view.root.parentNode !== box) box.append(view.root);
+    if (follow) box.scrollTop = box.scrollHeight;
+  }
+
+  connect(after) {
+    this.position = after;
+    const url = `/api/sessions/${this.id}/events` + (after ? `?after=${encodeURIComponent(after)}` : "");
+    const stream = new EventSource(url);
+    this.stream = stream;
+    for (const type of TURN_EVENTS) {
+      stream.addEventListener(type, (e) => this.event(type, e));
+    }
+    stream.onopen = () => connection(null);
+    stream.onerror = () => {
+      if (this.closed) return;
+      if (stream.readyState === EventSource.CONNECTING) {
+        connection("Reconnecting…"); // the browser tries again by itself, with Last-Event-ID
+        return;
+      }
+      // Closed: the server refused (an error status). Ask why, then try again.
+      connection("Connection lost; trying again…");
+      this.timer = setTimeout(() => this.reconnect(), 3000);
+    };
+  }
+
+  // After the server refused the stream: see why (a session deleted, a
+  // login ended), or try again.
+  async reconnect(after = this.lastId || this.position) {
+    if (this.closed) return;
+    try {
+      await api(`/api/sessions/${this.id}`);
+    } catch (err) {
+      if (err.status === 404) { connection(null); newChat(); return; }
+      if (err.status === 401) { connection(null); return; }
+      this.timer = setTimeout(() => this.reconnect(after), 3000);
+      return;
+    }
+    this.connect(after);
+  }
+
+  restart(after) {
+    this.stream.close();
+    this.connect(after);
+  }
+
+  event(type, e) {
+    if (this.closed) return;
+    if (e.lastEventId) this.lastId = e.lastEventId;
+    const data = JSON.parse(e.data);
+    const known = this.views.has(data.turn_id);
+    const view = this.view(data.turn_id);
+    if (!known) this.catchUp(); // a turn sent elsewhere: fetch its question
+    view.apply(type, data);
+    controls();
+    const box = $("messages");
+    if (box.scrollHeight - box.scrollTop - box.clientHeight < 120) box.scrollTop = box.scrollHeight;
+  }
+
+  // The turn Stop cancels: the running one, else the first waiting.
+  active() {
+    const open = [...this.views.values()].filter((v) => !v.ended);
+    return open.find((v) => v.status === "running") || open[0] || null;
+  }
+
+  close() {
+    this.closed = true;
+    clearTimeout(this.timer);
+    if (this.stream) this.stream.close();
+    connection(null);
+  }
+}
+
+function connection(text) {
+  $("connection").hidden = text === null;
+  $("connection").textContent = text || "";
+  if (text) announce(text);
+}
+
+class TurnView {
+  constructor(conversation, id) {
+    this.conversation = conversation;
+    this.id = id;
+    this.number = null;
+    this.message = null;
+    this.status = "queued";
+    this.ended = false;
+    this.seen = false; // the stream has spoken of it: its state there is the newest
+    this.text = "";
+    this.calls = new Map();
+    this.model = null;
+    this.usage = null;
+    this.error = null;
+    this.root = el("article", "turn");
+    this.root.dataset.turn = id;
+    this.question = el("div", "msg user", "…");
+    this.tools = el("div", "tools");
+    this.notes = el("div", "notes");
+    this.answer = el("div", "msg assistant");
+    this.answer.setAttribute("aria-busy", "true");
+    this.state = el("p", "state");
+    this.root.append(this.question, this.tools, this.notes, this.answer, this.state);
+    this.draw = renderer(this.answer);
+    this.drawState();
+  }
+
+  // What the API says of the turn.
+  fill(turn) {
+    this.number = turn.number;
+    if (turn.message !== undefined && this.message === null) {
+      this.message = turn.message;
+      this.question.textContent = turn.message;
+    }
+    if (turn.model) this.model = turn.model;
+    if (turn.usage && turn.usage.completion_tokens) this.usage = turn.usage;
+    if (ENDED.has(turn.status)) this.end(turn.status, turn.answer, turn.error, turn.tools);
+    else if (!this.seen && !this.ended) this.status = turn.status;
+    this.drawState();
+  }
+
+  // One event of the turn's stream. After its end, a replayed log or a
+  // snapshot has nothing new to say.
+  apply(type, d) {
+    if (this.ended) return;
+    this.seen = true;
+    switch (type) {
+      case "turn.started":
+        this.status = "running";
+        break;
+      case "message.delta":
+        this.text += d.delta;
+        this.draw(this.text);
+        break;
+      case "turn.restarted":
+        this.text = "";
+        this.draw(this.text);
+        this.tools.replaceChildren();
+        this.calls.clear();
+        this.notes.replaceChildren(el("p", "notice", d.reason === "redelivered"
+          ? "Started again on another worker." : "The model's stream broke; asking again."));
+        break;
+      case "tools.unavailable":
+        this.notes.append(el("p", "notice",
+          "Answering without the tools of: " + d.servers.map((s) => `${s.name} (${s.error})`).join("; ")));
+        break;
+      case "tool.started":
+        this.calls.set(d.call_id, toolCall(this.tools, d));
+        break;
+      case "tool.finished":
+        if (this.calls.has(d.call_id)) this.calls.get(d.call_id).finish(d);
+        break;
+      case "turn.snapshot":
+        this.text = d.text || "";
+        this.draw(this.text);
+        if (ENDED.has(d.status)) this.end(d.status, d.text, d.error);
+        else this.status = d.status;
+        break;
+      case "turn.completed":
+        if (this.text !== d.answer) console.warn(`turnstream: turn ${this.id}: the streamed text differs from its answer`);
+        this.usage = d.usage;
+        this.end("succeeded", d.answer, null, d.tools);
+        break;
+      case "turn.failed":
+        this.end("failed", null, d.error);
+        break;
+      case "turn.cancelled":
+        this.end("cancelled");
+        break;
+    }
+    if (this.ended) {
+      announce({ succeeded: "Answer complete.", failed: `The answer failed: ${this.errorText()}`, cancelled: "Cancelled." }[this.status]);
+      this.details();
+    }
+    this.drawState();
+  }
+
+  errorText() { return this.error ? this.error.message : "unknown error"; }
+
+  end(status, answer, error, tools) {
+    if (this.ended) return;
+    this.ended = true;
+    this.status = status;
+    this.error = error || null;
+    if (answer !== null && answer !== undefined) this.text = answer;
+    this.draw.now(this.text);
+    this.answer.hidden = this.text === "";
+    if (tools && this.calls.size === 0) {
+      for (const call of tools) toolCall(this.tools, call).finish(call);
+    }
+    this.answer.setAttribute("aria-busy", "false");
+    // the next turn's "queued behind" line changes now
+    for (const v of this.conversation.views.values()) if (v !== this) v.drawState();
+  }
+
+  // Which model answered and what it cost: from the turn, once it ended.
+  async details() {
+    try {
+      const turn = await api(`/api/turns/${this.id}`);
+      this.model = turn.model;
+      this.usage = turn.usage;
+      this.drawState();
+    } catch (err) { /* the session may be gone; the answer stays */ }
+  }
+
+  drawState() {
+    const parts = [];
+    const waiting = [...this.conversation.views.values()].some((v) => v !== this && !v.ended && v.number !== null && v.number < this.number);
+    const line = {
+      queued: waiting ? "Queued behind the turn before it…" : "Queued…",
+      running: this.text ? "Answering…" : "Thinking…",
+      failed: `Failed: ${this.errorText()}`,
+      cancelled: "Cancelled.",
+      succeeded: "",
+    }[this.status];
+    if (line) parts.push(el("span", "label", line));
+    if (this.ended && this.model) {
+      const used = this.usage ? ` · ${this.usage.prompt_tokens} tokens in, ${this.usage.completion_tokens} out` : "";
+      parts.push(el("span", "meta", `${this.model}${used}`));
+    }
+    if ((this.status === "failed" || this.status === "cancelled") && this.message !== null) {
+      parts.push(button("Retry", "Ask this again", () => send(this.message), "retry"));
+    }
+    this.state.replaceChildren(...parts);
+    this.state.className = `state ${this.status}`;
+    this.root.dataset.status = this.status;
+    this.answer.classList.toggle("failed", this.status === "failed");
+    if (!this.ended) this.answer.hidden = false;
   }
 }
 
 // One tool call: its name and arguments, then (folded) what it returned.
-function toolCall(call) {
-  const box = document.createElement("details");
-  box.className = "tool";
-  const summary = document.createElement("summary");
-  summary.textContent = `${call.name} ${JSON.stringify(call.arguments)} …`;
-  const output = document.createElement("pre");
-  box.append(summary, output);
-  $("messages").appendChild(box);
+function toolCall(box, call) {
+  const details = el("details", "tool");
+  const summary = el("summary", "", `${call.name} ${JSON.stringify(call.arguments)} …`);
+  const output = el("pre");
+  details.append(summary, output);
+  box.append(details);
   return {
-    box,
     finish(done) {
       summary.textContent = `${call.name} ${JSON.stringify(call.arguments)} ${done.ok ? "✓" : "✗"}`;
-      box.classList.add(done.ok ? "ok" : "error");
+      details.classList.add(done.ok ? "ok" : "error");
       output.textContent = done.output;
     },
   };
 }
 
-$("new-session").onclick = async () => {
-  const s = await api("/api/sessions", { method: "POST", body: JSON.stringify({}) });
-  currentSession = s.id;
-  $("messages").innerHTML = "";
-  loadSessions();
+// ---- the composer ----
+
+function controls() {
+  const active = current ? current.active() : null;
+  $("stop").hidden = active === null;
+  if (active === null) $("stop").disabled = false;
+}
+
+$("stop").onclick = async () => {
+  const view = current && current.active();
+  if (!view) return;
+  $("stop").disabled = true;
+  try {
+    const turn = await api(`/api/turns/${view.id}/cancel`, { method: "POST" });
+    if (ENDED.has(turn.status)) view.end(turn.status, turn.answer, turn.error);
+  } catch (err) { showError(err); }
+  $("stop").disabled = false;
+  controls();
 };
 
-function follow(turn) {
-  $("stop").hidden = false;
-  $("stop").onclick = () => {
-    $("stop").disabled = true;
-    api(`/api/turns/${turn.id}/cancel`, { method: "POST" }).catch((err) => { $("status").textContent = err.message; });
-  };
-  let out = bubble("assistant", "");
-  const show = renderer(out);
-  let text = "";
-  let calls = {};
-  $("status").textContent = "queued…";
-  stream = new EventSource(turn.events_url);
-  const finish = (label) => {
-    stream.close(); stream = null; $("status").textContent = label; loadSessions(); showNotices().catch(() => {});
-    $("stop").hidden = true; $("stop").disabled = false;
-  };
-  stream.addEventListener("turn.started", () => { $("status").textContent = "answering…"; });
-  stream.addEventListener("message.delta", (e) => { text += JSON.parse(e.data).delta; show(text); });
-  stream.addEventListener("turn.restarted", () => {
-    text = ""; show(text);
-    for (const c of Object.values(calls)) c.box.remove();
-    calls = {};
-  });
-  stream.addEventListener("tools.unavailable", (e) => {
-    const names = JSON.parse(e.data).servers.map((s) => `${s.name} (${s.error})`).join("; ");
-    bubble("notice", `Answering without the tools of: ${names}`);
-    $("messages").appendChild(out);
-  });
-  stream.addEventListener("tool.started", (e) => {
-    const d = JSON.parse(e.data);
-    calls[d.call_id] = toolCall(d);
-    $("messages").appendChild(out); // the answer goes below its tool calls
-  });
-  stream.addEventListener("tool.finished", (e) => {
-    const d = JSON.parse(e.data);
-    if (calls[d.call_id]) calls[d.call_id].finish(d);
-  });
-  stream.addEventListener("turn.snapshot", (e) => {
-    const d = JSON.parse(e.data);
-    text = d.text; show(text);
-    if (["succeeded", "failed", "cancelled"].includes(d.status)) finish(d.status);
-  });
-  stream.addEventListener("turn.completed", (e) => { show(JSON.parse(e.data).answer); finish(""); });
-  stream.addEventListener("turn.failed", (e) => {
-    out.className = "msg failed"; show("Failed: " + JSON.parse(e.data).error.message); finish("");
-  });
-  stream.addEventListener("turn.cancelled", () => finish("cancelled"));
+async function send(message) {
+  $("composer-error").textContent = "";
+  try {
+    if (!current) {
+      const s = await api("/api/sessions", { method: "POST", body: JSON.stringify({ title: message.slice(0, 80) }) });
+      tell({ kind: "sessions" });
+      await openSession(s.id);
+      loadSessions();
+    }
+    const conversation = current;
+    const turn = await api(`/api/sessions/${conversation.id}/turns`, { method: "POST", body: JSON.stringify({ message }) });
+    conversation.show({ ...turn, message });
+    // A stream that has carried nothing yet began "from now", which may
+    // have been after this turn was accepted, or even answered: follow it
+    // from its first event instead.
+    if (conversation.lastId === null) conversation.restart(`${turn.id}:0`);
+    tell({ kind: "turn", session: conversation.id });
+    const box = $("messages");
+    box.scrollTop = box.scrollHeight;
+    return true;
+  } catch (err) {
+    showError(err);
+    return false;
+  }
 }
 
 $("composer").addEventListener("submit", async (e) => {
   e.preventDefault();
   const message = $("message").value.trim();
   if (!message) return;
-  if (!currentSession) {
-    const s = await api("/api/sessions", { method: "POST", body: JSON.stringify({ title: message.slice(0, 80) }) });
-    currentSession = s.id;
-  }
   $("message").value = "";
-  bubble("user", message);
-  try {
-    const turn = await api(`/api/sessions/${currentSession}/turns`, { method: "POST", body: JSON.stringify({ message }) });
-    follow(turn);
-  } catch (err) { $("status").textContent = err.message; }
+  if (!(await send(message))) $("message").value = message; // nothing lost on a refusal
 });
 
 $("message").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("composer").requestSubmit(); }
 });
 
-loadSessions().then(showNotices).catch(() => {});
+// ---- a narrow screen: the sessions list slides over the conversation ----
+
+function closeMenu() {
+  document.body.classList.remove("menu-open");
+  $("menu").setAttribute("aria-expanded", "false");
+}
+
+$("menu").onclick = () => {
+  const open = document.body.classList.toggle("menu-open");
+  $("menu").setAttribute("aria-expanded", String(open));
+  if (open) $("new-session").focus();
+};
+
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && document.body.classList.contains("menu-open")) { closeMenu(); $("menu").focus(); }
+});
+document.querySelector("main").addEventListener("click", closeMenu);
+
+async function start() {
+  const items = await loadSessions();
+  const wanted = location.hash.slice(1);
+  if (wanted) await openSession(wanted);
+  else if (items.length) await openSession(items[0].id);
+  showNotices().catch(() => {});
+}
+
+start().catch(() => {});

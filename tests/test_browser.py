@@ -116,6 +116,18 @@ def test_stop_cancels_the_turn_and_the_page_says_so_within_a_second(page: Page):
     assert len(shown) < 400 * 4  # stopped well before its end
 
 
+def test_a_turn_sent_while_one_runs_says_it_waits_then_runs(page: Page):
+    _ask(page, "the first [[tokens=40]] [[delay=0.03]]")
+    _ask(page, "the second")
+    first, second = page.locator(".turn").nth(0), page.locator(".turn").nth(1)
+    expect(second.locator(".state")).to_have_text("Queued behind the turn before it…")
+    expect(first).to_have_attribute("data-status", "running")
+    assert second.get_attribute("data-status") == "queued"
+    expect(second).to_have_attribute("data-status", "succeeded", timeout=20_000)
+    assert first.get_attribute("data-status") == "succeeded"
+    expect(second.locator(".msg.assistant")).to_contain_text('Before that you said: "the first".')
+
+
 def test_a_failed_turn_says_why_and_retry_asks_again(page: Page, stack):
     control = f"http://127.0.0.1:{stack['model_port']}/control"
     before = httpx.post(control, json={}).json()
@@ -287,6 +299,8 @@ def test_sessions_are_searched_by_title(page: Page):
     expect(page.locator("#no-sessions")).to_be_visible()
     page.locator("#search").fill("")
     expect(page.locator("#sessions li")).to_have_count(3)
+    page.locator("#notices .dismiss").first.click()
+    expect(page.locator("#notices p")).to_have_count(0)
     page.locator("#sessions li a", has_text="holidays").click()
     expect(page.locator(".turn .msg.user")).to_have_text(["about holidays [[tokens=2]]"])
 

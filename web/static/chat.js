@@ -90,8 +90,14 @@ async function showNotices() {
   if (down.length) {
     notes.push(["warning", "Tools unavailable: " + down.map((t) => `${t.name} (${t.error})`).join("; ")]);
   }
-  $("notices").replaceChildren(...notes.map(([kind, text]) => el("p", kind, text)));
+  $("notices").replaceChildren(...notes.filter(([, text]) => !dismissed.has(text)).map(([kind, text]) => {
+    const note = el("p", kind, text);
+    note.append(button("✕", "Dismiss", () => { dismissed.add(text); note.remove(); }, "dismiss"));
+    return note;
+  }));
 }
+
+const dismissed = new Set(); // notices closed on this page
 
 // The model answers in Markdown: rendered (marked), then sanitised
 // (DOMPurify) before it reaches the page, so its output can run no script
@@ -153,15 +159,28 @@ function renderer(target) {
 
 // ---- the sessions list ----
 
+// The newest chats, and as many pages more as were shown already.
+let shownPages = 1;
+
 async function loadSessions() {
   const q = search ? `&q=${encodeURIComponent(search)}` : "";
-  const { items } = await api(`/api/sessions?limit=100${q}`);
+  const items = [];
+  let cursor = null;
+  for (let page = 0; page < shownPages; page++) {
+    const body = await api(`/api/sessions?limit=50${q}` + (cursor ? `&cursor=${cursor}` : ""));
+    items.push(...body.items);
+    cursor = body.next_cursor;
+    if (!cursor) break;
+  }
   $("sessions").replaceChildren(...items.map(sessionItem));
+  $("more-sessions").hidden = !cursor;
   $("no-sessions").hidden = items.length > 0;
   $("no-sessions").textContent = search ? "No chat has that in its title." : "No chats yet.";
   markOpen();
   return items;
 }
+
+$("more-sessions").onclick = () => { shownPages += 1; loadSessions().catch(showError); };
 
 function sessionItem(s) {
   const li = el("li");
@@ -349,7 +368,12 @@ class Conversation {
   place(view) {
     const box = $("messages");
     const follow = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
-    const later = [...this.views.values()].find((v) => v !== view && v.number !== null && view.number !== null && v.number > view.number);
+    let later = null;
+    if (view.number !== null) {
+      for (const v of this.views.values()) {
+        if (v.number !== null && v.number > view.number && (later === null || v.number < later.number)) later = v;
+      }
+    }
     if (later) box.insertBefore(view.root, later.root);
     else if (view.root.parentNode !== box) box.append(view.root);
     if (follow) box.scrollTop = box.scrollHeight;
@@ -392,6 +416,7 @@ class Conversation {
   }
 
   restart(after) {
+    if (this.closed) return;
     this.stream.close();
     this.connect(after);
   }
@@ -411,7 +436,7 @@ class Conversation {
 
   // The turn Stop cancels: the running one, else the first waiting.
   active() {
-    const open = [...this.views.values()].filter((v) => !v.ended);
+    const open = [...this.views.values()].filter((v) => !v.ended).sort((a, b) => a.number - b.number);
     return open.find((v) => v.status === "running") || open[0] || null;
   }
 
@@ -616,7 +641,16 @@ $("stop").onclick = async () => {
   controls();
 };
 
-async function send(message) {
+// One at a time, in the order typed: a second question sent while the
+// first is making its session goes to the same session, after it.
+let sending = Promise.resolve(true);
+
+function send(message) {
+  sending = sending.then(() => sendNow(message));
+  return sending;
+}
+
+async function sendNow(message) {
   $("composer-error").textContent = "";
   try {
     if (!current) {
@@ -631,7 +665,7 @@ async function send(message) {
     // A stream that has carried nothing yet began "from now", which may
     // have been after this turn was accepted, or even answered: follow it
     // from its first event instead.
-    if (conversation.lastId === null) conversation.restart(`${turn.id}:0`);
+    if (conversation.position === null && conversation.lastId === null) conversation.restart(`${turn.id}:0`);
     tell({ kind: "turn", session: conversation.id });
     const box = $("messages");
     box.scrollTop = box.scrollHeight;

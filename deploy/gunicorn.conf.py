@@ -6,6 +6,22 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import glob  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+
+# Metrics: every gunicorn process counts into files of one directory, and
+# /metrics sums them (prometheus_client's multiprocess mode). Set before
+# anything imports prometheus_client; emptied at start, since counts left by
+# an earlier server would be added to this one's.
+_metrics_dir = os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR",
+    os.path.join(tempfile.gettempdir(), f"turnstream-metrics-{os.environ.get('PORT', '8000')}"),
+)
+os.makedirs(_metrics_dir, exist_ok=True)
+for _stale in glob.glob(os.path.join(_metrics_dir, "*.db")):
+    os.remove(_stale)
+
 from shared.config import ConfigError, cookie_signing_key, get_settings, is_loopback  # noqa: E402
 
 # Read and validated here, in the master: a bad setting stops the server with
@@ -62,3 +78,11 @@ def post_worker_init(worker):
         worker.wsgi.extensions["turnstream.relay"].close()
 
     gevent.spawn(end_streams_at_exit)
+
+
+def child_exit(server, worker):
+    """A process that ended no longer counts in the gauges of the living
+    (open streams, channels)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

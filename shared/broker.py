@@ -11,8 +11,9 @@ import logging
 
 import redis
 from celery import Celery
+from celery.signals import beat_init, before_task_publish
 
-from shared import overrides
+from shared import metrics, overrides
 from shared.batching import Batcher
 from shared.config import get_settings
 from shared.overrides import kombu_redis
@@ -41,6 +42,18 @@ def get_celery() -> Celery:
     }
     app.conf.beat_schedule = {"sweep-turns": {"task": SWEEP_TURNS, "schedule": settings.sweep_seconds}}
     return app
+
+
+@beat_init.connect
+def _beat_metrics(**_: object) -> None:
+    """Beat exports its own metrics: what it sent, from its own process."""
+    settings = get_settings()
+    metrics.serve(settings.beat_metrics_port, settings.metrics_address, "beat")
+    before_task_publish.connect(_count_beat_send, weak=False)
+
+
+def _count_beat_send(sender: str | None = None, **_: object) -> None:
+    metrics.BEAT_SENT.labels(sender or "").inc()
 
 
 def send_turn(turn_id: str) -> None:

@@ -70,6 +70,9 @@ class Settings:
     flower_basic_auth: str | None = field(repr=False)  # may hold a password
     flower_address: str
     flower_port: int
+    metrics_address: str
+    worker_metrics_port: int
+    beat_metrics_port: int
     allowed_origins: tuple[str, ...]
     max_body_bytes: int
     max_message_chars: int
@@ -144,6 +147,9 @@ class Settings:
             flower_basic_auth=_flower_credential(r.str("FLOWER_BASIC_AUTH", "")),
             flower_address=r.str("FLOWER_ADDRESS", "0.0.0.0"),
             flower_port=r.int("FLOWER_PORT", port if "PORT" in environ else 5555, lo=1, hi=65535),
+            metrics_address=r.str("METRICS_ADDRESS", "127.0.0.1"),
+            worker_metrics_port=r.int("WORKER_METRICS_PORT", 9101, lo=0, hi=65535),
+            beat_metrics_port=r.int("BEAT_METRICS_PORT", 9102, lo=0, hi=65535),
             allowed_origins=_origins(r.str("ALLOWED_ORIGINS", "")),
             max_body_bytes=r.int("MAX_BODY_BYTES", 256 * 1024, lo=1024),
             max_message_chars=r.int("MAX_MESSAGE_CHARS", 32_000, lo=1),

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from shared import metrics
 from shared.batching import Batcher
 from shared.config import get_settings
 from shared.redis import get_redis, key
@@ -317,7 +319,10 @@ class Publisher:
             pipe = self.redis.pipeline(transaction=False)
             for log, type_, fields in batch:
                 log.send(pipe, type_, fields)
+            started = time.monotonic()
             replies = pipe.execute(raise_on_error=False)
+            metrics.EVENT_PUBLISH.observe(time.monotonic() - started)
+            metrics.EVENTS_PUBLISHED.inc(len(batch))
         except Exception as exc:  # noqa: BLE001 - every log of the batch fails (below), not only its waiters
             replies = [exc] * len(batch)
         results = []

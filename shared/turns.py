@@ -18,6 +18,7 @@ from sqlalchemy import Boolean, ColumnElement, Connection, Row, bindparam, colum
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.types import Uuid
 
+from shared import metrics
 from shared.broker import send_turn
 from shared.db import after_commit
 from shared.events import EventLog, announce_turn
@@ -103,6 +104,7 @@ def submit_turn(
     if not turn.busy:
         after_commit(db, send_turn, turn.id)
     after_commit(db, announce_turn, session_id, turn.id)
+    metrics.TURNS_SUBMITTED.inc()
     return turn, True
 
 
@@ -192,5 +194,6 @@ def cancel_turn(db: Session, turn: Turn, *, send_next: bool = True) -> None:
         if send_next:
             schedule_next(db, turn.session_id)
         after_commit(db, log.append, "turn.cancelled")
+        after_commit(db, metrics.turn_ended, "cancelled", None, turn.created_at.timestamp())
     elif turn.status == "running":
         log.request_cancel()

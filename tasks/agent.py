@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from shared import metrics
 from shared.config import Settings
 from shared.events import EventLog
 from tasks.model import Completion, ModelError, Stop, StreamBroken, stream_completion
@@ -46,13 +48,21 @@ BACKOFF = wait_exponential_jitter(multiplier=0.5, max=8, jitter=0.25)
 
 
 def run_agent(
-    history: list[dict[str, Any]], events: EventLog, toolbox: Toolbox, settings: Settings, attempt: int
+    history: list[dict[str, Any]],
+    events: EventLog,
+    toolbox: Toolbox,
+    settings: Settings,
+    attempt: int,
+    accepted_at: float | None = None,
 ) -> Outcome:
     """Run the turn; a stream that breaks off midway is run again from the
-    start (after `turn.restarted`), at most OPENAI_MAX_RETRIES times."""
+    start (after `turn.restarted`), at most OPENAI_MAX_RETRIES times.
+    `accepted_at` (Unix time) times the first token."""
+    first_token = _FirstToken(accepted_at)
 
     def restart(state: RetryCallState) -> None:
         log.warning("turn %s: %s; restart %d", events.ident, state.outcome.exception(), state.attempt_number)
+        metrics.TURN_RESTARTS.labels("model_stream_broke").inc()
         events.emit("turn.restarted", attempt=attempt, reason="model_stream_broke")
 
     restarts = Retrying(
@@ -67,17 +77,39 @@ def run_agent(
             with run:
                 if run.retry_state.attempt_number > 1 and events.cancelled:
                     return Outcome("cancelled")
-                return _Run(history, events, toolbox, settings).run()
+                return _Run(history, events, toolbox, settings, first_token).run()
     except ModelError as exc:  # StreamBroken too, once the restarts ran out
         return Outcome("failed", error={"code": exc.code, "message": exc.message})
 
 
+class _FirstToken:
+    """Observes the time to the turn's first text, once."""
+
+    __slots__ = ("accepted_at",)
+
+    def __init__(self, accepted_at: float | None) -> None:
+        self.accepted_at = accepted_at
+
+    def seen(self) -> None:
+        if self.accepted_at is not None:
+            metrics.TIME_TO_FIRST_TOKEN.observe(max(time.time() - self.accepted_at, 0.0))
+            self.accepted_at = None
+
+
 class _Run:
-    def __init__(self, history: list[dict[str, Any]], events: EventLog, toolbox: Toolbox, settings: Settings) -> None:
+    def __init__(
+        self,
+        history: list[dict[str, Any]],
+        events: EventLog,
+        toolbox: Toolbox,
+        settings: Settings,
+        first_token: _FirstToken,
+    ) -> None:
         self.messages = list(history)
         self.events = events
         self.toolbox = toolbox
         self.settings = settings
+        self.first_token = first_token
         self.outcome = Outcome("succeeded")
 
     @property
@@ -88,6 +120,8 @@ class _Run:
         self.events.emit(type_, **fields)
 
     def on_delta(self, text: str) -> None:
+        if self.first_token.accepted_at is not None:
+            self.first_token.seen()
         self.emit("message.delta", delta=text)
         if self.cancelled:
             raise Stop

@@ -12,7 +12,7 @@ from typing import Any
 import openai
 from openai import OpenAI, Stream
 
-from shared import overrides
+from shared import metrics, overrides
 from shared.config import OFFLINE_MODEL_NAME, OFFLINE_MODEL_OWNER, get_settings, redact
 from shared.overrides import openai_stream
 from shared.status import record_model
@@ -63,7 +63,32 @@ def get_client() -> OpenAI:
         api_key=s.openai_api_key,
         max_retries=s.openai_max_retries,
         timeout=s.openai_timeout,
+        http_client=openai.DefaultHttpx2Client(
+            event_hooks={"request": [_retries.on_request], "response": [_retries.on_response]}
+        ),
     )
+
+
+class _Retries:
+    """Counts the client's retries by what the request before got, from its
+    own HTTP client's hooks: each request says how many retries it is
+    (`x-stainless-retry-count`), and each response its status; a retry
+    after no response followed a connection error or a timeout."""
+
+    def __init__(self) -> None:
+        self._last = threading.local()
+
+    def on_request(self, request: Any) -> None:
+        if request.headers.get("x-stainless-retry-count", "0") != "0":
+            status = getattr(self._last, "status", None)
+            metrics.MODEL_RETRIES.labels("connection" if status is None else f"http_{status}").inc()
+        self._last.status = None
+
+    def on_response(self, response: Any) -> None:
+        self._last.status = response.status_code
+
+
+_retries = _Retries()
 
 
 class _ModelHealth:
@@ -115,14 +140,24 @@ def stream_completion(
     on_delta: Callable[[str], None],
     tools: list[dict[str, Any]] | None = None,
 ) -> Completion:
-    """See _stream_completion; reports the model's health as it changes."""
+    """See _stream_completion; reports the model's health as it changes, and
+    the request's duration and outcome as metrics."""
+    started = time.monotonic()
+    outcome = "internal_error"
     try:
         result = _stream_completion(messages, on_delta, tools)
+        outcome = "stopped" if result.stopped else "ok"
     except StreamBroken:  # passing: the attempt is redone
+        outcome = "stream_broke"
         raise
     except ModelError as exc:
+        outcome = exc.code
         _health.report(exc)
         raise
+    finally:
+        metrics.MODEL_REQUEST.labels(outcome).observe(time.monotonic() - started)
+        if outcome not in ("ok", "stopped"):
+            metrics.MODEL_ERRORS.labels(outcome).inc()
     _health.report(None)
     return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from shared import metrics
 from shared.broker import SWEEP_TURNS
 from shared.recovery import requeue_stale_running, resend_queued, resend_stalled_replays
 from tasks.turn import TurnstreamTask
@@ -16,4 +17,8 @@ from tasks.turn import TurnstreamTask
 def sweep_turns() -> dict[str, int]:
     """How many queued turns were re-sent, running ones re-queued and
     stalled replays advanced."""
-    return {"resent": resend_queued(), "requeued": requeue_stale_running(), "replays": resend_stalled_replays()}
+    done = {"resent": resend_queued(), "requeued": requeue_stale_running(), "replays": resend_stalled_replays()}
+    for action, count in done.items():
+        if count:
+            metrics.SWEEPER_ACTIONS.labels(action).inc(count)
+    return done

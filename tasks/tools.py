@@ -30,6 +30,7 @@ import mcp_types
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
+from shared import metrics
 from shared.config import get_settings, redact
 from shared.status import record_tool_server
 
@@ -257,16 +258,23 @@ class Toolbox:
 
     async def _call(self, name: str, arguments: str) -> ToolResult:
         target = self._names.get(name)
-        if target is None:
+        if target is None:  # a name the model made up: counted under none of its own
+            metrics.TOOL_ERRORS.labels("", "unknown").inc()
             return ToolResult(False, f"there is no tool named {name!r}", 0)
+        server, tool = target
         try:
             args = json.loads(arguments or "{}")
         except json.JSONDecodeError as exc:
-            return ToolResult(False, f"the arguments are not valid JSON: {exc}", 0)
-        if not isinstance(args, dict):
-            return ToolResult(False, "the arguments must be a JSON object", 0)
-        server, tool = target
-        return await server.call(tool, args, self.timeout)
+            result = ToolResult(False, f"the arguments are not valid JSON: {exc}", 0)
+        else:
+            if isinstance(args, dict):
+                result = await server.call(tool, args, self.timeout)
+                metrics.TOOL_CALL.labels(server.name, tool).observe(result.duration_ms / 1000)
+            else:
+                result = ToolResult(False, "the arguments must be a JSON object", 0)
+        if not result.ok:
+            metrics.TOOL_ERRORS.labels(server.name, tool).inc()
+        return result
 
     def close(self) -> None:
         """Close every server (stdio servers exit), at worker shutdown."""

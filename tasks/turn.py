@@ -20,6 +20,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import aliased
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
+from shared import metrics
 from shared.broker import RUN_TURN, send_replay_advance, send_turn
 from shared.config import get_settings
 from shared.db import autocommit_engine, committed, transaction
@@ -88,6 +89,7 @@ class Claim:
     number: int
     attempt: int
     history: list[dict[str, Any]]
+    accepted_at: float  # when the API accepted the turn (Unix time)
 
 
 # Built once (building a statement costs more CPU than running it), and run
@@ -110,7 +112,7 @@ _CLAIM = (
         claimed_at=func.now(),
         model=bindparam("model"),
     )
-    .returning(Turn.session_id, Turn.owner_id, Turn.number, Turn.attempts)
+    .returning(Turn.session_id, Turn.owner_id, Turn.number, Turn.attempts, Turn.created_at)
 )
 # Why a claim found nothing to do, when the reason is the owner's running
 # turns: the turn is queued and its session's next.
@@ -168,7 +170,13 @@ def claim_turn(turn_id: str) -> Claim | None:
             return None
     first = rows[0]
     history = [{"role": r.role, "content": r.content} for r in rows if r.role is not None]
-    return Claim(turn_id, first.session_id, first.owner_id, first.number, first.attempts, history)
+    claim = Claim(
+        turn_id, first.session_id, first.owner_id, first.number, first.attempts, history, first.created_at.timestamp()
+    )
+    metrics.TURN_ATTEMPTS.inc()
+    if claim.attempt == 1:
+        metrics.QUEUE_WAIT.observe(max(time.time() - claim.accepted_at, 0.0))
+    return claim
 
 
 def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | None:
@@ -243,9 +251,10 @@ def _run(claim: Claim, events: EventLog) -> Outcome | None:
         return Outcome("failed", error={"code": "attempts_exhausted", "message": message})
     try:
         if claim.attempt > 1:
+            metrics.TURN_RESTARTS.labels("redelivered").inc()
             events.emit("turn.restarted", attempt=claim.attempt, reason="redelivered")
         events.emit("turn.started", attempt=claim.attempt)
-        return run_agent(claim.history, events, get_toolbox(), settings, claim.attempt)
+        return run_agent(claim.history, events, get_toolbox(), settings, claim.attempt, claim.accepted_at)
     except redis.RedisError as exc:  # expected when Redis restarts: no traceback per turn
         log.warning("turn %s: the event log failed (%s); handing the turn back", claim.turn_id, exc)
         return None
@@ -267,6 +276,7 @@ def _finish(claim: Claim, events: EventLog, outcome: Outcome) -> bool:
     type_, fields = terminal
     if type_ == "turn.cancelled" and outcome.status != "cancelled":  # its session was deleted meanwhile
         outcome.status, outcome.error = "cancelled", None
+    metrics.turn_ended(outcome.status, outcome.error, claim.accepted_at)
     try:
         _retrying(lambda: events.append(type_, **fields), f"emit the end of turn {claim.turn_id}")
     except EventLogLost:
@@ -318,6 +328,8 @@ def warm_up(sender: Any, **_: Any) -> None:
     collection, which holds the GIL and so stops every turn, no longer scans
     it."""
     watch_consumer(sender, on_stall=get_heartbeat().hand_back_all)
+    settings = get_settings()
+    metrics.serve(settings.worker_metrics_port, settings.metrics_address, "worker")
     check_eviction_policy()
     get_client()
     threading.Thread(target=check_dependencies, name="start-checks", daemon=True).start()

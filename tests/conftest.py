@@ -36,6 +36,10 @@ TEST_ENV = {
     "RATE_LIMITS": "off",
     "MAX_STREAMS_PER_OWNER": "100000",
     "MAX_ACTIVE_TURNS_PER_OWNER": "100000",
+    # Many workers and beats share this machine: each that exports its
+    # metrics is given a port of its own.
+    "WORKER_METRICS_PORT": "0",
+    "BEAT_METRICS_PORT": "0",
 }
 
 
@@ -44,7 +48,10 @@ def stack():
     """Start every service once; yields the environment the processes share."""
     model_args = ("--first-token-delay", "0", "--token-delay", "0.002")
     with services.stack("turnstream-test-", TEST_ENV, model_args) as info:
-        worker = services.start_worker(info["logdir"], info["env"])
+        info["worker_metrics_port"] = services.free_port()
+        worker = services.start_worker(
+            info["logdir"], {**info["env"], "WORKER_METRICS_PORT": str(info["worker_metrics_port"])}
+        )
         info["procs"].append(worker)
         services.wait_for_worker(worker)
         info["worker"] = worker

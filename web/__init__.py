@@ -17,7 +17,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings; opens no connection: engines, Redis clients and the relay
     start on first use."""
     from shared.redis import new_redis
-    from web import auth, cli, headers, health, limits, openapi, page, replays, sessions, turns
+    from web import auth, cli, headers, health, limits, metrics, openapi, page, replays, sessions, turns
     from web.errors import register_error_handlers
     from web.relay.hub import Relay
 
@@ -47,8 +47,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     app.before_request(auth.authenticate)
     limits.init_app(app, settings)  # after authentication: per-key limits count the caller it found
-    for module in (auth, cli, health, openapi, page, replays, sessions, turns):
+    for module in (auth, cli, health, metrics, openapi, page, replays, sessions, turns):
         app.register_blueprint(module.bp)
+    metrics.init_app(app)
     headers.init_app(app, settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return app

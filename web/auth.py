@@ -23,6 +23,7 @@ from flask import Blueprint, current_app, g, jsonify, request, session
 from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from shared.config import is_loopback
 from shared.db import autocommit_engine, transaction
 from shared.models import ApiKey, Login, Owner
 from web import schemas
@@ -37,6 +38,7 @@ bp = Blueprint("auth", __name__)
 LOCAL_OWNER = "local"
 PUBLIC_ENDPOINTS = {
     "health.health",
+    "metrics.scrape",  # it checks for itself: a key, or this machine
     "auth.login",
     "auth.logout",
     "page.index",
@@ -211,6 +213,13 @@ def presented_owner() -> str | None:
             raise ApiError(401, "your login has ended: sign in again with an API key")
         return caller.owner_id
     return None
+
+
+def require_operator(what: str) -> None:
+    """What only an operator may see: a request with an API key (or a
+    login), or one from this machine (a scraper beside the server)."""
+    if not is_loopback(request.remote_addr or "") and presented_owner() is None:
+        raise ApiError(401, f"{what} needs an API key, or a request from this machine")
 
 
 @bp.post("/api/login")

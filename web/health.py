@@ -12,7 +12,6 @@ from flask import Blueprint, current_app, jsonify, request
 from greenlet import greenlet
 from sqlalchemy import text
 
-from shared.config import is_loopback
 from shared.db import get_engine
 from shared.redis import get_redis
 from shared.status import (
@@ -24,8 +23,7 @@ from shared.status import (
     workers_alive,
 )
 from web import schemas
-from web.auth import presented_owner
-from web.errors import ApiError
+from web.auth import require_operator
 from web.openapi import operation
 
 bp = Blueprint("health", __name__)
@@ -41,8 +39,8 @@ bp = Blueprint("health", __name__)
 )
 def health():
     detail = bool(request.args.get("detail"))
-    if detail and not is_loopback(request.remote_addr or "") and presented_owner() is None:
-        raise ApiError(401, "?detail=1 needs an API key, or a request from this machine")
+    if detail:
+        require_operator("?detail=1")
     checks: dict[str, object] = {}
     try:
         with get_engine().connect() as conn:

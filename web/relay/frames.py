@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from flask import Response, g, request
 
+from shared import metrics
 from shared.events import ENDING_TYPES, peek
 from shared.overrides.gunicorn_direct_write import chunk
 from web.limits import open_streams
@@ -24,13 +25,14 @@ class Frame(NamedTuple):
     ending: bool  # the log's last event: turn.completed, replay.finished, …
     data: bytes  # the whole SSE message, encoded once
     chunk: bytes  # the same as an HTTP/1.1 chunk, as a direct write sends it
+    received: float = 0.0  # when the relay's reader got it (monotonic); 0 for one read from the log
 
 
-def encode(raw: bytes) -> Frame:
+def encode(raw: bytes, received: float = 0.0) -> Frame:
     """The frame of one logged event (its JSON as published)."""
     seq, type_ = peek(raw)
     data = b"event: %s\nid: %d\ndata: %s\n\n" % (type_, seq, raw)
-    return Frame(seq, type_ in _ENDING, data, chunk(data))
+    return Frame(seq, type_ in _ENDING, data, chunk(data), received)
 
 
 def synthetic(type_: str, data: str) -> bytes:
@@ -91,6 +93,7 @@ def _until_closed(frames: Iterable[bytes], sock: socket.socket, deadline: float)
     try:
         for data in frames:
             if data == PING and _closed(sock, deadline):
+                metrics.RELAY_DROPPED.labels("gone").inc()
                 return
             yield data
     finally:

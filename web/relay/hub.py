@@ -33,12 +33,16 @@ from typing import Any
 import redis
 from tenacity import Retrying, retry_if_exception_type, wait_fixed
 
-from shared import overrides
+from shared import metrics, overrides
 from shared.overrides.gunicorn_direct_write import send_now
 from shared.overrides.redis_pubsub import RawSubscriber
 from web.relay.frames import Frame, encode
 
 log = logging.getLogger(__name__)
+
+# One delivery in 16 is timed: a figure per delivery would cost the relay's hot
+# path a good part of what the delivery costs.
+DELIVERY_SAMPLE = metrics.Sampler(16)
 
 QUEUE_SIZE = 1000
 # Idle streams the ticker wakes at once before it lets other work in.
@@ -161,6 +165,8 @@ class Subscription:
     def push(self, item: Frame) -> None:
         """Queue a frame (the reader; it then notifies the channel); never blocks."""
         if len(self.pending) >= QUEUE_SIZE:
+            if not self.ended:
+                metrics.RELAY_DROPPED.labels("queue_full").inc()
             self.ended = True
         else:
             self.pending.append(item)
@@ -216,8 +222,10 @@ class Relay:
                 except redis.exceptions.RedisError:
                     del self._channels[name]  # else later streams would wait on a subscription never made
                     raise
+                metrics.RELAY_CHANNELS.inc()
             sub = Subscription(chan)
             chan.subs.add(sub)
+            metrics.RELAY_STREAMS.inc()
         if self._closing.is_set():
             sub.ended = True
         if not chan.confirmed.wait(timeout):
@@ -228,10 +236,13 @@ class Relay:
     def unsubscribe(self, sub: Subscription) -> None:
         chan = sub.channel
         with self._lock:
-            chan.subs.discard(sub)
+            if sub in chan.subs:
+                chan.subs.discard(sub)
+                metrics.RELAY_STREAMS.dec()
             if chan.subs or self._channels.get(chan.name) is not chan:
                 return
             del self._channels[chan.name]
+            metrics.RELAY_CHANNELS.dec()
             if self._closing.is_set():
                 return
             try:
@@ -333,23 +344,29 @@ class Relay:
         parser then hands out one by one without another read."""
         channel_of = self._channels.get
         read = self._conn.read
+        relayed, sampled = metrics.RELAY_EVENTS, DELIVERY_SAMPLE
         while True:
             reply = read()
             kind = reply[0]
             if kind == b"message":
                 chan = channel_of(reply[1])
                 if chan is not None:
+                    now = time.monotonic()
                     try:
-                        item = encode(reply[2])
+                        item = encode(reply[2], now)
                     except (ValueError, KeyError):
                         log.warning("relay: not an event on %s: %.200r", reply[1], reply[2])
                         continue
-                    now, queued = time.monotonic(), False
-                    for sub in tuple(chan.subs):
+                    queued = False
+                    subs = tuple(chan.subs)
+                    for sub in subs:
                         if sub.offer(item, now):
                             self.written_directly += 1
+                            if sampled():
+                                metrics.RELAY_DELIVERY.observe(time.monotonic() - now)
                         else:
                             queued = True
+                    relayed.inc(len(subs))
                     if queued:
                         chan.notify()
             elif kind == b"subscribe":

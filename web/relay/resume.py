@@ -21,11 +21,12 @@ import redis
 from flask import request
 from sqlalchemy.exc import SQLAlchemyError
 
+from shared import metrics
 from shared.events import EventLog
 from shared.overrides.gunicorn_direct_write import os_socket
 from web.errors import ApiError
 from web.relay.frames import PING, RETRY, Frame, encode
-from web.relay.hub import Relay, Subscription
+from web.relay.hub import DELIVERY_SAMPLE, Relay, Subscription
 from web.relay.snapshots import Snapshot
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class Resume:
                 try:
                     self.sock.sendall(rest)  # gevent's: waits for the client, up to the socket's timeout
                 except OSError:
+                    metrics.RELAY_DROPPED.labels("not_reading").inc()
                     return None
         return None if sub.ended else batch
 
@@ -197,6 +199,8 @@ class Resume:
                 continue
             out.append(item.data)
             self.last = item.seq
+            if item.received and DELIVERY_SAMPLE():
+                metrics.RELAY_DELIVERY.observe(time.monotonic() - item.received)
             if item.ending:
                 return True
         return False

@@ -1,0 +1,74 @@
+"""`GET /metrics` for Prometheus: what every gunicorn process of this web
+tier measured (shared/metrics.py), and figures read from Postgres and Redis
+when scraped: the queue, its oldest turn, replays, live workers. For an
+operator: an API key, or a request from this machine."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Flask, Response, g, request
+from sqlalchemy import text
+
+from shared import metrics
+from shared.db import autocommit_engine
+from shared.status import workers_alive
+from web.auth import require_operator
+
+bp = Blueprint("metrics", __name__)
+
+# One round trip; the status index serves the turns, and only unfinished
+# replays' items are counted.
+_QUEUE = text(
+    """
+    SELECT
+      (SELECT count(*) FROM turns WHERE status = 'queued') AS queued,
+      (SELECT count(*) FROM turns WHERE status = 'running') AS running,
+      (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)
+         FROM turns WHERE status = 'queued') AS oldest,
+      (SELECT count(*) FROM replays WHERE finished_at IS NULL) AS replays,
+      (SELECT count(*) FROM replay_items i JOIN replays r ON r.id = i.replay_id
+         LEFT JOIN turns t ON t.id = i.turn_id
+         WHERE r.finished_at IS NULL AND (t.id IS NULL OR t.status IN ('queued', 'running'))) AS items
+    """
+)
+
+
+def _figures() -> dict[str, tuple[str, float]]:
+    with autocommit_engine().connect() as db:
+        row = db.execute(_QUEUE).one()
+    return {
+        "turnstream_turns_queued": ("Turns waiting for a worker", row.queued),
+        "turnstream_turns_running": ("Turns a worker is running", row.running),
+        "turnstream_oldest_queued_turn_age_seconds": ("How long the oldest queued turn has waited", float(row.oldest)),
+        "turnstream_replays_running": ("Replays not yet finished", row.replays),
+        "turnstream_replay_items_pending": ("Questions of unfinished replays not yet answered", row.items),
+        "turnstream_workers_alive": ("Worker processes whose heartbeat is recent", workers_alive()),
+    }
+
+
+_FIGURES = metrics.Figures(_figures)
+
+
+@bp.get("/metrics")  # Prometheus's exposition, not part of the JSON API (nor its document)
+def scrape():
+    require_operator("/metrics")
+    return Response(metrics.exposition(_FIGURES), mimetype="text/plain; version=0.0.4")
+
+
+def init_app(app: Flask) -> None:
+    """Count every request by endpoint and status, and time it to the start
+    of its answer (an SSE stream's life is not a request's latency)."""
+
+    @app.before_request
+    def start_clock() -> None:
+        g.started = time.monotonic()
+
+    @app.after_request
+    def count(response: Response) -> Response:
+        endpoint = request.endpoint or "none"
+        metrics.HTTP_REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+        started = g.get("started")
+        if started is not None:
+            metrics.HTTP_DURATION.labels(request.method, endpoint).observe(time.monotonic() - started)
+        return response

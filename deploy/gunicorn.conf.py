@@ -38,7 +38,7 @@ timeout = 30
 # SIGTERM ends SSE streams at once (post_worker_init); plain requests get this long.
 graceful_timeout = 20
 keepalive = 5
-accesslog = "-"
+# No access log: web logs each request itself (web/context.py), with its ids, as text or JSON.
 
 
 def on_starting(server):

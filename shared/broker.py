@@ -11,9 +11,9 @@ import logging
 
 import redis
 from celery import Celery
-from celery.signals import beat_init, before_task_publish
+from celery.signals import beat_init, before_task_publish, setup_logging
 
-from shared import metrics, overrides
+from shared import logs, metrics, overrides
 from shared.batching import Batcher
 from shared.config import get_settings
 from shared.overrides import kombu_redis
@@ -42,6 +42,12 @@ def get_celery() -> Celery:
     }
     app.conf.beat_schedule = {"sweep-turns": {"task": SWEEP_TURNS, "schedule": settings.sweep_seconds}}
     return app
+
+
+@setup_logging.connect
+def _logs(**_: object) -> None:
+    """The worker's and beat's logs, as web's (Celery then leaves logging alone)."""
+    logs.configure(get_settings().log_format)
 
 
 @beat_init.connect

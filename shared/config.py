@@ -70,6 +70,7 @@ class Settings:
     flower_basic_auth: str | None = field(repr=False)  # may hold a password
     flower_address: str
     flower_port: int
+    log_format: str
     metrics_address: str
     worker_metrics_port: int
     beat_metrics_port: int
@@ -147,6 +148,7 @@ class Settings:
             flower_basic_auth=_flower_credential(r.str("FLOWER_BASIC_AUTH", "")),
             flower_address=r.str("FLOWER_ADDRESS", "0.0.0.0"),
             flower_port=r.int("FLOWER_PORT", port if "PORT" in environ else 5555, lo=1, hi=65535),
+            log_format=r.choice("LOG_FORMAT", ("text", "json"), "text"),
             metrics_address=r.str("METRICS_ADDRESS", "127.0.0.1"),
             worker_metrics_port=r.int("WORKER_METRICS_PORT", 9101, lo=0, hi=65535),
             beat_metrics_port=r.int("BEAT_METRICS_PORT", 9102, lo=0, hi=65535),

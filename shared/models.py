@@ -120,6 +120,7 @@ class Turn(Base):
     usage: Mapped[dict[str, Any] | None]
     tools: Mapped[list[Any] | None] = mapped_column(JSONB)
     error: Mapped[dict[str, Any] | None]
+    origin: Mapped[dict[str, Any] | None]  # the request that sent it: request_id, traceparent (shared/logs.py)
     created_at: Mapped[datetime] = _now()
     started_at: Mapped[datetime | None]  # the first attempt's claim
     claimed_at: Mapped[datetime | None]  # the running attempt's claim (shared/recovery.py)

@@ -11,8 +11,9 @@ from typing import Any
 
 import openai
 from openai import OpenAI, Stream
+from opentelemetry.trace import SpanKind
 
-from shared import metrics, overrides
+from shared import metrics, overrides, tracing
 from shared.config import OFFLINE_MODEL_NAME, OFFLINE_MODEL_OWNER, get_settings, redact
 from shared.overrides import openai_stream
 from shared.status import record_model
@@ -142,22 +143,29 @@ def stream_completion(
 ) -> Completion:
     """See _stream_completion; reports the model's health as it changes, and
     the request's duration and outcome as metrics."""
+    model = get_settings().openai_model
     started = time.monotonic()
     outcome = "internal_error"
-    try:
-        result = _stream_completion(messages, on_delta, tools)
-        outcome = "stopped" if result.stopped else "ok"
-    except StreamBroken:  # passing: the attempt is redone
-        outcome = "stream_broke"
-        raise
-    except ModelError as exc:
-        outcome = exc.code
-        _health.report(exc)
-        raise
-    finally:
-        metrics.MODEL_REQUEST.labels(outcome).observe(time.monotonic() - started)
-        if outcome not in ("ok", "stopped"):
-            metrics.MODEL_ERRORS.labels(outcome).inc()
+    with tracing.tracer.start_as_current_span(
+        f"chat {model}", kind=SpanKind.CLIENT, attributes={"gen_ai.request.model": model}
+    ) as span:
+        try:
+            result = _stream_completion(messages, on_delta, tools)
+            outcome = "stopped" if result.stopped else "ok"
+            span.set_attribute("gen_ai.usage.input_tokens", result.usage["prompt_tokens"])
+            span.set_attribute("gen_ai.usage.output_tokens", result.usage["completion_tokens"])
+        except StreamBroken:  # passing: the attempt is redone
+            outcome = "stream_broke"
+            raise
+        except ModelError as exc:
+            outcome = exc.code
+            _health.report(exc)
+            raise
+        finally:
+            span.set_attribute("turnstream.outcome", outcome)
+            metrics.MODEL_REQUEST.labels(outcome).observe(time.monotonic() - started)
+            if outcome not in ("ok", "stopped"):
+                metrics.MODEL_ERRORS.labels(outcome).inc()
     _health.report(None)
     return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from shared import logs
 from shared.broker import ADVANCE_REPLAY
 from shared.db import transaction
 from shared.replays import advance
@@ -13,5 +14,7 @@ from tasks.turn import TurnstreamTask
 @shared_task(name=ADVANCE_REPLAY, base=TurnstreamTask)
 def advance_replay(replay_id: str) -> None:
     """Idempotent: it starts only what the replay's concurrency allows."""
+    logs.clear()
+    logs.bind(replay_id=replay_id)
     with transaction() as db:
         advance(db, replay_id)

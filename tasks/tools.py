@@ -29,8 +29,9 @@ import httpx2
 import mcp_types
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from opentelemetry import context as otel_context
 
-from shared import metrics
+from shared import metrics, tracing
 from shared.config import get_settings, redact
 from shared.status import record_tool_server
 
@@ -244,7 +245,7 @@ class Toolbox:
     def call_all(self, calls: list[tuple[str, str]], cancelled: Callable[[], bool]) -> list[ToolResult]:
         """Run (name, JSON arguments) calls at once; raise Cancelled as soon
         as `cancelled()` turns true, stopping the calls still running."""
-        future = self._run(self._call_all(calls))
+        future = self._run(self._call_all(calls, otel_context.get_current()))
         while True:
             try:
                 return future.result(timeout=0.2)
@@ -253,8 +254,17 @@ class Toolbox:
                     future.cancel()
                     raise Cancelled from None
 
-    async def _call_all(self, calls: list[tuple[str, str]]) -> list[ToolResult]:
-        return list(await asyncio.gather(*(self._call(name, args) for name, args in calls)))
+    async def _call_all(self, calls: list[tuple[str, str]], trace_context: otel_context.Context) -> list[ToolResult]:
+        """Run on the toolbox's loop thread: each call's span continues the
+        turn's trace from the caller's context."""
+
+        async def traced(name: str, args: str) -> ToolResult:
+            with tracing.tracer.start_as_current_span(f"tool {name}", context=trace_context) as span:
+                result = await self._call(name, args)
+                span.set_attribute("turnstream.tool.ok", result.ok)
+                return result
+
+        return list(await asyncio.gather(*(traced(name, args) for name, args in calls)))
 
     async def _call(self, name: str, arguments: str) -> ToolResult:
         target = self._names.get(name)

@@ -14,13 +14,14 @@ import kombu.exceptions
 import redis
 from celery import Task, shared_task
 from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
+from opentelemetry.trace import SpanKind
 from sqlalchemy import Boolean, Integer, and_, bindparam, column, func, join, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import aliased
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from shared import metrics
+from shared import logs, metrics, tracing
 from shared.broker import RUN_TURN, send_replay_advance, send_turn
 from shared.config import get_settings
 from shared.db import autocommit_engine, committed, transaction
@@ -90,6 +91,7 @@ class Claim:
     attempt: int
     history: list[dict[str, Any]]
     accepted_at: float  # when the API accepted the turn (Unix time)
+    origin: dict[str, Any] | None  # the request that sent it (shared/tracing.py)
 
 
 # Built once (building a statement costs more CPU than running it), and run
@@ -112,7 +114,7 @@ _CLAIM = (
         claimed_at=func.now(),
         model=bindparam("model"),
     )
-    .returning(Turn.session_id, Turn.owner_id, Turn.number, Turn.attempts, Turn.created_at)
+    .returning(Turn.session_id, Turn.owner_id, Turn.number, Turn.attempts, Turn.created_at, Turn.origin)
 )
 # Why a claim found nothing to do, when the reason is the owner's running
 # turns: the turn is queued and its session's next.
@@ -171,7 +173,14 @@ def claim_turn(turn_id: str) -> Claim | None:
     first = rows[0]
     history = [{"role": r.role, "content": r.content} for r in rows if r.role is not None]
     claim = Claim(
-        turn_id, first.session_id, first.owner_id, first.number, first.attempts, history, first.created_at.timestamp()
+        turn_id,
+        first.session_id,
+        first.owner_id,
+        first.number,
+        first.attempts,
+        history,
+        first.created_at.timestamp(),
+        first.origin,
     )
     metrics.TURN_ATTEMPTS.inc()
     if claim.attempt == 1:
@@ -223,19 +232,33 @@ def run_turn(turn_id: str) -> str:
     Returns what happened, for Flower; raises TurnFailed for a turn that
     ended failed or cancelled."""
     heartbeat = get_heartbeat()
+    logs.clear()  # a pool thread's last task bound its own
+    logs.bind(turn_id=turn_id)
     claim = claim_turn(turn_id)  # a failure that passes: nothing was written, and Celery retries
     if claim is None:
         log.info("turn %s: nothing to run", turn_id)
         return f"turn {turn_id}: nothing to run (finished, running elsewhere, or waiting behind its session)"
+    origin = claim.origin or {}
+    logs.bind(
+        session_id=claim.session_id, owner_id=claim.owner_id, attempt=claim.attempt, request_id=origin.get("request_id")
+    )
     events = EventLog("turn", turn_id, publisher=get_publisher(), attempt=claim.attempt)
     heartbeat.track(turn_id, claim.attempt, events)
+    span = tracing.tracer.start_as_current_span(
+        "turn",
+        context=tracing.parent(origin),
+        kind=SpanKind.CONSUMER,
+        attributes={"turnstream.turn_id": turn_id, "turnstream.attempt": claim.attempt},
+    )
     try:
-        outcome = _run(claim, events)
-        if outcome is None:
-            _hand_back(claim)
-            return f"turn {turn_id}: handed back to the queue (attempt {claim.attempt})"
-        if not _finish(claim, events, outcome):
-            return f"turn {turn_id}: attempt {claim.attempt} no longer owned the turn; wrote nothing"
+        with span as current:
+            outcome = _run(claim, events)
+            if outcome is None:
+                _hand_back(claim)
+                return f"turn {turn_id}: handed back to the queue (attempt {claim.attempt})"
+            current.set_attribute("turnstream.status", outcome.status)
+            if not _finish(claim, events, outcome):
+                return f"turn {turn_id}: attempt {claim.attempt} no longer owned the turn; wrote nothing"
     finally:
         heartbeat.forget(turn_id, claim.attempt)
     if outcome.status != "succeeded":
@@ -270,7 +293,8 @@ def _finish(claim: Claim, events: EventLog, outcome: Outcome) -> bool:
     the turn. If the end never lands, the turn stays running without a
     heartbeat once this task ends, and the sweeper re-queues it. If the log
     was lost, clients get the end from Postgres (the relay's snapshot)."""
-    terminal = _retrying(lambda: finish_turn(claim, outcome), f"record the end of turn {claim.turn_id}")
+    with tracing.tracer.start_as_current_span("finish_turn", attributes={"turnstream.status": outcome.status}):
+        terminal = _retrying(lambda: finish_turn(claim, outcome), f"record the end of turn {claim.turn_id}")
     if terminal is None:
         return False
     type_, fields = terminal
@@ -328,6 +352,7 @@ def warm_up(sender: Any, **_: Any) -> None:
     collection, which holds the GIL and so stops every turn, no longer scans
     it."""
     watch_consumer(sender, on_stall=get_heartbeat().hand_back_all)
+    tracing.configure("turnstream-worker")
     settings = get_settings()
     metrics.serve(settings.worker_metrics_port, settings.metrics_address, "worker")
     check_eviction_policy()
@@ -382,6 +407,7 @@ def _drain(grace: float) -> None:
 def close_tools(**_: Any) -> None:
     """Close the MCP servers this process opened (stdio servers exit), and
     log how the event publisher batched (tests/bench/pipeline.py reads it)."""
+    tracing.flush()
     if get_toolbox.cache_info().currsize:
         get_toolbox().close()
     if get_publisher.cache_info().currsize:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from shared import logs, tracing
 from shared.config import Settings, cookie_signing_key, get_settings, use_settings
 
 
@@ -17,7 +17,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings; opens no connection: engines, Redis clients and the relay
     start on first use."""
     from shared.redis import new_redis
-    from web import auth, cli, headers, health, limits, metrics, openapi, page, replays, sessions, turns
+    from web import auth, cli, context, headers, health, limits, metrics, openapi, page, replays, sessions, turns
     from web.errors import register_error_handlers
     from web.relay.hub import Relay
 
@@ -44,6 +44,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["turnstream.callers"] = auth.RememberedCallers(settings.key_cache_seconds)
     if settings.forwarded_hops:  # the client's address and scheme as the platform's proxies saw them
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.forwarded_hops, x_proto=settings.forwarded_hops)
+    logs.configure(settings.log_format)
+    tracing.configure("turnstream-web")
+    context.init_app(app)  # first: every later step's lines carry the request's id
     register_error_handlers(app)
     app.before_request(auth.authenticate)
     limits.init_app(app, settings)  # after authentication: per-key limits count the caller it found
@@ -51,5 +54,4 @@ def create_app(settings: Settings | None = None) -> Flask:
         app.register_blueprint(module.bp)
     metrics.init_app(app)
     headers.init_app(app, settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return app

@@ -23,6 +23,7 @@ from flask import Blueprint, current_app, g, jsonify, request, session
 from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from shared import logs
 from shared.config import is_loopback
 from shared.db import autocommit_engine, transaction
 from shared.models import ApiKey, Login, Owner
@@ -192,6 +193,7 @@ def authenticate() -> None:
         g.owner_id = current_app.extensions["turnstream.local_owner"]
         return
     g.owner_id = presented_owner()
+    logs.bind(owner_id=g.owner_id)
     if g.owner_id is None:
         raise ApiError(401, "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 from flask import Flask, g, jsonify, request
@@ -53,15 +52,6 @@ def error_response(status: int, code: str, message: str, details: dict[str, Any]
 
 
 def register_error_handlers(app: Flask) -> None:
-    @app.before_request
-    def _request_id() -> None:
-        g.request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-
-    @app.after_request
-    def _echo_request_id(response):
-        response.headers.setdefault("X-Request-ID", g.get("request_id", ""))
-        return response
-
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
         response = error_response(exc.status, exc.code, exc.message, exc.details)
@@ -90,5 +80,5 @@ def register_error_handlers(app: Flask) -> None:
         if isinstance(exc, (RedisConnectionError, OperationalError)):
             log.warning("dependency unavailable: %s", exc)
             return error_response(503, "unavailable", "a dependency (database or Redis) is unavailable")
-        log.exception("unhandled error (request %s)", g.get("request_id"))
+        log.exception("unhandled error")  # the line carries the request's id
         return error_response(500, "internal_error", "unexpected error", {"request_id": g.get("request_id")})

@@ -58,11 +58,8 @@ def scrape():
 
 def init_app(app: Flask) -> None:
     """Count every request by endpoint and status, and time it to the start
-    of its answer (an SSE stream's life is not a request's latency)."""
-
-    @app.before_request
-    def start_clock() -> None:
-        g.started = time.monotonic()
+    of its answer (an SSE stream's life is not a request's latency), from
+    the clock web.context starts."""
 
     @app.after_request
     def count(response: Response) -> Response:

@@ -3,6 +3,7 @@ web's /metrics (gunicorn, its processes summed), the worker's port, beat's."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -144,3 +145,20 @@ def test_beat_exports_what_it_sent(stack):
             time.sleep(0.3)
     finally:
         beat.stop()
+
+
+def test_the_dashboard_reads_only_metrics_that_are_exported(client):
+    """deploy/grafana/turnstream.json, against what /metrics declares: a
+    renamed metric would otherwise leave a panel silently empty."""
+    exposition = client.get("/metrics", environ_base={"REMOTE_ADDR": "127.0.0.1"}).get_data(as_text=True)
+    families = re.findall(r"^# TYPE (\S+) ", exposition, re.MULTILINE)
+    exported = {f + suffix for f in families for suffix in ("", "_total", "_bucket", "_count", "_sum")}
+    dashboard = json.loads((services.ROOT / "deploy" / "grafana" / "turnstream.json").read_text())
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"turnstream_[a-z_]+", target["expr"])
+    }
+    assert len(used) >= 15
+    assert used <= exported, used - exported

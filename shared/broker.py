@@ -11,7 +11,7 @@ import logging
 
 import redis
 from celery import Celery
-from celery.signals import beat_init, before_task_publish, setup_logging
+from celery.signals import beat_init, before_task_publish, setup_logging, task_prerun
 
 from shared import logs, metrics, overrides
 from shared.batching import Batcher
@@ -48,6 +48,13 @@ def get_celery() -> Celery:
 def _logs(**_: object) -> None:
     """The worker's and beat's logs, as web's (Celery then leaves logging alone)."""
     logs.configure(get_settings().log_format)
+
+
+@task_prerun.connect
+def _forget_the_last_task(**_: object) -> None:
+    """A pool thread's ids are the task's it runs now (they stay bound
+    after it, for Celery's own line saying how it ended)."""
+    logs.clear()
 
 
 @beat_init.connect

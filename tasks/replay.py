@@ -14,7 +14,6 @@ from tasks.turn import TurnstreamTask
 @shared_task(name=ADVANCE_REPLAY, base=TurnstreamTask)
 def advance_replay(replay_id: str) -> None:
     """Idempotent: it starts only what the replay's concurrency allows."""
-    logs.clear()
     logs.bind(replay_id=replay_id)
     with transaction() as db:
         advance(db, replay_id)

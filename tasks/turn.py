@@ -232,7 +232,6 @@ def run_turn(turn_id: str) -> str:
     Returns what happened, for Flower; raises TurnFailed for a turn that
     ended failed or cancelled."""
     heartbeat = get_heartbeat()
-    logs.clear()  # a pool thread's last task bound its own
     logs.bind(turn_id=turn_id)
     claim = claim_turn(turn_id)  # a failure that passes: nothing was written, and Celery retries
     if claim is None:

@@ -113,7 +113,7 @@ RELAY_DROPPED = Counter(
 )
 RELAY_DELIVERY = Histogram(
     "turnstream_relay_delivery_seconds",
-    "From the relay's receipt of an event to its write to a client, one delivery in 16",
+    "From the relay's receipt of an event to its write to a client (sampled: one write in 16)",
     buckets=_HOP_BUCKETS,
 )
 

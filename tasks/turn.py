@@ -343,7 +343,7 @@ def check_redis(**_: Any) -> None:
 @worker_ready.connect
 def warm_up(sender: Any, **_: Any) -> None:
     """The consumer is ready (`sender` is Celery's Consumer): start watching
-    it for a stall, check Redis's eviction policy, and do first-use work
+    it for a stall, export traces and metrics, check Redis's eviction policy, and do first-use work
     before the first turn instead of during a burst of them: build the model
     client, and start every pool thread (the threads pool starts one per
     task until it is full, each start then waiting for the GIL that running
@@ -404,8 +404,9 @@ def _drain(grace: float) -> None:
 
 @worker_shutdown.connect
 def close_tools(**_: Any) -> None:
-    """Close the MCP servers this process opened (stdio servers exit), and
-    log how the event publisher batched (tests/bench/pipeline.py reads it)."""
+    """Send the spans still buffered, close the MCP servers this process
+    opened (stdio servers exit), and log how the event publisher batched
+    (tests/bench/pipeline.py reads it)."""
     tracing.flush()
     if get_toolbox.cache_info().currsize:
         get_toolbox().close()

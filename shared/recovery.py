@@ -76,6 +76,14 @@ def requeue_turn(db: Session, turn_id: str, attempt: int) -> bool:
     return bool(done)
 
 
+def redis_lost_its_data() -> bool:
+    """Whether Redis lost what it held since the sweeper last looked: the
+    mark the sweeper leaves there is gone (true at the very first sweep too,
+    which is harmless: a turn sent twice runs once). Then every queued turn's
+    message is gone with it, and none need wait STALE_QUEUED_SECONDS."""
+    return bool(get_redis().set(key("sweeper", "mark"), 1, nx=True))
+
+
 def resend_queued(all_ages: bool = False) -> int:
     """Send again (up to BATCH of) the queued turns that are next in their
     session, older than STALE_QUEUED_SECONDS and not sent since (all of them

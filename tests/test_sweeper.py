@@ -66,3 +66,29 @@ def test_a_replay_whose_advance_was_lost_is_advanced_and_finishes(client, owner,
         time.sleep(0.1)
     final = client.get(f"/api/replays/{replay['id']}", headers=owner).get_json()
     assert final["succeeded"] == 3 and final["failed"] == 0
+
+
+def test_after_redis_lost_its_data_a_young_queued_turn_is_resent_at_the_next_sweep(client, owner, monkeypatch):
+    """Its message went with Redis's data; it need not wait STALE_QUEUED_SECONDS."""
+    import shared.turns
+    from shared.recovery import redis_lost_its_data
+    from shared.redis import key
+
+    sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
+    monkeypatch.setattr(shared.turns, "send_turn", lambda turn_id: None)  # the message is lost
+    with transaction() as db:
+        chat = db.get(ChatSession, sid)
+        turn, _ = submit_turn(db, sid, chat.owner_id, "lost with Redis")
+        turn_id = turn.id
+    redis_lost_its_data()  # the sweeper's mark is there: Redis kept its data
+    sweep_turns()
+    assert not get_redis().exists(sent_key(turn_id))  # young, and Redis kept its data: left alone
+    time.sleep(0.5)
+    assert client.get(f"/api/turns/{turn_id}", headers=owner).get_json()["status"] == "queued"
+
+    get_redis().delete(key("sweeper", "mark"))  # what a Redis restarted without its data looks like
+    assert sweep_turns()["resent"] >= 1
+    assert get_redis().exists(sent_key(turn_id))
+    assert not redis_lost_its_data()  # the mark is back
+    done = wait_turn(client, owner, turn_id)
+    assert done["status"] == "succeeded" and done["attempts"] == 1

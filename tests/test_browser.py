@@ -86,6 +86,9 @@ def test_the_answer_appears_progressively_renders_markdown_and_says_what_it_cost
         assert time.monotonic() < deadline, lengths
         time.sleep(0.05)
     assert len({n for n in lengths if n}) >= 3, lengths  # seen growing, not only whole
+    # Asked at once after signing in: the page's own start must not open the
+    # new session a second time and draw its turn twice.
+    expect(page.locator(".turn")).to_have_count(1)
     assert answer.locator("strong").text_content() == "bold"
     assert answer.locator("code").first.text_content() == "code"
     assert turn.locator(".msg.user").text_content().startswith("**bold**")  # people's text stays text

@@ -347,6 +347,7 @@ class Conversation {
   }
 
   show(turn) {
+    if (this.closed) return null; // another session is open now: this one draws nothing
     const view = this.view(turn.id);
     view.fill(turn);
     this.place(view);
@@ -708,9 +709,13 @@ document.querySelector("main").addEventListener("click", closeMenu);
 
 async function start() {
   const items = await loadSessions();
-  const wanted = location.hash.slice(1);
-  if (wanted) await openSession(wanted);
-  else if (items.length) await openSession(items[0].id);
+  // Unless a session was opened meanwhile (a question sent at once after
+  // signing in makes its own), open the address's, else the newest.
+  if (!current) {
+    const wanted = location.hash.slice(1);
+    if (wanted) await openSession(wanted);
+    else if (items.length) await openSession(items[0].id);
+  }
   showNotices().catch(() => {});
 }
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import select
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import get_settings
@@ -18,12 +20,11 @@ log = logging.getLogger(__name__)
 @functools.cache
 def get_engine() -> Engine:
     settings = get_settings()
-    return create_engine(
+    engine = create_engine(
         settings.database_url,
         # No ping before each use (a round trip per checkout, the largest
-        # single cost in tests/bench/pipeline.py): a connection that died
-        # with a Postgres restart fails its first statement, SQLAlchemy then
-        # drops the whole pool, and callers retry (workers) or answer 503.
+        # single cost in tests/bench/pipeline.py); a look at the socket
+        # instead (_closed_by_server, below).
         pool_pre_ping=False,
         # A failing statement's error (and so the log) leaves out its
         # parameters: they hold users' messages.
@@ -37,6 +38,21 @@ def get_engine() -> Engine:
         pool_timeout=30,
         connect_args={"connect_timeout": 5},
     )
+    event.listen(engine, "checkout", _closed_by_server)
+    return engine
+
+
+def _closed_by_server(dbapi_connection: object, _record: object, _proxy: object) -> None:
+    """A pooled connection that the server closed (a restart, a failover, a
+    pooler's restart: Postgres says so and closes its end) has something to
+    read while it sits idle in the pool; a live idle one has nothing. Found
+    so at checkout, it is swapped for a new one (DisconnectionError makes
+    the pool do that), so the request that drew it does not fail. One
+    `select` with no wait, not a round trip. A server that vanished without
+    a word is still found only by the first statement."""
+    fd = dbapi_connection.pgconn.socket if not dbapi_connection.closed else -1
+    if fd < 0 or select.select([fd], [], [], 0)[0]:
+        raise DisconnectionError("the server closed the connection while it was in the pool")
 
 
 @functools.cache

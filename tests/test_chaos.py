@@ -288,3 +288,20 @@ def test_model_failing_a_fifth_of_requests_every_turn_ends_with_a_clear_code(cha
     assert set(counts["failure_codes"]) <= MODEL_CODES, counts
     assert counts["faults_injected"] > 0, counts
     assert counts["turns_restarted"] == 0  # model faults are retried inside the attempt
+
+
+def test_no_request_fails_once_a_restarted_postgres_is_back(chaos):
+    """Pooled connections that the restart closed are swapped at checkout
+    (shared/db.py), instead of failing the first request of each web
+    process with a 503."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with httpx.Client(base_url=chaos.base, headers=chaos.headers, timeout=10) as http:
+        with ThreadPoolExecutor(8) as pool:  # several pooled connections in the web process
+            sids = list(pool.map(lambda _: http.post("/api/sessions", json={}).json()["id"], range(24)))
+        chaos.restart(chaos.stack["postgres"], 2, down_for=1)  # SIGINT: fast shutdown, connections closed
+        services.wait_until(services._db_ready, 30, "Postgres accepting connections again")
+        statuses = [http.get(f"/api/sessions/{sid}").status_code for sid in sids]
+        statuses += [http.post("/api/sessions", json={}).status_code for _ in range(8)]
+    print("\nchaos (Postgres restarted, then requests):", {s: statuses.count(s) for s in set(statuses)})
+    assert set(statuses) <= {200, 201}, statuses

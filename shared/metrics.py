@@ -93,6 +93,13 @@ EVENT_PUBLISH = Histogram(
     buckets=_HOP_BUCKETS,
 )
 
+SWEEPER_ACTIONS = Counter(
+    "turnstream_sweeper_actions_total",
+    "What the sweeper repaired: resent (queued turns whose message was lost), requeued (running turns"
+    " whose worker stopped), replays (stalled replays advanced)",
+    ["action"],
+)
+
 # ---- web ----
 HTTP_REQUESTS = Counter(
     "turnstream_http_requests_total", "Requests answered, by endpoint and status", ["method", "endpoint", "status"]
@@ -115,13 +122,6 @@ RELAY_DELIVERY = Histogram(
     "turnstream_relay_delivery_seconds",
     "From the relay's receipt of an event to its write to a client (sampled: one write in 16)",
     buckets=_HOP_BUCKETS,
-)
-
-SWEEPER_ACTIONS = Counter(
-    "turnstream_sweeper_actions_total",
-    "What the sweeper repaired: resent (queued turns whose message was lost), requeued (running turns"
-    " whose worker stopped), replays (stalled replays advanced)",
-    ["action"],
 )
 
 # ---- beat ----

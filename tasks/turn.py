@@ -238,9 +238,9 @@ def run_turn(turn_id: str) -> str:
         log.info("turn %s: nothing to run", turn_id)
         return f"turn {turn_id}: nothing to run (finished, running elsewhere, or waiting behind its session)"
     origin = claim.origin or {}
-    logs.bind(
-        session_id=claim.session_id, owner_id=claim.owner_id, attempt=claim.attempt, request_id=origin.get("request_id")
-    )
+    logs.bind(session_id=claim.session_id, owner_id=claim.owner_id, attempt=claim.attempt)
+    if origin.get("request_id"):  # none for a turn the API did not make (a replay's)
+        logs.bind(request_id=origin["request_id"])
     events = EventLog("turn", turn_id, publisher=get_publisher(), attempt=claim.attempt)
     heartbeat.track(turn_id, claim.attempt, events)
     span = tracing.tracer.start_as_current_span(

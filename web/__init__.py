@@ -52,6 +52,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     limits.init_app(app, settings)  # after authentication: per-key limits count the caller it found
     for module in (auth, cli, health, metrics, openapi, page, replays, sessions, turns):
         app.register_blueprint(module.bp)
-    metrics.init_app(app)
     headers.init_app(app, settings)
     return app

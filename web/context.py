@@ -1,7 +1,8 @@
 """What a request is, for logs and traces: its id (the caller's
 `X-Request-ID`, if it is a plausible one, else a new one; echoed back), the
 ids it concerns, bound for every line logged while it is served, and its
-span. One line per request at INFO: method, route, status, duration."""
+span. One line per request at INFO (method, route, status, duration), and
+its counts for /metrics."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import uuid
 from flask import Flask, Response, g, request
 from opentelemetry import context, propagate, trace
 
-from shared import logs, tracing
+from shared import logs, metrics, tracing
 
 log = logging.getLogger("web.request")
 
@@ -35,7 +36,7 @@ def _begin() -> None:
     g.request_id = presented if _REQUEST_ID.fullmatch(presented) else uuid.uuid4().hex
     g.started = time.monotonic()
     logs.bind(request_id=g.request_id, **{k: v for k, v in (request.view_args or {}).items() if k in _IDS})
-    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    route = _route()
     span = tracing.tracer.start_span(
         f"{request.method} {route}",
         context=propagate.extract(request.headers),
@@ -45,12 +46,20 @@ def _begin() -> None:
     g.span, g.span_token = span, context.attach(trace.set_span_in_context(span))
 
 
+def _route() -> str:
+    return request.url_rule.rule if request.url_rule is not None else "unmatched"
+
+
 def _answered(response: Response) -> Response:
+    """The request's line, its counts and its span's status, once its answer
+    starts (an SSE stream's life is not a request's latency)."""
     response.headers["X-Request-ID"] = g.get("request_id", "")
     started = g.get("started")
-    elapsed = (time.monotonic() - started) * 1000 if started is not None else 0.0
-    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    log.info("%s %s %d %.1f ms", request.method, route, response.status_code, elapsed)
+    elapsed = time.monotonic() - started if started is not None else 0.0
+    log.info("%s %s %d %.1f ms", request.method, _route(), response.status_code, elapsed * 1000)
+    endpoint = request.endpoint or "none"
+    metrics.HTTP_REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+    metrics.HTTP_DURATION.labels(request.method, endpoint).observe(elapsed)
     span = g.get("span")
     if span is not None:
         span.set_attribute("http.response.status_code", response.status_code)

@@ -5,9 +5,7 @@ operator: an API key, or a request from this machine."""
 
 from __future__ import annotations
 
-import time
-
-from flask import Blueprint, Flask, Response, g, request
+from flask import Blueprint, Response
 from sqlalchemy import text
 
 from shared import metrics
@@ -54,18 +52,3 @@ _FIGURES = metrics.Figures(_figures)
 def scrape():
     require_operator("/metrics")
     return Response(metrics.exposition(_FIGURES), mimetype="text/plain; version=0.0.4")
-
-
-def init_app(app: Flask) -> None:
-    """Count every request by endpoint and status, and time it to the start
-    of its answer (an SSE stream's life is not a request's latency), from
-    the clock web.context starts."""
-
-    @app.after_request
-    def count(response: Response) -> Response:
-        endpoint = request.endpoint or "none"
-        metrics.HTTP_REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
-        started = g.get("started")
-        if started is not None:
-            metrics.HTTP_DURATION.labels(request.method, endpoint).observe(time.monotonic() - started)
-        return response

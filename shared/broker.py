@@ -80,8 +80,9 @@ def send_replay_advance(replay_id: str) -> None:
 
 def sent_key(turn_id: str) -> str:
     """Present for STALE_QUEUED_SECONDS after the turn was sent, so the
-    sweeper does not send again a turn that waits in a long queue. It lives
-    in the broker's Redis: when Redis loses the queue, it loses these too."""
+    sweeper does not send again a turn that waits in a long queue, and does
+    send one whose send failed (shared/recovery.py). It lives in Redis: when
+    Redis, as the broker, loses the queue, it loses these too."""
     return key("turn", turn_id, "sent")
 
 

@@ -6,10 +6,12 @@
   back to `queued` and is sent again; its next claim is a new attempt (capped
   by TURN_MAX_ATTEMPTS). A fresher claim counts as a beat: its worker sets
   the key at its next beat, not in a round trip before every claim.
-- A queued turn older than STALE_QUEUED_SECONDS that was not sent in the last
-  STALE_QUEUED_SECONDS (its message may be lost: broker data loss, a crash
-  between commit and send, a worker that died holding it) is sent again.
-  Sending twice is harmless: only one claim wins.
+- A queued turn has a sent mark in Redis for STALE_QUEUED_SECONDS after its
+  message went to the broker. One without (its send failed while the broker
+  was down, Redis lost the mark with the queue, or it has waited that long
+  and its message may be lost: a crash between commit and send, a worker
+  that died holding it) is sent again once UNSENT_AFTER old. Sending twice
+  is harmless: only one claim wins.
 - An unfinished replay with no turn under way waits for an advance message
   that was lost; it is sent again (advancing is idempotent).
 
@@ -36,6 +38,11 @@ from shared.turns import next_queued_turn
 log = logging.getLogger(__name__)
 
 BATCH = 500
+# A send, with the broker client's own retries, sets its mark well within
+# this: a queued turn older than this without one was not sent (or Redis
+# lost the mark with its queue). Short, so such turns go within a sweep or
+# two of the broker's return, not after STALE_QUEUED_SECONDS.
+UNSENT_AFTER = timedelta(seconds=10)
 
 
 def alive_key(turn_id: str) -> str:
@@ -76,31 +83,20 @@ def requeue_turn(db: Session, turn_id: str, attempt: int) -> bool:
     return bool(done)
 
 
-def redis_lost_its_data() -> bool:
-    """Whether Redis lost what it held since the sweeper last looked: the
-    mark the sweeper leaves there is gone (true at the very first sweep too,
-    which is harmless: a turn sent twice runs once). Then every queued turn's
-    message is gone with it, and none need wait STALE_QUEUED_SECONDS."""
-    return bool(get_redis().set(key("sweeper", "mark"), 1, nx=True))
-
-
-def resend_queued(all_ages: bool = False) -> int:
+def resend_queued() -> int:
     """Send again (up to BATCH of) the queued turns that are next in their
-    session, older than STALE_QUEUED_SECONDS and not sent since (all of them
-    with all_ages)."""
-    age = timedelta(seconds=0 if all_ages else get_settings().stale_queued_seconds)
+    session, older than UNSENT_AFTER, with no sent mark."""
     with transaction() as db:
         ids = db.scalars(
             select(Turn.id)
             .where(
                 Turn.status == "queued",
-                Turn.created_at < func.now() - age,
+                Turn.created_at < func.now() - UNSENT_AFTER,
                 Turn.id == next_queued_turn(Turn.session_id),
             )
             .order_by(Turn.created_at)
         ).all()
-    if not all_ages:
-        ids = [turn_id for turn_id, sent in zip(ids, _exist([sent_key(t) for t in ids]), strict=True) if not sent]
+    ids = [turn_id for turn_id, sent in zip(ids, _exist([sent_key(t) for t in ids]), strict=True) if not sent]
     for turn_id in ids[:BATCH]:
         send_turn(turn_id)
     if ids:

@@ -6,7 +6,7 @@ from celery import shared_task
 
 from shared import metrics
 from shared.broker import SWEEP_TURNS
-from shared.recovery import redis_lost_its_data, requeue_stale_running, resend_queued, resend_stalled_replays
+from shared.recovery import requeue_stale_running, resend_queued, resend_stalled_replays
 from tasks.turn import TurnstreamTask
 
 
@@ -17,9 +17,8 @@ from tasks.turn import TurnstreamTask
 def sweep_turns() -> dict[str, int]:
     """How many queued turns were re-sent, running ones re-queued and
     stalled replays advanced."""
-    lost = redis_lost_its_data()
     done = {
-        "resent": resend_queued(all_ages=lost),
+        "resent": resend_queued(),
         "requeued": requeue_stale_running(),
         "replays": resend_stalled_replays(),
     }

@@ -47,10 +47,16 @@ def chaos_stack():
         yield info
 
 
+# Recovery at the speed a deployment gets: the settings' own defaults.
+RECOVERY_SETTINGS = ("HEARTBEAT_SECONDS", "STALE_RUNNING_SECONDS", "SWEEP_SECONDS", "STALE_QUEUED_SECONDS")
+
+
 class Chaos:
-    def __init__(self, stack: dict) -> None:
+    def __init__(self, stack: dict, default_recovery: bool = False) -> None:
         self.stack = stack
         self.env = stack["env"]
+        if default_recovery:
+            self.env = {k: v for k, v in self.env.items() if k not in RECOVERY_SETTINGS}
         self.logdir = stack["logdir"]
         self.procs: list[services.Proc] = []
         web, port = services.start_gunicorn(self.logdir, self.env)
@@ -305,3 +311,63 @@ def test_no_request_fails_once_a_restarted_postgres_is_back(chaos):
         statuses += [http.post("/api/sessions", json={}).status_code for _ in range(8)]
     print("\nchaos (Postgres restarted, then requests):", {s: statuses.count(s) for s in set(statuses)})
     assert set(statuses) <= {200, 201}, statuses
+
+
+def test_every_turn_resumes_within_30_s_of_redis_returning_without_its_data(chaos_stack):
+    """At the default recovery settings: turns queued when Redis lost its
+    data, and turns submitted while it was down, are claimed within 30 s of
+    its return; and no request to submit a turn fails meanwhile."""
+    chaos = Chaos(chaos_stack, default_recovery=True)
+    try:
+        chaos.start_worker(concurrency=8)
+        outage: dict = {"statuses": [], "ids": []}
+
+        def submit_while_down(http: httpx.Client, until: threading.Event) -> None:
+            while not until.is_set():
+                try:
+                    sid = http.post("/api/sessions", json={}).json()["id"]
+                    r = http.post(f"/api/sessions/{sid}/turns", json={"message": SLOW})
+                    outage["statuses"].append(r.status_code)
+                    if r.status_code == 202:
+                        outage["ids"].append(r.json()["id"])
+                except httpx.HTTPError as exc:
+                    outage["statuses"].append(type(exc).__name__)
+                time.sleep(0.2)
+
+        def lose_redis(ids):
+            services.wait_until(lambda: _beating(ids) >= 8, 60, "the worker to run turns")
+            time.sleep(0.5)
+            done = threading.Event()
+            with httpx.Client(base_url=chaos.base, headers=chaos.headers, timeout=10) as http:
+                submitter = threading.Thread(target=submit_while_down, args=(http, done))
+                chaos.stack["redis"].stop(9)  # SIGKILL, no persistence: queue, logs, marks gone
+                submitter.start()
+                time.sleep(3)
+                chaos.stack["redis"].start()
+                services.wait_until(lambda: services.port_open(chaos.stack["redis_port"]), 30, "Redis")
+                done.set()
+                submitter.join()
+            with transaction() as db:
+                outage["back"] = db.scalar(select(func.now()))
+
+        result = chaos.run(40, SLOW, lose_redis, bound=150)
+        ids = result["ids"] + outage["ids"]
+        services.wait_until(lambda: _finished(ids), 90, "the turns submitted during the outage to end")
+        with transaction() as db:
+            turns = db.scalars(select(Turn).where(Turn.id.in_(ids))).all()
+        waits = [(t.claimed_at - outage["back"]).total_seconds() for t in turns if t.claimed_at > outage["back"]]
+        counts = {
+            **result["counts"],
+            "submitted_while_down": len(outage["statuses"]),
+            "failed_requests": sum(1 for s in outage["statuses"] if s != 202),
+            "claimed_after_return": len(waits),
+            "claimed_after_return_s_max": round(max(waits, default=0), 1),
+            "all_succeeded": all(t.status == "succeeded" for t in turns),
+        }
+        print("\nchaos (Redis lost its data, default recovery settings):", counts)
+        _assert_no_loss(counts)
+        assert counts["failed_requests"] == 0 and counts["submitted_while_down"] > 0, counts
+        assert counts["all_succeeded"], counts
+        assert 0 < counts["claimed_after_return_s_max"] <= 30, counts
+    finally:
+        chaos.close()

@@ -26,17 +26,14 @@ def test_a_turn_whose_message_was_lost_is_resent_and_runs_once(client, owner, mo
         chat = db.get(ChatSession, sid)
         turn, _ = submit_turn(db, sid, chat.owner_id, "lost in transit")
         turn_id = turn.id
-    with transaction() as db:  # make it older than STALE_QUEUED_SECONDS
-        db.execute(
-            update(Turn).where(Turn.id == turn_id).values(created_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 5))
-        )
+    _age(turn_id, 30)
     assert client.get(f"/api/turns/{turn_id}", headers=owner).get_json()["status"] == "queued"
 
     get_redis().set(sent_key(turn_id), 1, ex=30)  # as if sent a moment ago
     resend_queued()
     time.sleep(1)
     assert client.get(f"/api/turns/{turn_id}", headers=owner).get_json()["status"] == "queued"
-    get_redis().delete(sent_key(turn_id))  # not sent within STALE_QUEUED_SECONDS
+    get_redis().delete(sent_key(turn_id))  # the mark expired: not sent within STALE_QUEUED_SECONDS
     assert sweep_turns()["resent"] >= 1
     assert get_redis().exists(sent_key(turn_id))
     done = wait_turn(client, owner, turn_id)
@@ -68,27 +65,35 @@ def test_a_replay_whose_advance_was_lost_is_advanced_and_finishes(client, owner,
     assert final["succeeded"] == 3 and final["failed"] == 0
 
 
-def test_after_redis_lost_its_data_a_young_queued_turn_is_resent_at_the_next_sweep(client, owner, monkeypatch):
-    """Its message went with Redis's data; it need not wait STALE_QUEUED_SECONDS."""
+def test_a_turn_whose_send_failed_is_resent_at_the_first_sweep_past_unsent_after(client, owner, monkeypatch):
+    """The broker was down when it was submitted (or Redis lost the queue
+    with the marks): it need not wait STALE_QUEUED_SECONDS."""
     import shared.turns
-    from shared.recovery import redis_lost_its_data
-    from shared.redis import key
+    from shared.recovery import UNSENT_AFTER
 
     sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
-    monkeypatch.setattr(shared.turns, "send_turn", lambda turn_id: None)  # the message is lost
+    monkeypatch.setattr(shared.turns, "send_turn", lambda turn_id: None)  # the send failed: no message, no mark
     with transaction() as db:
         chat = db.get(ChatSession, sid)
-        turn, _ = submit_turn(db, sid, chat.owner_id, "lost with Redis")
+        turn, _ = submit_turn(db, sid, chat.owner_id, "sent while the broker was down")
         turn_id = turn.id
-    redis_lost_its_data()  # the sweeper's mark is there: Redis kept its data
     sweep_turns()
-    assert not get_redis().exists(sent_key(turn_id))  # young, and Redis kept its data: left alone
+    assert not get_redis().exists(sent_key(turn_id))  # younger than UNSENT_AFTER: its send may be under way
     time.sleep(0.5)
     assert client.get(f"/api/turns/{turn_id}", headers=owner).get_json()["status"] == "queued"
 
-    get_redis().delete(key("sweeper", "mark"))  # what a Redis restarted without its data looks like
+    _age(turn_id, UNSENT_AFTER.total_seconds() + 1)
     assert sweep_turns()["resent"] >= 1
     assert get_redis().exists(sent_key(turn_id))
-    assert not redis_lost_its_data()  # the mark is back
     done = wait_turn(client, owner, turn_id)
     assert done["status"] == "succeeded" and done["attempts"] == 1
+
+
+def _age(turn_id: str, seconds: float) -> None:
+    """Make a turn as old as if submitted `seconds` ago."""
+    with transaction() as db:
+        db.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(created_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 0, seconds))
+        )

@@ -6,7 +6,8 @@ one is re-sent by the sweeper. Results live in Postgres and the event log, not
 in Celery. Values that come from the environment (broker URL, key prefix, the
 sweeper's schedule) are added by shared.broker.get_celery(), so this module
 reads nothing when imported (the worker's concurrency, WORKER_CONCURRENCY,
-comes that way too). Redis itself must run with
+comes that way too; so do the queues, and the transport's options for
+RabbitMQ when BROKER_URL names it). Redis itself must run with
 `maxmemory-policy noeviction` (deploy/redis.sh; the worker warns otherwise).
 """
 
@@ -17,14 +18,17 @@ worker_pool = "threads"
 broker_connection_retry_on_startup = True
 # The task modules, imported by the worker when it starts (never by the web tier).
 include = ["tasks.turn", "tasks.replay", "tasks.sweeper"]
-# The one visibility timeout (there is no result backend to set it on too, and
-# beat, Flower and the web tier build the same app, so all of them use it):
-# how long an unacknowledged message waits before Redis hands it to another
-# worker. Turns do not wait for it: the sweeper re-queues a dead worker's
-# turns once their heartbeats stop (STALE_RUNNING_SECONDS + SWEEP_SECONDS) and
-# re-sends lost messages (STALE_QUEUED_SECONDS). It need only exceed the
-# longest turn, so a running turn's message is not handed out again (harmless
-# if it is: the second claim finds the turn running and does nothing).
+# With Redis as the broker, the one visibility timeout (there is no result
+# backend to set it on too, and beat, Flower and the web tier build the same
+# app, so all of them use it): how long an unacknowledged message waits
+# before Redis hands it to another worker. Turns do not wait for it: the
+# sweeper re-queues a dead worker's turns once their heartbeats stop
+# (STALE_RUNNING_SECONDS + SWEEP_SECONDS) and re-sends lost messages. It need
+# only exceed the longest turn, so a running turn's message is not handed out
+# again (harmless if it is: the second claim finds the turn running and does
+# nothing). RabbitMQ hands a message on when its consumer's connection
+# closes instead, and closes a channel that holds one past its
+# consumer_timeout (deploy/rabbitmq.sh sets an hour, as here).
 broker_transport_options = {"visibility_timeout": 3600}
 # JSON only: task arguments are ids, and pickle from a broker is code execution.
 task_serializer = "json"
@@ -58,10 +62,9 @@ worker_soft_shutdown_timeout = 3.0
 # pending, which Turnstream's own API already does.
 worker_send_task_events = True
 task_send_sent_event = False
+# The queues (task_queues) are shared.broker.QUEUES, declared for the broker
+# in use: quorum queues on RabbitMQ.
 task_default_queue = "turns"
-# The sweeper has a queue of its own, which every worker also consumes: it
-# must not wait behind a long queue of turns (it is what re-sends lost ones).
-task_queues = {"turns": {}, "maintenance": {}}
 task_routes = {"tasks.sweep_turns": {"queue": "maintenance"}}
 timezone = "UTC"
 # No task time limits: the threads pool cannot enforce them. A turn is bounded

@@ -12,6 +12,7 @@ import logging
 import redis
 from celery import Celery
 from celery.signals import beat_init, before_task_publish, setup_logging, task_prerun
+from kombu import Queue
 
 from shared import logs, metrics, overrides
 from shared.batching import Batcher
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 RUN_TURN = "tasks.run_turn"
 ADVANCE_REPLAY = "tasks.advance_replay"
 SWEEP_TURNS = "tasks.sweep_turns"
+# Turns, and the sweeper's own queue, which every worker also consumes: it
+# must not wait behind a long queue of turns (it is what re-sends lost ones).
+QUEUES = ("turns", "maintenance")
 
 
 @functools.cache
@@ -34,12 +38,21 @@ def get_celery() -> Celery:
         kombu_redis.install()  # before the app's first connection
     app = Celery("turnstream")
     app.config_from_object("celeryconfig")
-    app.conf.broker_url = settings.redis_url
+    app.conf.broker_url = settings.broker_url
     app.conf.worker_concurrency = settings.worker_concurrency
-    app.conf.broker_transport_options = {
-        **app.conf.broker_transport_options,
-        "global_keyprefix": settings.redis_prefix,
-    }
+    if settings.rabbitmq:
+        # Quorum queues (replicated, written to disk before a publish is
+        # confirmed) and publisher confirms: a turn's message, once sent,
+        # survives the broker's restart. Late acks (celeryconfig.py) keep
+        # it until its turn ran.
+        app.conf.task_queues = [Queue(name, queue_arguments={"x-queue-type": "quorum"}) for name in QUEUES]
+        app.conf.broker_transport_options = {"confirm_publish": True}
+    else:
+        app.conf.task_queues = [Queue(name) for name in QUEUES]
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "global_keyprefix": settings.redis_prefix,
+        }
     app.conf.beat_schedule = {"sweep-turns": {"task": SWEEP_TURNS, "schedule": settings.sweep_seconds}}
     return app
 

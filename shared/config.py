@@ -50,6 +50,7 @@ class Settings:
     env: str
     database_url: str = field(repr=False)  # may hold a password
     redis_url: str = field(repr=False)  # may hold a password
+    broker_url: str = field(repr=False)  # REDIS_URL unless BROKER_URL names RabbitMQ
     redis_prefix: str
     openai_base_url: str
     openai_api_key: str = field(repr=False)  # may hold a password
@@ -108,6 +109,11 @@ class Settings:
     max_streams: int
     max_replay_items: int
 
+    @property
+    def rabbitmq(self) -> bool:
+        """Whether Celery's broker is RabbitMQ (BROKER_URL), not Redis."""
+        return self.broker_url != self.redis_url
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         r = _Reader(environ)
@@ -122,12 +128,12 @@ class Settings:
                 " the server reads every conversation and spends the model account."
             )
         port = r.int("PORT", 8000, lo=1, hi=65535)
+        redis_url = _redis_url(r.str("REDIS_URL", LOCAL_REDIS_URL), r.choice("REDIS_TLS_VERIFY", CERT_REQS, "required"))
         settings = cls(
             env=env,
             database_url=_sqlalchemy_url(r.str("DATABASE_URL", LOCAL_DATABASE_URL), "DATABASE_URL"),
-            redis_url=_redis_url(
-                r.str("REDIS_URL", LOCAL_REDIS_URL), r.choice("REDIS_TLS_VERIFY", CERT_REQS, "required")
-            ),
+            redis_url=redis_url,
+            broker_url=_broker_url(r.str("BROKER_URL", ""), redis_url),
             redis_prefix=r.str("REDIS_PREFIX", "ts:"),
             openai_base_url=r.str("OPENAI_BASE_URL", LOCAL_MODEL_URL).rstrip("/"),
             openai_api_key=r.str("OPENAI_API_KEY", "offline"),
@@ -319,6 +325,18 @@ def _redis_url(url: str, verify: str) -> str:
     query = dict(parse_qsl(parts.query))
     query.setdefault("ssl_cert_reqs", verify)
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _broker_url(url: str, redis_url: str) -> str:
+    """BROKER_URL: Celery's broker, RabbitMQ (amqp:// or amqps://) or,
+    unset, the Redis of REDIS_URL."""
+    if not url:
+        return redis_url
+    if urlsplit(url).scheme not in ("amqp", "amqps") or not urlsplit(url).netloc:
+        raise ConfigError(
+            f"BROKER_URL must be an amqp:// or amqps:// URL (RabbitMQ), or unset for REDIS_URL; got {redact(url)!r}."
+        )
+    return url
 
 
 def _origins(value: str) -> tuple[str, ...]:

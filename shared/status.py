@@ -42,18 +42,24 @@ def postgres_location() -> str:
     return f"{url.host or 'localhost'}:{url.port or 5432}"
 
 
-def redis_location() -> str:
-    parts = urlsplit(get_settings().redis_url)
-    return parts.path if parts.scheme == "unix" else f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+def location(url: str) -> str:
+    """host:port of a Redis or RabbitMQ URL (a socket's path for unix://)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.hostname or 'localhost'}:{parts.port or (5672 if parts.scheme.startswith('amqp') else 6379)}"
 
 
 def describe_outage(exc: BaseException) -> str | None:
-    """One line for an error reaching Postgres or Redis: where, the setting,
-    and the reason; None for any other error."""
+    """One line for an error reaching Postgres, Redis or RabbitMQ: where,
+    the setting, and the reason; None for any other error."""
+    settings = get_settings()
     if isinstance(exc, POSTGRES_ERRORS):
         return f"could not reach Postgres at {postgres_location()} (DATABASE_URL): {_reason(exc)}"
+    if isinstance(exc, kombu.exceptions.OperationalError) and settings.rabbitmq:
+        return f"could not reach RabbitMQ at {location(settings.broker_url)} (BROKER_URL): {_reason(exc)}"
     if isinstance(exc, REDIS_ERRORS):
-        return f"could not reach Redis at {redis_location()} (REDIS_URL): {_reason(exc)}"
+        return f"could not reach Redis at {location(settings.redis_url)} (REDIS_URL): {_reason(exc)}"
     return None
 
 

@@ -91,8 +91,11 @@ _watch: ConsumerWatch | None = None
 
 
 def watch_consumer(consumer: Any, on_stall: Callable[[], Any]) -> None:
-    """Start watching a worker's consumer (the sender of `worker_ready`)."""
+    """Start watching a worker's consumer (the sender of `worker_ready`):
+    with Redis as the broker, whose consumer is the one seen stuck."""
     global _watch
+    if get_settings().rabbitmq:
+        return
     queue = consumer.app.conf.task_default_queue
 
     def consuming() -> bool:

@@ -139,6 +139,21 @@ def start_redis(workdir: Path, logdir: Path, tls_password: str | None = None) ->
     return proc, port
 
 
+def start_rabbitmq(workdir: Path, logdir: Path) -> tuple[Proc, int]:
+    port = free_port()
+    proc = Proc("rabbitmq", ["bash", "deploy/rabbitmq.sh", str(workdir / "rabbitmq"), str(port)], logdir)
+    wait_until(lambda: port_open(port), 60, "RabbitMQ")
+    return proc, port
+
+
+def broker_under_test() -> str:
+    """The broker the tests run against: TEST_BROKER=rabbitmq, else Redis."""
+    broker = os.environ.get("TEST_BROKER", "redis")
+    if broker not in ("redis", "rabbitmq"):
+        raise ValueError(f"TEST_BROKER must be redis or rabbitmq, not {broker!r}")
+    return broker
+
+
 def start_model(logdir: Path, *extra: str) -> tuple[Proc, int]:
     port = free_port()
     proc = Proc("model", [sys.executable, "-m", "offline_model", "--port", str(port), *extra], logdir)
@@ -218,7 +233,8 @@ def stack(
     migrate: bool = True,
     redis_tls_password: str | None = None,
 ) -> Iterator[dict]:
-    """Postgres, Redis, the offline model (and the MCP test servers), migrated
+    """Postgres, Redis, RabbitMQ if TEST_BROKER says so, the offline model
+    (and the MCP test servers), migrated
     and set in this process's environment until the end; workers and web are
     the caller's."""
     saved_environ = dict(os.environ)
@@ -234,6 +250,11 @@ def stack(
         procs.append(rd)
         model, model_port = start_model(logdir, *model_args)
         procs.append(model)
+        broker, broker_env = rd, {}
+        if broker_under_test() == "rabbitmq":
+            broker, amqp_port = start_rabbitmq(workdir, logdir)
+            procs.append(broker)
+            broker_env = {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{amqp_port}//"}
         env = {
             **os.environ,
             **env_defaults,
@@ -248,6 +269,7 @@ def stack(
             # Procfile's lines find celery and gunicorn there.
             "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "MCP_SERVERS": "",
+            **broker_env,
         }
         wait_until(lambda: port_open(pg_port), 30, "Postgres")
         demo_url = None
@@ -274,6 +296,7 @@ def stack(
             "procs": procs,
             "postgres": pg,
             "redis": rd,
+            "broker": broker,  # Redis, or RabbitMQ with TEST_BROKER=rabbitmq
             "model_port": model_port,
             "redis_port": redis_port,
             "pg_port": pg_port,
@@ -283,7 +306,7 @@ def stack(
         for proc in reversed(procs):
             proc.stop()
         # The data (about 70 MB of Postgres per stack) goes; the logs stay.
-        for data in ("pg", "redis"):
+        for data in ("pg", "redis", "rabbitmq"):
             shutil.rmtree(workdir / data, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved_environ)

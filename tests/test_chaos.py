@@ -52,7 +52,7 @@ RECOVERY_SETTINGS = ("HEARTBEAT_SECONDS", "STALE_RUNNING_SECONDS", "SWEEP_SECOND
 
 
 class Chaos:
-    def __init__(self, stack: dict, default_recovery: bool = False) -> None:
+    def __init__(self, stack: dict, default_recovery: bool = False, beat: bool = True) -> None:
         self.stack = stack
         self.env = stack["env"]
         if default_recovery:
@@ -60,7 +60,9 @@ class Chaos:
         self.logdir = stack["logdir"]
         self.procs: list[services.Proc] = []
         web, port = services.start_gunicorn(self.logdir, self.env)
-        self.procs += [web, services.start_beat(self.logdir, self.env, "chaos-beat")]
+        self.procs.append(web)
+        if beat:
+            self.start_beat()
         self.base = f"http://127.0.0.1:{port}"
         services.wait_until(lambda: httpx.get(f"{self.base}/api/health", timeout=2).status_code == 200, 30, "web")
         from web.auth import create_key
@@ -70,6 +72,9 @@ class Chaos:
         self.worker_restarts = 0
         self._closing = threading.Event()
         threading.Thread(target=self._supervise, daemon=True).start()
+
+    def start_beat(self) -> None:
+        self.procs.append(services.start_beat(self.logdir, self.env, "chaos-beat"))
 
     def start_worker(self, concurrency: int = 16, supervised: bool = True, **env: str) -> services.Proc:
         """A worker; a supervised one is started again whenever it exits, as
@@ -213,6 +218,7 @@ def _assert_no_loss(counts: dict) -> None:
     assert counts["duplicated"] == 0 and counts["streams_not_matching_answer"] == 0, counts
 
 
+@pytest.mark.broker
 def test_worker_sigkilled_three_times_loses_and_duplicates_nothing(chaos):
     kills: list[float] = []
 
@@ -254,6 +260,77 @@ def test_redis_restarted_without_its_data_every_turn_still_ends(chaos):
     _assert_no_loss(counts)
     assert counts["succeeded"] == 60, counts
     assert counts["turns_restarted"] > 0  # the running turns were handed back and run again
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(services.broker_under_test() == "redis", reason="the Redis test above is this case")
+def test_rabbitmq_killed_mid_run_every_turn_still_ends(chaos):
+    """RabbitMQ keeps the queued messages and hands back the unacknowledged
+    ones of running turns, whose claims then find them running and do
+    nothing; the workers reconnect."""
+
+    def kill_broker(ids):
+        chaos.start_worker()
+        services.wait_until(lambda: _beating(ids) >= 8, 60, "the worker to run turns")
+        time.sleep(0.5)
+        chaos.restart(chaos.stack["broker"], 9, down_for=1)
+
+    counts = chaos.run(60, SLOW, kill_broker)["counts"]
+    print(f"\nchaos ({services.broker_under_test()} killed mid-run):", counts)
+    _assert_no_loss(counts)
+    assert counts["succeeded"] == 60, counts
+
+
+@pytest.mark.broker
+def test_what_the_broker_keeps_of_queued_turns_across_its_crash(chaos_stack):
+    """Turns sent while no worker consumes, the broker SIGKILLed and started
+    again, then a worker with no sweeper: it runs the turns whose messages
+    the broker kept. RabbitMQ's quorum queue keeps every confirmed message;
+    Redis as deploy/redis.sh runs it (no persistence) keeps none, and the
+    sweeper sends them again. Either way every turn ends."""
+    chaos = Chaos(chaos_stack, beat=False)
+    try:
+        # The queues exist before, as in a deployment: a node SIGKILLed
+        # seconds after declaring a queue can come back without it.
+        first = chaos.start_worker(supervised=False)
+        services.wait_for_worker(first)
+        first.stop()
+        with httpx.Client(base_url=chaos.base, headers=chaos.headers, timeout=10) as http:
+            ids = []
+            for _ in range(20):
+                sid = http.post("/api/sessions", json={}).json()["id"]
+                ids.append(http.post(f"/api/sessions/{sid}/turns", json={"message": "kept?"}).json()["id"])
+        broker = chaos.stack["broker"]
+        started = time.monotonic()
+        chaos.restart(broker, 9, down_for=0.5)
+        chaos.start_worker()
+        if _kept_all():
+            services.wait_until(lambda: _ended(ids) == 20, 30, "the kept turns to end")
+        else:
+            time.sleep(10)  # time enough to run kept messages, were there any
+        kept = _ended(ids)
+        chaos.start_beat()
+        services.wait_until(lambda: _finished(ids), 60, "every turn to end once the sweeper runs")
+        counts = {
+            "broker": services.broker_under_test(),
+            "queued_turns": len(ids),
+            "run_from_kept_messages": kept,
+            "all_ended_s_after_kill": round(time.monotonic() - started, 1),
+        }
+        print("\nbroker crash with 20 turns queued:", counts)
+        assert kept == (20 if _kept_all() else 0), counts
+    finally:
+        chaos.close()
+
+
+def _kept_all() -> bool:
+    """Whether the broker under test keeps confirmed messages across a crash."""
+    return services.broker_under_test() == "rabbitmq"
+
+
+def _ended(ids: list[str]) -> int:
+    with transaction() as db:
+        return db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status.in_(ENDED)))
 
 
 def test_postgres_restarted_mid_run_loses_no_turn(chaos):

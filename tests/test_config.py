@@ -93,6 +93,7 @@ def test_loopback_addresses(host, loopback):
     ("env", "name"),
     [
         ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
+        ({"BROKER_URL": "redis://r:1/0"}, "BROKER_URL"),
         ({"REDIS_URL": "http://nope"}, "REDIS_URL"),
         ({"REDIS_TLS_VERIFY": "sometimes"}, "REDIS_TLS_VERIFY"),
         ({"PORT": "eighty"}, "PORT"),
@@ -160,3 +161,27 @@ def test_every_setting_is_documented_and_offered_to_heroku():
     offered = json.loads((root / "app.json").read_text())["env"]
     assert read - set(offered) == {"PORT", "DATABASE_URL", "REDIS_URL"}  # the platform and its add-ons set these
     assert offered["SECRET_KEY"]["generator"] == "secret"
+
+
+@pytest.mark.parametrize("broker_url", ["", "amqp://u:p@rabbit:5672/ts"])
+def test_the_broker_and_its_queues_follow_broker_url(broker_url):
+    """RabbitMQ: quorum queues and publisher confirms; Redis: the key prefix."""
+    from shared import broker, config
+
+    settings = Settings.from_env({**DEV, "REDIS_URL": "redis://r:1/0", "BROKER_URL": broker_url})
+    config.use_settings(settings)
+    broker.get_celery.cache_clear()
+    try:
+        conf = broker.get_celery().conf
+        types = {q.name: (q.queue_arguments or {}).get("x-queue-type") for q in conf.task_queues}
+        if broker_url:
+            assert settings.rabbitmq and conf.broker_url == broker_url
+            assert types == {"turns": "quorum", "maintenance": "quorum"}
+            assert conf.broker_transport_options == {"confirm_publish": True}
+        else:
+            assert not settings.rabbitmq and conf.broker_url == "redis://r:1/0"
+            assert types == {"turns": None, "maintenance": None}
+            assert conf.broker_transport_options["global_keyprefix"] == settings.redis_prefix
+    finally:
+        config.use_settings(None)
+        broker.get_celery.cache_clear()

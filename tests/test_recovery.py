@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import func, update
 
 from shared.db import transaction
@@ -24,6 +25,8 @@ from tasks.sweeper import sweep_turns
 from tasks.turn import claim_turn
 from tests.conftest import wait_turn
 from tests.services import wait_until
+
+pytestmark = pytest.mark.broker  # run against RabbitMQ too (deploy/test.sh)
 
 
 def _orphan(client, owner, message: str, attempts: int = 0, claimed_ago: float = 3.0) -> tuple[str, str]:

@@ -7,6 +7,7 @@ import signal
 import time
 
 import httpx
+import pytest
 
 from shared.events import EventLog
 from tests import services
@@ -15,6 +16,8 @@ from tests.sse import read_events
 
 SHORT = "short [[tokens=10]] [[delay=0.1]]"  # 1 s: ends within the grace
 LONG = "long [[tokens=50]] [[delay=0.1]]"  # 5 s: handed back
+
+pytestmark = pytest.mark.broker  # run against RabbitMQ too (deploy/test.sh)
 
 
 def _submit(client, owner, message: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from sqlalchemy import func, update
 
 from shared.broker import sent_key
@@ -15,6 +16,8 @@ from shared.redis import get_redis
 from shared.turns import submit_turn
 from tasks.sweeper import sweep_turns
 from tests.conftest import wait_turn
+
+pytestmark = pytest.mark.broker  # run against RabbitMQ too (deploy/test.sh)
 
 
 def test_a_turn_whose_message_was_lost_is_resent_and_runs_once(client, owner, monkeypatch):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import func, select
 
 from shared.db import transaction
 from shared.events import EventLog
 from shared.models import Message
 from tests.conftest import wait_turn
+
+pytestmark = pytest.mark.broker  # run against RabbitMQ too (deploy/test.sh)
 
 
 def _session(client, owner) -> str:

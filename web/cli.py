@@ -259,7 +259,7 @@ def turns_requeue(turn_ids: tuple[str, ...], stale: bool, force: bool) -> None:
     if stale == bool(turn_ids):
         raise click.UsageError("give TURN_IDS or --stale")
     if stale:
-        click.echo(f"re-sent {resend_queued(all_ages=True)} queued, re-queued {requeue_stale_running()} running")
+        click.echo(f"re-sent {resend_queued()} queued, re-queued {requeue_stale_running()} running")
         return
     with transaction() as db:
         turns = {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything Turnstream needs on a Debian machine, idempotently:
-# Debian packages (redis-server, postgresql, rabbitmq-server, chromium), a virtual environment in .venv
+# Debian packages (redis-server, postgresql, rabbitmq-server, pgbouncer, chromium), a virtual environment in .venv
 # with the pinned requirements (production's and the development tools), the
 # project installed in it. Run as root, or with sudo available.
 set -euo pipefail
@@ -15,12 +15,13 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v openssl >/dev/null || missing+=(openssl)  # the tests' TLS Redis
 command -v chromium >/dev/null || missing+=(chromium)  # the browser tests (Playwright drives it; no download)
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)  # BROKER_URL=amqp://, and its tests
+[ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)  # the tests reach Postgres through it
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   "${sudo_[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-# Debian starts its own Redis, Postgres and RabbitMQ services where it can;
+# Debian starts its own Redis, Postgres, RabbitMQ and PgBouncer services where it can;
 # Turnstream runs private instances on other ports and does not need them.
 
 stamp=.venv/.requirements.sha

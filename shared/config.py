@@ -90,6 +90,7 @@ class Settings:
     worker_shutdown_grace: float
     worker_stall_seconds: float
     db_pool_size: int
+    db_restart_wait: float
     redis_pool_size: int
     library_overrides: frozenset[str]
     forwarded_hops: int
@@ -173,6 +174,7 @@ class Settings:
             worker_shutdown_grace=r.float("WORKER_SHUTDOWN_GRACE_SECONDS", 20.0, lo=0.0),
             worker_stall_seconds=r.float("WORKER_STALL_SECONDS", 60.0, lo=2.0),
             db_pool_size=r.int("DB_POOL_SIZE", 10, lo=1, hi=500),
+            db_restart_wait=r.float("DB_RESTART_WAIT_SECONDS", 30.0, lo=0.0),
             redis_pool_size=r.int("REDIS_POOL_SIZE", 2, lo=1, hi=1000),
             library_overrides=_overrides(r.str("LIBRARY_OVERRIDES", "all")),
             forwarded_hops=r.int("FORWARDED_HOPS", 0, lo=0, hi=10),

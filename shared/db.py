@@ -5,16 +5,20 @@ from __future__ import annotations
 import functools
 import logging
 import select
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DisconnectionError, InternalError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import get_settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @functools.cache
@@ -36,10 +40,78 @@ def get_engine() -> Engine:
         # Wait this long for a free connection: a reconnect storm of thousands
         # of SSE clients queues here for a while, and should not fail.
         pool_timeout=30,
-        connect_args={"connect_timeout": 5},
+        # No prepared statements: psycopg prepares one on a connection after
+        # its fifth run there, and behind a transaction pooler (PgBouncer
+        # before 1.21, in front of most managed Postgres) the next run may
+        # land on another server connection, which lacks it. The hot
+        # statements are calls of short functions; the pipeline benchmark
+        # shows no gain from preparing them.
+        connect_args={"connect_timeout": 5, "prepare_threshold": None},
     )
     event.listen(engine, "checkout", _closed_by_server)
+    event.listen(engine, "connect", lambda *_: _reached.add(engine.url))
+    event.listen(engine, "commit", _committing)
+    event.listen(engine, "before_cursor_execute", _executing)
     return engine
+
+
+# The servers (DATABASE_URLs) this process connected to: one that refuses now
+# is restarting; one never reached may be a wrong URL, which should say so at
+# once.
+_reached: set[object] = set()
+# Whether this context (a request's greenlet, a task's thread) sent a COMMIT,
+# or a statement in autocommit, since run_again_while_away() began: a lost
+# connection then leaves unknown whether what it wrote landed, and the work
+# must not run again.
+_sent_writes: ContextVar[bool] = ContextVar("turnstream_db_sent_writes", default=False)
+
+
+def _committing(_conn: Connection) -> None:
+    _sent_writes.set(True)
+
+
+def _executing(conn: Connection, *_: object) -> None:
+    if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        _sent_writes.set(True)
+
+
+def server_went_away(exc: BaseException) -> bool:
+    """Whether exc says Postgres, or the pooler in front of it, went away:
+    a connection lost or refused (SQLSTATE class 08, or none: the client's
+    own), the server shutting down or starting up (57P01-57P03); or psycopg
+    lost track of the protocol on a connection the pooler cut mid-reply."""
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if isinstance(exc, InternalError):
+        return state is None and str(exc.orig).startswith("received ")
+    if not isinstance(exc, OperationalError):
+        return False
+    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+
+
+def run_again_while_away(work: Callable[[], T], writes: bool = True) -> T:
+    """work(), run again while Postgres is away (a restart, a failover, a
+    pooler that cannot reach it), for up to DB_RESTART_WAIT_SECONDS, as long
+    as it sent no write: what it read it reads again, and a transaction cut
+    before its COMMIT left nothing behind. Work that `writes` nothing (a
+    safe request) runs again whatever it sent. A server never reached
+    fails at once."""
+    deadline = time.monotonic() + get_settings().db_restart_wait
+    while True:
+        token = _sent_writes.set(False)
+        try:
+            return work()
+        except (OperationalError, InternalError) as exc:
+            if (
+                not server_went_away(exc)
+                or get_engine().url not in _reached
+                or (writes and _sent_writes.get())
+                or time.monotonic() >= deadline
+            ):
+                raise
+            log.warning("Postgres went away (%s); running it again", exc.orig)
+            time.sleep(0.25)
+        finally:
+            _sent_writes.reset(token)
 
 
 def _closed_by_server(dbapi_connection: object, _record: object, _proxy: object) -> None:

@@ -139,6 +139,23 @@ def start_redis(workdir: Path, logdir: Path, tls_password: str | None = None) ->
     return proc, port
 
 
+def start_pgbouncer(workdir: Path, logdir: Path, pg_port: int) -> tuple[Proc, int]:
+    port = free_port()
+    args = ["bash", "deploy/pgbouncer.sh", str(workdir / "pgbouncer"), str(port), str(pg_port)]
+    proc = Proc("pgbouncer", args, logdir)
+    wait_until(lambda: port_open(port), 30, "PgBouncer")
+    return proc, port
+
+
+def postgres_under_test() -> str:
+    """How the tests reach Postgres: TEST_POSTGRES=pgbouncer (transaction
+    pooling), else directly."""
+    how = os.environ.get("TEST_POSTGRES", "direct")
+    if how not in ("direct", "pgbouncer"):
+        raise ValueError(f"TEST_POSTGRES must be direct or pgbouncer, not {how!r}")
+    return how
+
+
 def start_rabbitmq(workdir: Path, logdir: Path) -> tuple[Proc, int]:
     port = free_port()
     proc = Proc("rabbitmq", ["bash", "deploy/rabbitmq.sh", str(workdir / "rabbitmq"), str(port)], logdir)
@@ -233,7 +250,8 @@ def stack(
     migrate: bool = True,
     redis_tls_password: str | None = None,
 ) -> Iterator[dict]:
-    """Postgres, Redis, RabbitMQ if TEST_BROKER says so, the offline model
+    """Postgres (behind PgBouncer if TEST_POSTGRES says so), Redis, RabbitMQ
+    if TEST_BROKER says so, the offline model
     (and the MCP test servers), migrated
     and set in this process's environment until the end; workers and web are
     the caller's."""
@@ -246,6 +264,10 @@ def stack(
     try:
         pg, pg_port = start_postgres(workdir, logdir)
         procs.append(pg)
+        db_port = pg_port
+        if postgres_under_test() == "pgbouncer":
+            bouncer, db_port = start_pgbouncer(workdir, logdir, pg_port)
+            procs.append(bouncer)
         rd, redis_port = start_redis(workdir, logdir, redis_tls_password)
         procs.append(rd)
         model, model_port = start_model(logdir, *model_args)
@@ -258,7 +280,7 @@ def stack(
         env = {
             **os.environ,
             **env_defaults,
-            "DATABASE_URL": f"postgres://turnstream@127.0.0.1:{pg_port}/turnstream",
+            "DATABASE_URL": f"postgres://turnstream@127.0.0.1:{db_port}/turnstream",
             "REDIS_URL": (
                 f"rediss://:{redis_tls_password}@127.0.0.1:{redis_port}/0"
                 if redis_tls_password is not None
@@ -300,13 +322,14 @@ def stack(
             "model_port": model_port,
             "redis_port": redis_port,
             "pg_port": pg_port,
+            "db_port": db_port,  # DATABASE_URL's: PgBouncer's with TEST_POSTGRES=pgbouncer, else Postgres's
             "demo_url": demo_url,
         }
     finally:
         for proc in reversed(procs):
             proc.stop()
         # The data (about 70 MB of Postgres per stack) goes; the logs stay.
-        for data in ("pg", "redis", "rabbitmq"):
+        for data in ("pg", "redis", "rabbitmq", "pgbouncer"):
             shutil.rmtree(workdir / data, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved_environ)

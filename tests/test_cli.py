@@ -42,10 +42,10 @@ def test_an_unreachable_redis_is_one_line_naming_host_and_setting(stack):
 
 def test_a_new_database_is_migrated_and_its_empty_lists_say_so(stack):
     name = "cli_fresh"
-    with psycopg.connect(f"postgresql://turnstream@127.0.0.1:{stack['pg_port']}/turnstream", autocommit=True) as db:
+    with psycopg.connect(f"postgresql://turnstream@127.0.0.1:{stack['db_port']}/turnstream", autocommit=True) as db:
         db.execute(f"DROP DATABASE IF EXISTS {name}")
         db.execute(f"CREATE DATABASE {name}")
-    env = {**stack["env"], "DATABASE_URL": f"postgres://turnstream@127.0.0.1:{stack['pg_port']}/{name}"}
+    env = {**stack["env"], "DATABASE_URL": f"postgres://turnstream@127.0.0.1:{stack['db_port']}/{name}"}
     assert _flask(env, "db", "upgrade").stdout.strip() == "database at head"
     assert _flask(env, "turns", "list").stdout.strip() == "no queued or running turns"
     assert _flask(env, "turns", "list", "--status", "failed").stdout.strip() == "no failed turns"

@@ -4,11 +4,29 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from flask import Flask
+from flask import Flask, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared import logs, tracing
 from shared.config import Settings, cookie_signing_key, get_settings, use_settings
+from shared.db import run_again_while_away
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+class App(Flask):
+    """Flask, with a request's work run again while Postgres is away (a
+    restart, a failover) and it wrote nothing yet, or it is a safe request:
+    it waits for the server instead of answering 503
+    (shared/db.run_again_while_away). One cut at its COMMIT answers 503:
+    whether it landed is unknown (a turn's Idempotency-Key makes sending it
+    again safe)."""
+
+    def preprocess_request(self):
+        return run_again_while_away(super().preprocess_request, writes=request.method not in SAFE_METHODS)
+
+    def dispatch_request(self):
+        return run_again_while_away(super().dispatch_request, writes=request.method not in SAFE_METHODS)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -25,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings = get_settings()
     else:
         use_settings(settings)
-    app = Flask(__name__)
+    app = App(__name__)
     app.config.update(
         SECRET_KEY=cookie_signing_key(settings),
         MAX_CONTENT_LENGTH=settings.max_body_bytes,

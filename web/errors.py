@@ -8,6 +8,8 @@ from typing import Any
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from shared.db import server_went_away
+
 log = logging.getLogger(__name__)
 
 _CODES = {
@@ -77,7 +79,7 @@ def register_error_handlers(app: Flask) -> None:
         from redis.exceptions import ConnectionError as RedisConnectionError
         from sqlalchemy.exc import OperationalError
 
-        if isinstance(exc, (RedisConnectionError, OperationalError)):
+        if isinstance(exc, (RedisConnectionError, OperationalError)) or server_went_away(exc):
             log.warning("dependency unavailable: %s", exc)
             return error_response(503, "unavailable", "a dependency (database or Redis) is unavailable")
         log.exception("unhandled error")  # the line carries the request's id

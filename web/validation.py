@@ -86,7 +86,7 @@ def parse_body(model: type[M], max_message_chars: int | None = None) -> M:
     """The request's JSON body validated as `model`, or the documented 4xx."""
     if not request.is_json:
         raise ApiError(415, "send the body as application/json")
-    data = parse_json(request.get_data(cache=False))
+    data = parse_json(request.get_data())  # kept: a request run again reads it again
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     try:

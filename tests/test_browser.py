@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+
+from tests.proxy import Proxy
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (deploy/setup.sh): no browser download
 HOSTILE = (
@@ -175,65 +175,8 @@ def test_hostile_text_from_people_models_and_tools_runs_no_script_and_loads_noth
     assert remote == []
 
 
-class Cuttable:
-    """A TCP proxy in front of the web server that a test can cut, as a
-    network drop would: open connections are closed and new ones refused
-    for a while."""
-
-    def __init__(self, port: int):
-        self.target = ("127.0.0.1", port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.down_until = 0.0
-        self.live: set[socket.socket] = set()
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if time.monotonic() < self.down_until:
-                client.close()
-                continue
-            upstream = socket.create_connection(self.target)
-            with self.lock:
-                self.live |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for s in (source, sink):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self, seconds: float) -> None:
-        self.down_until = time.monotonic() + seconds
-        with self.lock:
-            live, self.live = self.live, set()
-        for s in live:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def close(self) -> None:
-        self.listener.close()
-        self.cut(0)
-
-
 def test_a_network_drop_mid_answer_resumes_with_no_gap_or_duplicate(context, web_server, owner, client):
-    proxy = Cuttable(int(web_server.rsplit(":", 1)[1]))
+    proxy = Proxy([int(web_server.rsplit(":", 1)[1])])
     warnings: list[str] = []
     try:
         page = _signed_in(context, f"http://127.0.0.1:{proxy.port}", owner)

@@ -1,12 +1,13 @@
 """Pipeline benchmark: what Turnstream adds on top of bare Celery.
 
     python -m tests.bench.pipeline [--samples 100] [--concurrent 100] [--turns 1000] [--load-seconds 15]
-        [--workers 1] [--out .bench/pipeline.json]
+        [--workers 1] [--webs 1] [--out .bench/pipeline.json]
 
 Starts Postgres, Redis, the offline model (instant: no first-token delay, no
-token delay), one `gunicorn -k gevent` web process and one worker process
-(`--workers` for more; threads pool, twice `--concurrent` threads in all,
-`--threads` per process to change) that also loads the baseline task
+token delay), one `gunicorn -k gevent` web process (`--webs` for more, on
+one port as WEB_CONCURRENCY runs them) and one worker process (`--workers`
+for more; threads pool, twice `--concurrent` threads in all, `--threads`
+per process to change) that also loads the baseline task
 (tests/bench/bare.py). Measured in the same run, the baseline's samples
 taken in turn with Turnstream's so that drift in the VM's speed moves both
 sides of a ratio alike:
@@ -406,6 +407,7 @@ def main() -> None:
         "--threads", type=int, help="pool threads per worker (default: twice --concurrent over --workers)"
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (the baseline task uses them too)")
+    parser.add_argument("--webs", type=int, default=1, help="web processes (gunicorn workers, one port)")
     parser.add_argument("--load-seconds", type=float, default=15, help="the run with paced turns in flight")
     parser.add_argument("--out", default=".bench/pipeline.json")
     args = parser.parse_args()
@@ -427,7 +429,7 @@ def main() -> None:
         info["procs"] += workers
         for worker in workers:
             services.wait_for_worker(worker)
-        web, port = services.start_gunicorn(logdir, env, workers=1)
+        web, port = services.start_gunicorn(logdir, env, workers=args.webs)
         info["procs"].append(web)
         base = f"http://127.0.0.1:{port}"
         services.wait_until(lambda: httpx.get(f"{base}/api/health", timeout=2).status_code == 200, 30, "web")
@@ -463,6 +465,7 @@ def main() -> None:
     results = {
         "worker_processes": args.workers,
         "worker_threads": args.threads,
+        "web_processes": args.webs,
         "baseline": base_figures,
         "model_ttft_ms_p50": ms(model),
         "ttft_1": {"p50_ms": ms(statistics.median(one)), "p99_ms": ms(p(one, 99))},

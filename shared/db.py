@@ -120,11 +120,19 @@ def _closed_by_server(dbapi_connection: object, _record: object, _proxy: object)
     read while it sits idle in the pool; a live idle one has nothing. Found
     so at checkout, it is swapped for a new one (DisconnectionError makes
     the pool do that), so the request that drew it does not fail. One
-    `select` with no wait, not a round trip. A server that vanished without
-    a word is still found only by the first statement."""
+    `poll` with no wait, not a round trip (poll, not select: a web process
+    holding thousands of streams has descriptors past select's 1,024). A
+    server that vanished without a word is still found only by the first
+    statement."""
     fd = dbapi_connection.pgconn.socket if not dbapi_connection.closed else -1
-    if fd < 0 or select.select([fd], [], [], 0)[0]:
+    if fd < 0 or _readable(fd):
         raise DisconnectionError("the server closed the connection while it was in the pool")
+
+
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 @functools.cache

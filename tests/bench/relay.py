@@ -1,9 +1,10 @@
 """Relay benchmark: Turnstream's SSE relay beside a flask-sse baseline.
 
-    python -m tests.bench.relay [--sizes 1000,5000,10000] [--seconds 8] [--out .bench/relay.json]
+    python -m tests.bench.relay [--sizes 1000,5000,10000] [--seconds 8] [--webs 1] [--out .bench/relay.json]
 
 Starts Postgres and Redis, then two web servers under the same gunicorn
-configuration (`-k gevent`, one worker process each): Turnstream's app, and
+configuration (`-k gevent`, one worker process each, `--webs` for more, summed
+below): Turnstream's app, and
 flask-sse as its documentation sets it up (tests/bench/flask_sse_app.py).
 Each figure is measured on both, one server at a time, in the same run:
 
@@ -78,12 +79,15 @@ class Server:
     name: str
     app: str | None
     env: dict
+    webs: int = 1
     proc: services.Proc | None = None
     port: int = 0
     channel_of: dict = field(default_factory=dict)
 
     def start(self, logdir: Path) -> None:
-        self.proc, self.port = services.start_gunicorn(logdir, self.env, app=self.app, name=self.name)
+        self.proc, self.port = services.start_gunicorn(
+            logdir, self.env, workers=self.webs, app=self.app, name=self.name
+        )
         services.wait_until(lambda: _get(self.port, self.health_path) != 0, 30, self.name)
 
     def restart(self, logdir: Path) -> None:
@@ -98,8 +102,9 @@ class Server:
     def health_path(self) -> str:
         return "/not-found"  # any answer says it serves (/api/health would open Celery connections)
 
-    def worker_pid(self) -> int:
-        return services.children(self.proc.popen.pid)[0]
+    def worker_pids(self) -> list[int]:
+        """gunicorn's web processes (its workers), which share the port."""
+        return services.children(self.proc.popen.pid)
 
 
 class Setup:
@@ -300,13 +305,13 @@ async def deliver(
         target=publish,
         args=(redis_port, server.turnstream, channels, [t.encode() for t in idents], rate, seconds, out),
     )
-    pid = server.worker_pid()
-    cpu_before = tree_cpu(pid)
+    pids = server.worker_pids()
+    cpu_before = sum(tree_cpu(pid) for pid in pids)
     pub.start()
     sent = await asyncio.get_running_loop().run_in_executor(None, out.get)
     pub.join()
     await asyncio.sleep(SETTLE)
-    cpu = tree_cpu(pid) - cpu_before
+    cpu = sum(tree_cpu(pid) for pid in pids) - cpu_before
     close(clients)
     freed = None
     if server.turnstream:
@@ -366,8 +371,8 @@ def redis_connections(r: redis.Redis, pid: int, redis_port: int) -> int:
 async def idle(server: Server, setup: Setup, r: redis.Redis, redis_port: int, sizes: list[int], ping: float) -> dict:
     """Open streams up to each size; Redis connections and RSS per stream;
     then close them all and count what remains subscribed 2 pings later."""
-    pid = server.worker_pid()
-    base_rss = rss_bytes(pid)
+    pids = server.worker_pids()
+    base_rss = sum(rss_bytes(pid) for pid in pids)
     clients: list[Sse] = []
     channels: list[bytes] = []
     figures = {}
@@ -377,10 +382,10 @@ async def idle(server: Server, setup: Setup, r: redis.Redis, redis_port: int, si
         clients += await connect(server, setup, idents, [])
         opened = await wait_subscribed(r, channels, size)
         await asyncio.sleep(2)
-        rss = rss_bytes(pid)
+        rss = sum(rss_bytes(pid) for pid in pids)
         figures[size] = {
             "streams_open": opened,
-            "redis_connections": redis_connections(r, pid, redis_port),
+            "redis_connections": sum(redis_connections(r, pid, redis_port) for pid in pids),
             "rss_mb": round(rss / 2**20, 1),
             "rss_kb_per_stream": round((rss - base_rss) / opened / 1024, 1),
         }
@@ -463,6 +468,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,5000,10000", help="idle stream counts")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each latency run")
     parser.add_argument("--only", choices=("turnstream", "flask-sse"), help="measure one server")
+    parser.add_argument("--webs", type=int, default=1, help="web processes per server (gunicorn workers, one port)")
     parser.add_argument("--out", default=".bench/relay.json")
     args = parser.parse_args()
     args.sizes = [int(n) for n in args.sizes.split(",")]
@@ -475,8 +481,8 @@ def main() -> None:
         r.config_set("maxclients", files - 32)  # flask-sse holds one connection per stream
         turns, key = make_turns(max(args.sizes) + 12_000)
         servers = [
-            Server("flask-sse", "tests.bench.flask_sse_app:app", env),
-            Server("turnstream", None, env),  # the Procfile's web line
+            Server("flask-sse", "tests.bench.flask_sse_app:app", env, args.webs),
+            Server("turnstream", None, env, args.webs),  # the Procfile's web line
         ]
         results = {}
         for server in servers:

@@ -272,11 +272,11 @@ def stack(
         procs.append(rd)
         model, model_port = start_model(logdir, *model_args)
         procs.append(model)
-        broker, broker_env = rd, {}
+        broker, broker_port, broker_env = rd, redis_port, {}
         if broker_under_test() == "rabbitmq":
-            broker, amqp_port = start_rabbitmq(workdir, logdir)
+            broker, broker_port = start_rabbitmq(workdir, logdir)
             procs.append(broker)
-            broker_env = {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{amqp_port}//"}
+            broker_env = {"BROKER_URL": f"amqp://guest:guest@127.0.0.1:{broker_port}//"}
         env = {
             **os.environ,
             **env_defaults,
@@ -319,6 +319,7 @@ def stack(
             "postgres": pg,
             "redis": rd,
             "broker": broker,  # Redis, or RabbitMQ with TEST_BROKER=rabbitmq
+            "broker_port": broker_port,
             "model_port": model_port,
             "redis_port": redis_port,
             "pg_port": pg_port,

@@ -16,6 +16,7 @@ command -v openssl >/dev/null || missing+=(openssl)  # the tests' TLS Redis
 command -v chromium >/dev/null || missing+=(chromium)  # the browser tests (Playwright drives it; no download)
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)  # BROKER_URL=amqp://, and its tests
 [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)  # the tests reach Postgres through it
+command -v ip >/dev/null || missing+=(iproute2)  # the multi-host test's network namespaces
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   "${sudo_[@]}" apt-get update -qq

@@ -1,6 +1,7 @@
 """A TCP proxy for tests: round-robin over one or more servers, as a plain
 load balancer spreads connections (a server that refuses is skipped), and
-cuttable, as a network drop would be."""
+cuttable, as a network drop would be. Also a port forward (one target, and
+the address and port to listen on)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import time
 
 
 class Proxy:
-    def __init__(self, ports: list[int]):
-        self.targets = [("127.0.0.1", port) for port in ports]
+    def __init__(self, targets: list[tuple[str, int]], listen: tuple[str, int] = ("127.0.0.1", 0)):
+        self.targets = targets
         self._next = itertools.cycle(range(len(self.targets)))
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(listen)
         self.port = self.listener.getsockname()[1]
         self.down_until = 0.0
         self.live: set[socket.socket] = set()

@@ -176,7 +176,7 @@ def test_hostile_text_from_people_models_and_tools_runs_no_script_and_loads_noth
 
 
 def test_a_network_drop_mid_answer_resumes_with_no_gap_or_duplicate(context, web_server, owner, client):
-    proxy = Proxy([int(web_server.rsplit(":", 1)[1])])
+    proxy = Proxy([("127.0.0.1", int(web_server.rsplit(":", 1)[1]))])
     warnings: list[str] = []
     try:
         page = _signed_in(context, f"http://127.0.0.1:{proxy.port}", owner)

@@ -22,11 +22,10 @@ import pytest
 from sqlalchemy import func, select
 
 from shared.db import transaction
-from shared.events import ENDING_TYPES
-from shared.models import ENDED, Message, Turn
+from shared.models import ENDED, Turn
 from tests import services
 from tests.conftest import TEST_ENV
-from tests.sse import iter_sse
+from tests.turns import follow, shown_text, stored
 
 CHAOS_ENV = {
     **TEST_ENV,
@@ -112,9 +111,7 @@ class Chaos:
                 ids.append(http.post(f"/api/sessions/{sid}/turns", json={"message": message}).json()["id"])
         deadline = time.monotonic() + bound
         streams: dict = {}
-        followers = [
-            threading.Thread(target=_follow, args=(self.base, self.headers, t, deadline, streams)) for t in ids
-        ]
+        followers = [threading.Thread(target=follow, args=(self.base, self.headers, t, deadline, streams)) for t in ids]
         for f in followers:
             f.start()
         inject(ids)
@@ -137,32 +134,6 @@ def chaos(chaos_stack):
     c.close()
 
 
-def _follow(base: str, headers: dict, turn_id: str, deadline: float, out: dict) -> None:
-    """Follow a turn's events to its end, reconnecting with Last-Event-ID."""
-    events: list = []
-    last = None
-    out[turn_id] = {"events": events, "ended": False, "reconnects": 0}
-    while time.monotonic() < deadline:
-        h = {**headers, **({"Last-Event-ID": last} if last else {})}
-        try:
-            with httpx.stream("GET", f"{base}/api/turns/{turn_id}/events", headers=h, timeout=20) as r:
-                if r.status_code == 204:
-                    out[turn_id]["ended"] = True
-                    return
-                for item in iter_sse(r) if r.status_code == 200 else ():
-                    if isinstance(item, tuple):
-                        continue
-                    events.append((time.monotonic(), item))
-                    last = item.id or last
-                    if item.event in ENDING_TYPES or (item.event == "turn.snapshot" and item.data["status"] in ENDED):
-                        out[turn_id]["ended"] = True
-                        return
-        except httpx.HTTPError:
-            pass
-        out[turn_id]["reconnects"] += 1
-        time.sleep(0.2)
-
-
 def _finished(ids: list[str]) -> bool:
     with transaction() as db:
         return not db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status.not_in(ENDED)))
@@ -170,25 +141,12 @@ def _finished(ids: list[str]) -> bool:
 
 def _count(ids: list[str], streams: dict) -> dict:
     """What the issue asks every chaos test to print, from Postgres and the streams."""
-    with transaction() as db:
-        turns = {t.id: t for t in db.scalars(select(Turn).where(Turn.id.in_(ids)))}
-        answers = dict(
-            db.execute(
-                select(Message.turn_id, func.count())
-                .where(Message.turn_id.in_(ids), Message.role == "assistant")
-                .group_by(Message.turn_id)
-            ).all()
-        )
-    mismatched = 0
-    for t in ids:
-        events = [e for _at, e in streams[t]["events"]]
-        cuts = [i for i, e in enumerate(events) if e.event in ("turn.restarted", "turn.snapshot")]
-        after = events[cuts[-1] :] if cuts else events
-        text = "".join(e.data.get("delta", "") for e in after if e.event == "message.delta")
-        if events and events[-1].event == "turn.snapshot":
-            text = events[-1].data["text"]
-        if turns[t].status == "succeeded" and text != turns[t].answer:
-            mismatched += 1
+    turns, answers = stored(ids)
+    mismatched = sum(
+        1
+        for t in ids
+        if turns[t].status == "succeeded" and shown_text([e for _at, e in streams[t]["events"]]) != turns[t].answer
+    )
     statuses = [t.status for t in turns.values()]
     return {
         "submitted": len(ids),

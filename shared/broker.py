@@ -12,7 +12,7 @@ import logging
 import redis
 from celery import Celery
 from celery.signals import beat_init, before_task_publish, setup_logging, task_prerun
-from kombu import Queue
+from kombu import Producer, Queue
 
 from shared import logs, metrics, overrides
 from shared.batching import Batcher
@@ -42,11 +42,11 @@ def get_celery() -> Celery:
     app.conf.worker_concurrency = settings.worker_concurrency
     if settings.rabbitmq:
         # Quorum queues (replicated, written to disk before a publish is
-        # confirmed) and publisher confirms: a turn's message, once sent,
-        # survives the broker's restart. Late acks (celeryconfig.py) keep
-        # it until its turn ran.
+        # confirmed; the sender asks for confirms, _sender_producer): a
+        # turn's message, once sent, survives the broker's restart. Late
+        # acks (celeryconfig.py) keep it until its turn ran.
         app.conf.task_queues = [Queue(name, queue_arguments={"x-queue-type": "quorum"}) for name in QUEUES]
-        app.conf.broker_transport_options = {"confirm_publish": True}
+        app.conf.broker_transport_options = {}
     else:
         app.conf.task_queues = [Queue(name) for name in QUEUES]
         app.conf.broker_transport_options = {
@@ -111,12 +111,25 @@ def _sender() -> Batcher:
     return Batcher(_send_tasks, "task-sender")
 
 
+@functools.cache
+def _sender_producer() -> Producer:
+    """The sender's own producer and broker connection, used by its one
+    thread only. On RabbitMQ it asks for publisher confirms, so a send
+    returns once the broker has the messages on disk. Only here: with
+    confirms on the connections a worker's threads share (task events),
+    its consumer stopped taking messages under a burst."""
+    app = get_celery()
+    options = {"confirm_publish": True} if get_settings().rabbitmq else {}
+    return app.amqp.Producer(app.connection_for_write(transport_options=options), auto_declare=False)
+
+
 def _send_tasks(tasks: list[tuple[str, str]]) -> list[None]:
     """The messages in one round trip (kombu's publish batch), then the
     turns' sent marks in one more: a lost mark only lets the sweeper send
     a turn again early, which is harmless."""
     app = get_celery()
-    with app.producer_or_acquire() as producer, producer.batch():
+    producer = _sender_producer()
+    with producer.batch():
         for name, ident in tasks:
             app.send_task(name, args=[ident], producer=producer)
     turns = [ident for name, ident in tasks if name == RUN_TURN]

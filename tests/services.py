@@ -347,6 +347,7 @@ def reset_process_singletons() -> None:
         db._sessionmaker,
         redis.get_redis,
         broker.get_celery,
+        broker._sender_producer,
         model.get_client,
         tools.get_toolbox,
         events.get_publisher,

@@ -185,6 +185,10 @@ def test_worker_sigkilled_three_times_loses_and_duplicates_nothing(chaos):
     def kill_three_times(ids):
         worker = chaos.start_worker(supervised=False)
         for _ in range(3):
+            # Up and running turns of its own: the killed one's heartbeats
+            # last STALE_RUNNING_SECONDS, and a worker killed while it
+            # starts takes nothing down with it.
+            services.wait_for_worker(worker)
             services.wait_until(lambda: _beating(ids) >= 8, 60, "the worker to run turns")
             time.sleep(0.7)
             worker.popen.kill()  # SIGKILL: no shutdown, its turns stay "running"

@@ -25,7 +25,7 @@ from shared.db import transaction
 from shared.models import ENDED, Turn
 from tests import services
 from tests.conftest import TEST_ENV
-from tests.turns import follow, shown_text, stored
+from tests.turns import ended, follow, shown_text, stored
 
 CHAOS_ENV = {
     **TEST_ENV,
@@ -236,10 +236,10 @@ def test_what_the_broker_keeps_of_queued_turns_across_its_crash(chaos_stack):
         chaos.restart(broker, 9, down_for=0.5)
         chaos.start_worker()
         if _kept_all():
-            services.wait_until(lambda: _ended(ids) == 20, 30, "the kept turns to end")
+            services.wait_until(lambda: ended(ids) == 20, 30, "the kept turns to end")
         else:
             time.sleep(10)  # time enough to run kept messages, were there any
-        kept = _ended(ids)
+        kept = ended(ids)
         chaos.start_beat()
         services.wait_until(lambda: _finished(ids), 60, "every turn to end once the sweeper runs")
         counts = {
@@ -257,11 +257,6 @@ def test_what_the_broker_keeps_of_queued_turns_across_its_crash(chaos_stack):
 def _kept_all() -> bool:
     """Whether the broker under test keeps confirmed messages across a crash."""
     return services.broker_under_test() == "rabbitmq"
-
-
-def _ended(ids: list[str]) -> int:
-    with transaction() as db:
-        return db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status.in_(ENDED)))
 
 
 def test_postgres_restarted_mid_run_loses_no_turn(chaos):

@@ -27,7 +27,7 @@ from tests import services
 from tests.conftest import TEST_ENV
 from tests.proxy import Proxy
 from tests.sse import iter_sse
-from tests.turns import follow, shown_text, stored
+from tests.turns import ended, follow, shown_text, stored
 
 ENV = {
     **TEST_ENV,
@@ -222,7 +222,7 @@ def test_turns_spread_over_both_worker_hosts_and_a_killed_one_is_recovered(hosts
     services.wait_until(lambda: len(_ran_by(hosts, ids)) == 2, 30, "both worker hosts to run turns")
     spread = {name: len(turns) for name, turns in _ran_by(hosts, ids).items()}
     hosts.workers["worker-1"].stop(9)  # mid-turn: its turns stay "running"
-    services.wait_until(lambda: _ended(ids) == len(ids), 90, "every turn to end")
+    services.wait_until(lambda: ended(ids) == len(ids), 90, "every turn to end")
     counts = _check_streams(ids, {t: {"events": [(0, e) for e in _events(hosts, t)], "reconnects": 0} for t in ids})
     with transaction() as db:
         restarted = db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.attempts > 1))
@@ -242,11 +242,6 @@ def _ran_by(hosts: Hosts, ids: list[str]) -> dict[str, set[str]]:
         if turns:
             found[name] = turns
     return found
-
-
-def _ended(ids: list[str]) -> int:
-    with transaction() as db:
-        return db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status.in_(ENDED)))
 
 
 def _events(hosts: Hosts, turn_id: str) -> list:

@@ -63,3 +63,9 @@ def stored(ids: list[str]) -> tuple[dict[str, Turn], dict[str, int]]:
             ).all()
         )
     return turns, answers
+
+
+def ended(ids: list[str]) -> int:
+    """How many of the turns have ended."""
+    with transaction() as db:
+        return db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status.in_(ENDED)))

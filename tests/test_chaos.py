@@ -390,7 +390,6 @@ def test_no_request_fails_across_a_postgres_restart_or_crash(chaos_stack, chaos_
     assert set(failed) <= {503} and len(failed) <= 4, counts
 
 
-@pytest.mark.broker
 def test_every_turn_resumes_within_30_s_of_the_broker_returning(chaos_stack):
     """At the default recovery settings: turns queued when the broker
     (Redis, losing its data; or RabbitMQ) was SIGKILLed, and turns submitted

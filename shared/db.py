@@ -21,6 +21,22 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# A server that vanished without closing its connections (a failed-over
+# primary's host cut off, a network partition) sends neither FIN nor RST:
+# a statement sent on such a connection would wait out the kernel's
+# retransmissions, about 15 minutes. With these, one unacknowledged for
+# 10 s fails (tcp_user_timeout), and so does an idle one whose keepalive
+# probes go unanswered, so the pool and run_again_while_away() move on to
+# a new connection, which finds the server the name points at now.
+_DEAD_SERVER = {
+    "tcp_user_timeout": 10_000,  # ms
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
+
+
 @functools.cache
 def get_engine() -> Engine:
     settings = get_settings()
@@ -46,7 +62,7 @@ def get_engine() -> Engine:
         # land on another server connection, which lacks it. The hot
         # statements are calls of short functions; the pipeline benchmark
         # shows no gain from preparing them.
-        connect_args={"connect_timeout": 5, "prepare_threshold": None},
+        connect_args={"connect_timeout": 5, "prepare_threshold": None, **_DEAD_SERVER},
     )
     event.listen(engine, "checkout", _closed_by_server)
     event.listen(engine, "connect", lambda *_: _reached.add(engine.url))
@@ -122,8 +138,8 @@ def _closed_by_server(dbapi_connection: object, _record: object, _proxy: object)
     the pool do that), so the request that drew it does not fail. One
     `poll` with no wait, not a round trip (poll, not select: a web process
     holding thousands of streams has descriptors past select's 1,024). A
-    server that vanished without a word is still found only by the first
-    statement."""
+    server that vanished without a word is found by the first statement,
+    after _DEAD_SERVER's timeout, or by the keepalives while it sits idle."""
     fd = dbapi_connection.pgconn.socket if not dbapi_connection.closed else -1
     if fd < 0 or _readable(fd):
         raise DisconnectionError("the server closed the connection while it was in the pool")

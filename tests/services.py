@@ -344,6 +344,7 @@ def reset_process_singletons() -> None:
     config.use_settings(None)
     for fn in (
         db.get_engine,
+        db.autocommit_engine,
         db._sessionmaker,
         redis.get_redis,
         broker.get_celery,

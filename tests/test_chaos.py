@@ -25,7 +25,7 @@ from shared.db import transaction
 from shared.models import ENDED, Turn
 from tests import services
 from tests.conftest import TEST_ENV
-from tests.turns import ended, follow, shown_text, stored
+from tests.turns import ended, follow, keep_sending, shown_text, stored
 
 CHAOS_ENV = {
     **TEST_ENV,
@@ -333,30 +333,16 @@ def test_no_request_fails_across_a_postgres_restart_or_crash(chaos_stack, chaos_
     it and runs again (web.App, shared/db.py: new connections wait for a
     server reached before, idle ones it closed are swapped at checkout)."""
     chaos = Chaos({**chaos_stack, "env": {**chaos_stack["env"], "DATABASE_URL": chaos_urls[via]}}, beat=False)
-    results: list[tuple[float, float, object]] = []
+    results: list[tuple] = []
     stop = threading.Event()
-
-    def client(sid: str) -> None:
-        with httpx.Client(base_url=chaos.base, headers=chaos.headers, timeout=60) as http:
-            for n in itertools.count():
-                if stop.is_set():
-                    return
-                started = time.monotonic()
-                try:
-                    if n % 2:
-                        status: object = http.post("/api/sessions", json={}).status_code
-                    else:
-                        status = http.get(f"/api/sessions/{sid}").status_code
-                except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                results.append((started, time.monotonic(), status))
-                time.sleep(0.02)
 
     clients: list[threading.Thread] = []
     try:
         with httpx.Client(base_url=chaos.base, headers=chaos.headers, timeout=10) as http:
             sids = [http.post("/api/sessions", json={}).json()["id"] for _ in range(8)]
-        clients = [threading.Thread(target=client, args=(sid,)) for sid in sids]
+        clients = [
+            threading.Thread(target=keep_sending, args=(chaos.base, chaos.headers, sid, stop, results)) for sid in sids
+        ]
         for c in clients:
             c.start()
         time.sleep(1)
@@ -377,16 +363,16 @@ def test_no_request_fails_across_a_postgres_restart_or_crash(chaos_stack, chaos_
         for c in clients:
             c.join(60)
         chaos.close()
-    failed_in_flight = [s for started, _ended, s in results if started < down and s not in (200, 201)]
-    failed_after = [s for started, _ended, s in results if started >= down and s not in (200, 201)]
-    waited = [ended - started for started, ended, _s in results if started < back and ended > down]
+    failed_in_flight = [s for started, _ended, s, _id in results if started < down and s not in (200, 201)]
+    failed_after = [s for started, _ended, s, _id in results if started >= down and s not in (200, 201)]
+    waited = [ended - started for started, ended, _s, _id in results if started < back and ended > down]
     counts = {
         "requests": len(results),
         "met_the_outage": len(waited),
         "longest_wait_s": round(max(waited, default=0), 2),
         "failed_in_flight_when_it_went_down": len(failed_in_flight),
         "failed_after": len(failed_after),
-        "statuses": sorted({str(s) for _a, _b, s in results}),
+        "statuses": sorted({str(s) for _a, _b, s, _id in results}),
     }
     print(f"\nchaos (Postgres {fault}, {via}, 8 clients sending):", counts)
     assert counts["met_the_outage"] >= 8, counts

@@ -58,6 +58,7 @@ class Network:
         self.bridge = f"tsbr{tag}"
         self.namespaces: dict[str, str] = {}
         self.addresses: dict[str, str] = {}
+        self.links: dict[str, str] = {}  # each host's end on the bridge: down, the host is gone
         self.forwards: list[Proxy] = []
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
@@ -72,7 +73,7 @@ class Network:
             _ip("netns", "exec", ns, "ip", "addr", "add", f"{self.subnet}.{n}/24", "dev", f"{veth}p")
             _ip("netns", "exec", ns, "ip", "link", "set", f"{veth}p", "up")
             _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
-            self.namespaces[host], self.addresses[host] = ns, f"{self.subnet}.{n}"
+            self.namespaces[host], self.addresses[host], self.links[host] = ns, f"{self.subnet}.{n}", veth
 
     def reachable(self, url: str) -> str:
         """The URL of a service on this machine's loopback as the hosts reach

@@ -1,8 +1,10 @@
 """Following turns the way a client does, and what Postgres holds of them:
-shared by the tests that break processes on purpose (chaos, hosts)."""
+shared by the tests that break processes on purpose (chaos, hosts,
+failover)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import httpx
@@ -69,3 +71,25 @@ def ended(ids: list[str]) -> int:
     """How many of the turns have ended."""
     with transaction() as db:
         return db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status.in_(ENDED)))
+
+
+def keep_sending(base: str, headers: dict, sid: str, stop, results: list) -> None:
+    """One client until `stop` is set: GET its session and POST a new one in
+    turn; results gets (started, ended, status, id of the session a POST
+    created or None) for each request."""
+    with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+        for n in itertools.count():
+            if stop.is_set():
+                return
+            started, created = time.monotonic(), None
+            try:
+                if n % 2:
+                    r = http.post("/api/sessions", json={})
+                    created = r.json()["id"] if r.status_code == 201 else None
+                else:
+                    r = http.get(f"/api/sessions/{sid}")
+                status: object = r.status_code
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            results.append((started, time.monotonic(), status, created))
+            time.sleep(0.02)

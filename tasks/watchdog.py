@@ -3,13 +3,15 @@
 Celery's Redis consumer can stay connected yet never take a message again
 after the broker came back from a restart (reported as celery/celery#8091,
 #9054 and #10302; this project's Redis chaos test met it once on a loaded CI
-machine, and not in eight runs here). The process looks healthy, so nothing
-restarts it, and every turn waits. This watch notices the state that cannot
-happen otherwise: messages waiting in the queue, threads free, and nothing
-received for WORKER_STALL_SECONDS. It then hands back the turns it runs and
-exits with a failure, for the process manager to start a new worker (Heroku
-restarts a crashed dyno; systemd with `Restart=always`; Kubernetes'
-restartPolicy).
+machine, and not in eight runs here); on RabbitMQ a worker flooded with
+messages once stopped taking any, with publisher confirms on the connections
+its threads share (shared/broker.py now keeps those to the sender's own). The
+process looks healthy, so nothing restarts it, and every turn waits. This
+watch notices the state that cannot happen otherwise: messages waiting in
+the queue, threads free, and nothing received for WORKER_STALL_SECONDS. It
+then hands back the turns it runs and exits with a failure, for the process
+manager to start a new worker (Heroku restarts a crashed dyno; systemd with
+`Restart=always`; Kubernetes' restartPolicy).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis
+from celery import Celery
 from celery.signals import task_received
 from celery.worker import state
 
@@ -34,14 +36,14 @@ log = logging.getLogger(__name__)
 class ConsumerWatch:
     def __init__(
         self,
-        queue: str,
+        waiting: Callable[[], int],
         threads: int,
         stall_seconds: float,
         on_stall: Callable[[], Any],
         consuming: Callable[[], bool] = lambda: True,
         exit: Callable[[int], Any] = os._exit,
     ) -> None:
-        self.queue_key = key(queue)  # kombu's global_keyprefix + the queue name
+        self.waiting = waiting  # how many messages wait in the queue (waiting_messages)
         self.threads = threads
         self.stall_seconds = stall_seconds
         self.on_stall = on_stall
@@ -67,10 +69,15 @@ class ConsumerWatch:
             if not self.consuming():
                 self.reset()  # paused on purpose: count from when it resumes
                 continue
+            asked = time.monotonic()
             try:
-                waiting = get_redis().llen(self.queue_key)
-            except redis.RedisError:
-                self.reset()  # Redis is away: give the consumer time to reconnect once it is back
+                waiting = self.waiting()
+            except Exception as exc:  # noqa: BLE001 - never restart a worker for the watch's own failure
+                log.debug("could not count the waiting messages: %s", exc)
+                self.reset()  # the broker is away: give the consumer time to reconnect once it is back
+                continue
+            if time.monotonic() - asked > 1:
+                self.reset()  # the broker was slow to answer: the consumer too may have waited on it
                 continue
             reserved = len(state.reserved_requests)
             if self.stalled(waiting, reserved):
@@ -90,12 +97,34 @@ class ConsumerWatch:
 _watch: ConsumerWatch | None = None
 
 
+def waiting_messages(app: Celery, queue: str) -> Callable[[], int]:
+    """A count of the messages waiting in a queue, read apart from the
+    consumer: the length of its list in Redis; on RabbitMQ, the queue's
+    ready messages (not those delivered and unacknowledged), from a passive
+    declare on a connection of the count's own, opened again after a failure."""
+    if not get_settings().rabbitmq:
+        name = key(queue)  # kombu's global_keyprefix + the queue name
+        return lambda: get_redis().llen(name)
+    held: list = []
+
+    def count() -> int:
+        try:
+            if not held:
+                conn = app.connection_for_read()
+                conn.connect()  # one try: a broker away is an error here, not a wait
+                held.append((conn, conn.channel()))
+            return held[0][1].queue_declare(queue, passive=True).message_count
+        except Exception:
+            if held:
+                held.pop()[0].release()
+            raise
+
+    return count
+
+
 def watch_consumer(consumer: Any, on_stall: Callable[[], Any]) -> None:
-    """Start watching a worker's consumer (the sender of `worker_ready`):
-    with Redis as the broker, whose consumer is the one seen stuck."""
+    """Start watching a worker's consumer (the sender of `worker_ready`)."""
     global _watch
-    if get_settings().rabbitmq:
-        return
     queue = consumer.app.conf.task_default_queue
 
     def consuming() -> bool:
@@ -109,7 +138,7 @@ def watch_consumer(consumer: Any, on_stall: Callable[[], Any]) -> None:
         consuming(),  # here first, so a fault in it shows at start-up
         stall,
     )
-    _watch = ConsumerWatch(queue, consumer.pool.limit, stall, on_stall, consuming)
+    _watch = ConsumerWatch(waiting_messages(consumer.app, queue), consumer.pool.limit, stall, on_stall, consuming)
 
 
 @task_received.connect

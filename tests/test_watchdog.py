@@ -1,45 +1,83 @@
 """The consumer watch: a worker that takes no message while some wait and
 its threads are free is stuck, and restarts; one that is busy, or paused on
-purpose, is not."""
+purpose, is not. On either broker (marked: run against RabbitMQ too)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 
-from shared.redis import get_redis, key
-from tasks.watchdog import ConsumerWatch
+import pytest
+
+from shared.broker import get_celery
+from tasks.watchdog import ConsumerWatch, waiting_messages
 from tests.services import wait_until
+
+pytestmark = pytest.mark.broker
+
+
+@contextlib.contextmanager
+def _queue(messages: int) -> Iterator[str]:
+    """A queue of the broker under test that no consumer takes from, holding `messages`."""
+    name = f"watch-{uuid.uuid4().hex[:8]}"
+    with get_celery().connection_for_write() as conn:
+        queue = conn.SimpleQueue(name)
+        for n in range(messages):
+            queue.put({"n": n})
+        try:
+            yield name
+        finally:
+            queue.queue.delete()
+            queue.close()
 
 
 def _watch(queue: str, stalls: list, **kwargs) -> ConsumerWatch:
+    waiting = waiting_messages(get_celery(), queue)
     return ConsumerWatch(
-        queue, threads=4, stall_seconds=2, on_stall=lambda: stalls.append("handed back"), exit=stalls.append, **kwargs
+        waiting, threads=4, stall_seconds=2, on_stall=lambda: stalls.append("handed back"), exit=stalls.append, **kwargs
     )
 
 
+def test_the_count_is_the_messages_waiting_in_the_queue(stack):
+    with _queue(3) as name:
+        assert waiting_messages(get_celery(), name)() == 3
+
+
 def test_messages_waiting_and_nothing_received_means_stuck(stack):
-    queue = f"watch-{uuid.uuid4().hex[:8]}"
-    get_redis().rpush(key(queue), "a message no consumer takes")
     stalls: list = []
-    watch = _watch(queue, stalls)
-    wait_until(lambda: stalls, 10, "the watch to see the stall")
-    watch.stop()
+    with _queue(1) as name:
+        watch = _watch(name, stalls)
+        wait_until(lambda: stalls, 10, "the watch to see the stall")
+        watch.stop()
     assert stalls == ["handed back", 1]  # turns handed back first, then exit(1)
 
 
 def test_a_consumer_that_receives_or_was_paused_or_has_nothing_to_take_is_left_alone(stack):
-    busy, paused, idle = (f"watch-{uuid.uuid4().hex[:8]}" for _ in range(3))
-    for queue in (busy, paused):
-        get_redis().rpush(key(queue), "waiting")
     stalls: list = []
-    watches = [_watch(busy, stalls), _watch(paused, stalls, consuming=lambda: False), _watch(idle, stalls)]
-    deadline = time.monotonic() + 4  # twice the stall time
-    while time.monotonic() < deadline:
-        watches[0].reset()
-        time.sleep(0.2)
-    for watch in watches:
-        watch.stop()
+    with _queue(1) as busy, _queue(1) as paused, _queue(0) as idle:
+        watches = [_watch(busy, stalls), _watch(paused, stalls, consuming=lambda: False), _watch(idle, stalls)]
+        deadline = time.monotonic() + 4  # twice the stall time
+        while time.monotonic() < deadline:
+            watches[0].reset()
+            time.sleep(0.2)
+        for watch in watches:
+            watch.stop()
+    assert stalls == []
+
+
+def test_a_count_that_fails_is_not_a_stall(stack):
+    """The broker is away (or the count broke): the watch waits, and does
+    not restart a worker that may be fine."""
+    stalls: list = []
+
+    def away() -> int:
+        raise ConnectionRefusedError("the broker is away")
+
+    watch = ConsumerWatch(away, threads=4, stall_seconds=2, on_stall=lambda: stalls.append("x"), exit=stalls.append)
+    time.sleep(4)
+    watch.stop()
     assert stalls == []
 
 

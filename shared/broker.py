@@ -18,7 +18,7 @@ from shared import logs, metrics, overrides
 from shared.batching import Batcher
 from shared.config import get_settings
 from shared.overrides import kombu_redis
-from shared.redis import get_redis, key
+from shared.redis import TCP_OPTIONS, get_redis, key
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ def get_celery() -> Celery:
         app.conf.broker_transport_options = {
             **app.conf.broker_transport_options,
             "global_keyprefix": settings.redis_prefix,
+            "socket_keepalive": True,
+            "socket_keepalive_options": TCP_OPTIONS,
         }
     app.conf.beat_schedule = {"sweep-turns": {"task": SWEEP_TURNS, "schedule": settings.sweep_seconds}}
     return app

@@ -28,6 +28,16 @@ OFFLINE_MODEL_OWNER = "turnstream"
 LOCAL_MODEL_URL = "http://127.0.0.1:8400/v1"
 LOCAL_DATABASE_URL = "postgresql://turnstream@127.0.0.1:5433/turnstream"
 LOCAL_REDIS_URL = "redis://127.0.0.1:6380/0"
+# A server that vanished without closing its connections (a failover to
+# another address, its host lost, a partition) sends neither FIN nor RST: a
+# request sent on such a connection would wait out the kernel's
+# retransmissions, about 15 minutes. Postgres's and Redis's connections
+# (shared/db.py, shared/redis.py) fail instead once data sent goes
+# unacknowledged this long, or once an idle connection's keepalive probes
+# (the first after this long, then 3 more, 2 s apart) go unanswered; the
+# next connection resolves the host name again, and finds the new server.
+DEAD_SERVER_SECONDS = 10
+KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_COUNT = 2, 3
 # shared/overrides/: Turnstream's overrides of libraries' internals, by name.
 OVERRIDES = (
     "kombu_redis",

@@ -15,25 +15,21 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DisconnectionError, InternalError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.config import get_settings
+from shared.config import DEAD_SERVER_SECONDS, KEEPALIVE_COUNT, KEEPALIVE_INTERVAL_SECONDS, get_settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-# A server that vanished without closing its connections (a failed-over
-# primary's host cut off, a network partition) sends neither FIN nor RST:
-# a statement sent on such a connection would wait out the kernel's
-# retransmissions, about 15 minutes. With these, one unacknowledged for
-# 10 s fails (tcp_user_timeout), and so does an idle one whose keepalive
-# probes go unanswered, so the pool and run_again_while_away() move on to
-# a new connection, which finds the server the name points at now.
+# A statement on a connection to a server gone without a word fails after
+# DEAD_SERVER_SECONDS, so the pool and run_again_while_away() move on to a
+# new connection (shared/config.py says why).
 _DEAD_SERVER = {
-    "tcp_user_timeout": 10_000,  # ms
+    "tcp_user_timeout": DEAD_SERVER_SECONDS * 1000,  # ms
     "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 2,
-    "keepalives_count": 3,
+    "keepalives_idle": DEAD_SERVER_SECONDS,
+    "keepalives_interval": KEEPALIVE_INTERVAL_SECONDS,
+    "keepalives_count": KEEPALIVE_COUNT,
 }
 
 

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 
 import redis
 from gevent import monkey
 
 from shared import overrides
-from shared.config import get_settings
+from shared.config import DEAD_SERVER_SECONDS, KEEPALIVE_COUNT, KEEPALIVE_INTERVAL_SECONDS, get_settings
 
 log = logging.getLogger(__name__)
 
 
-OPTIONS = {"health_check_interval": 30, "socket_connect_timeout": 5, "socket_keepalive": True}
+# A command on a connection to a Redis gone without a word fails after
+# DEAD_SERVER_SECONDS, and the client's next connection finds the server the
+# name points at now (shared/config.py says why). The broker's connections
+# (kombu's) get the same options.
+TCP_OPTIONS = {
+    socket.TCP_USER_TIMEOUT: DEAD_SERVER_SECONDS * 1000,  # ms
+    socket.TCP_KEEPIDLE: DEAD_SERVER_SECONDS,
+    socket.TCP_KEEPINTVL: KEEPALIVE_INTERVAL_SECONDS,
+    socket.TCP_KEEPCNT: KEEPALIVE_COUNT,
+}
+OPTIONS = {
+    "health_check_interval": 30,
+    "socket_connect_timeout": 5,
+    "socket_keepalive": True,
+    "socket_keepalive_options": TCP_OPTIONS,
+}
 
 
 @functools.cache
@@ -38,7 +54,7 @@ def new_redis() -> redis.Redis:
     """A client of its own, for a connection held for good (the relay's
     Pub/Sub). RESP2: a message is a plain reply there, where RESP3 (redis-py's
     default) sends each through its push-notification handlers. No read
-    timeout: a quiet channel is not a dead connection (keepalive finds those)."""
+    timeout: a quiet channel is not a dead connection (TCP_OPTIONS' keepalive finds those)."""
     return redis.Redis.from_url(get_settings().redis_url, protocol=2, socket_timeout=None, **OPTIONS)
 
 

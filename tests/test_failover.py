@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+import redis
 from sqlalchemy import select
 
 from shared.db import transaction
@@ -28,9 +29,10 @@ from shared.models import ChatSession
 from tests import services
 from tests.conftest import TEST_ENV
 from tests.test_hosts import Network
-from tests.turns import follow, keep_sending, shown_text, stored
+from tests.turns import ended, follow, keep_sending, shown_text, stored
 
 DB_NAME = "db.turnstream.test"
+REDIS_NAME = "redis.turnstream.test"
 WEB_PORT = 8000
 SLOW = "failover [[tokens=40]] [[delay=0.1]]"  # 4 s a turn
 # What a deployment runs with: the recovery settings' defaults.
@@ -49,8 +51,9 @@ class Failover:
     def __init__(self, stack: dict) -> None:
         self.stack = stack
         self.workdir = Path(stack["workdir"])
-        self.net = Network(["db-a", "db-b", "web", "worker"])
+        self.net = Network(["db-a", "db-b", "redis-a", "redis-b", "web", "worker"])
         self.postgres: dict[str, services.Proc] = {}
+        self.names = {DB_NAME: "db-a", REDIS_NAME: "redis-a"}  # what each name points at
         self.procs: list[services.Proc] = []
         try:
             self._start()
@@ -66,10 +69,13 @@ class Failover:
         # `ip netns exec` mounts /etc/netns/NAME/hosts over the machine's
         # /etc/hosts; rewritten in place, it is that host's DNS.
         self.etc = [Path("/etc/netns") / self.net.namespaces[host] for host in ("web", "worker")]
-        self.point_name_at("db-a")
+        self.point_name_at(DB_NAME, "db-a")
+        self.redis = {host: self.start_redis(host) for host in ("redis-a", "redis-b")}
         self.postgres["db-a"] = self.start_postgres("db-a")
         services.wait_until(lambda: self.query("db-a", "SELECT 1"), 60, "the primary")
-        self.use("db-a")
+        following = lambda: self.redis_info("redis-b").get("master_link_status") == "up"  # noqa: E731
+        services.wait_until(following, 30, "the Redis replica following")
+        self.use()
         from shared.migrate import upgrade
 
         upgrade()
@@ -84,10 +90,11 @@ class Failover:
             **stack["env"],
             **{
                 name: self.net.reachable(stack["env"][name])
-                for name in ("REDIS_URL", "OPENAI_BASE_URL", "BROKER_URL")
+                for name in ("OPENAI_BASE_URL", "BROKER_URL")
                 if name in stack["env"]
             },
             "DATABASE_URL": f"postgres://turnstream@{DB_NAME}:5432/turnstream",
+            "REDIS_URL": f"redis://{REDIS_NAME}:6379/0",
         }
         self.start("web", "failover-web", services.procfile_args("web"), PORT=str(WEB_PORT))
         worker = self.start("worker", "failover-worker", services.procfile_args("worker", "-n", "failover-worker@%h"))
@@ -123,6 +130,19 @@ class Failover:
         # keeps the socket there); the standby's own replaces it.
         (data / ".s.PGSQL.5432.lock").unlink(missing_ok=True)
 
+    def start_redis(self, host: str) -> services.Proc:
+        args = ["bash", "deploy/redis.sh", str(self.workdir / host), "6379"]
+        args += ["--bind", self.net.addresses[host], "--protected-mode", "no"]
+        if host == "redis-b":
+            args += ["--replicaof", self.net.addresses["redis-a"], "6379"]
+        return services.Proc(host, ["ip", "netns", "exec", self.net.namespaces[host], *args], self.stack["logdir"])
+
+    def redis_info(self, host: str) -> dict:
+        try:
+            return redis.Redis(host=self.net.addresses[host], port=6379, socket_timeout=3).info("replication")
+        except redis.RedisError:
+            return {}
+
     def url(self, host: str) -> str:
         return f"postgres://turnstream@{self.net.addresses[host]}:5432/turnstream"
 
@@ -137,18 +157,22 @@ class Failover:
         except psycopg.OperationalError:
             return []
 
-    def use(self, host: str) -> None:
-        """This test process reads and writes the database at the host's address."""
-        os.environ["DATABASE_URL"] = self.url(host)
+    def use(self) -> None:
+        """This test process reaches Postgres and Redis where the names point."""
+        os.environ["DATABASE_URL"] = self.url(self.names[DB_NAME])
+        os.environ["REDIS_URL"] = f"redis://{self.net.addresses[self.names[REDIS_NAME]]}:6379/0"
         services.reset_process_singletons()
 
-    def point_name_at(self, host: str) -> None:
+    def point_name_at(self, name: str, host: str) -> None:
+        self.names[name] = host
+        lines = ["127.0.0.1 localhost", *(f"{self.net.addresses[h]} {n}" for n, h in self.names.items())]
         for etc in self.etc:
             etc.mkdir(parents=True, exist_ok=True)
-            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{self.net.addresses[host]} {DB_NAME}\n")
+            (etc / "hosts").write_text("\n".join(lines) + "\n")
+        self.use()
 
     def close(self) -> None:
-        for proc in [*reversed(self.procs), *self.postgres.values()]:
+        for proc in [*reversed(self.procs), *self.postgres.values(), *getattr(self, "redis", {}).values()]:
             proc.stop()
         self.net.close()
         for etc in getattr(self, "etc", []):
@@ -184,8 +208,7 @@ def test_no_request_fails_and_nothing_is_lost_across_a_failover_to_a_standby(fai
         subprocess.run(["ip", "link", "set", failover.net.links["db-a"], "down"], check=True)
         time.sleep(1)
         assert failover.query("db-b", "SELECT pg_promote()") == [(True,)]
-        failover.point_name_at("db-b")
-        failover.use("db-b")
+        failover.point_name_at(DB_NAME, "db-b")
         switched = time.monotonic()
         time.sleep(20)  # past the dead connections' timeout, and their requests' second runs
     finally:
@@ -223,3 +246,70 @@ def test_no_request_fails_and_nothing_is_lost_across_a_failover_to_a_standby(fai
     assert counts["created_but_lost"] == 0, counts
     assert counts["turns_succeeded"] == len(ids) and counts["duplicated_answers"] == 0, counts
     assert counts["streams_not_matching_answer"] == 0, counts
+
+
+def test_every_turn_ends_and_every_stream_matches_across_a_redis_failover(failover):
+    """Redis (broker, event logs, heartbeats) fails over the same way to its
+    replica, which replicates asynchronously: what the replica missed is
+    recovered as after Redis lost its data (docs/operations.md). Turns
+    submitted meanwhile are answered 202 and run."""
+    base, headers = failover.base, failover.headers
+    during: list = []
+    stop = threading.Event()
+
+    def submit() -> None:
+        with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    sid = http.post("/api/sessions", json={}).json()["id"]
+                    r = http.post(f"/api/sessions/{sid}/turns", json={"message": SLOW})
+                    outcome = (r.status_code, r.json()["id"] if r.status_code == 202 else None)
+                except httpx.HTTPError as exc:
+                    outcome = (type(exc).__name__, None)
+                during.append((*outcome, time.monotonic() - started))
+                time.sleep(0.3)
+
+    with httpx.Client(base_url=base, headers=headers, timeout=10) as http:
+        sids = [http.post("/api/sessions", json={}).json()["id"] for _ in range(8)]
+        ids = [http.post(f"/api/sessions/{sid}/turns", json={"message": SLOW}).json()["id"] for sid in sids]
+    deadline = time.monotonic() + 150
+    streams: dict = {}
+    followers = [threading.Thread(target=follow, args=(base, headers, t, deadline, streams)) for t in ids]
+    submitter = threading.Thread(target=submit)
+    for t in [*followers, submitter]:
+        t.start()
+    try:
+        time.sleep(2)  # the turns are streaming
+        subprocess.run(["ip", "link", "set", failover.net.links["redis-a"], "down"], check=True)
+        time.sleep(1)
+        promoted = redis.Redis(host=failover.net.addresses["redis-b"], port=6379, socket_timeout=3)
+        promoted.replicaof("NO", "ONE")
+        failover.point_name_at(REDIS_NAME, "redis-b")
+        time.sleep(10)
+    finally:
+        stop.set()
+        submitter.join(60)
+    ids_during = [t for _s, t, _took in during if t is not None]
+    services.wait_until(lambda: ended(ids + ids_during) == len(ids + ids_during), 120, "every turn to end")
+    for f in followers:
+        f.join(max(1, deadline - time.monotonic()))
+    turns, answers = stored(ids + ids_during)
+    counts = {
+        "turns": len(ids),
+        "submitted_during": len(during),
+        "failed_submits": sum(1 for s, _t, _took in during if s != 202),
+        "longest_submit_s": round(max((took for _s, _t, took in during), default=0), 1),
+        "succeeded": sum(1 for t in turns.values() if t.status == "succeeded"),
+        "restarted": sum(1 for t in turns.values() if t.attempts > 1),
+        "duplicated_answers": sum(1 for n in answers.values() if n > 1),
+        "stuck_streams": sum(1 for t in ids if not streams[t]["ended"]),
+        "streams_not_matching_answer": sum(
+            1 for t in ids if shown_text([e for _at, e in streams[t]["events"]]) != turns[t].answer
+        ),
+        "longest_turn_s": round(max((t.finished_at - t.created_at).total_seconds() for t in turns.values()), 1),
+    }
+    print("\nfailover (Redis vanished, replica promoted, name moved; 8 turns streaming, submits going on):", counts)
+    assert counts["failed_submits"] == 0 and counts["submitted_during"] > 0, counts
+    assert counts["succeeded"] == len(turns) and counts["duplicated_answers"] == 0, counts
+    assert counts["stuck_streams"] == 0 and counts["streams_not_matching_answer"] == 0, counts

@@ -189,20 +189,59 @@ def failover():
             f.close()
 
 
+class Streaming:
+    """Turns, each in a session of its own, each followed by a client to its
+    end (reconnecting with Last-Event-ID), and what came of them."""
+
+    def __init__(self, failover: Failover, n: int, bound: float) -> None:
+        base, headers = failover.base, failover.headers
+        with httpx.Client(base_url=base, headers=headers, timeout=10) as http:
+            self.sids = [http.post("/api/sessions", json={}).json()["id"] for _ in range(n)]
+            self.ids = [http.post(f"/api/sessions/{s}/turns", json={"message": SLOW}).json()["id"] for s in self.sids]
+        self.deadline = time.monotonic() + bound
+        self.streams: dict = {}
+        self.followers = [
+            threading.Thread(target=follow, args=(base, headers, t, self.deadline, self.streams)) for t in self.ids
+        ]
+        for f in self.followers:
+            f.start()
+
+    def counts(self, unfollowed: list[str]) -> dict:
+        """Once the followers are done: the turns' ends, with those of the
+        `unfollowed` ones, and what the streams showed."""
+        for f in self.followers:
+            f.join(max(1, self.deadline - time.monotonic()))
+        turns, answers = stored(self.ids + unfollowed)
+        shown = {t: shown_text([e for _at, e in self.streams[t]["events"]]) for t in self.ids}
+        return {
+            "turns": len(turns),
+            "succeeded": sum(1 for t in turns.values() if t.status == "succeeded"),
+            "restarted": sum(1 for t in turns.values() if t.attempts > 1),
+            "duplicated_answers": sum(1 for n in answers.values() if n > 1),
+            "stuck_streams": sum(1 for t in self.ids if not self.streams[t]["ended"]),
+            "streams_not_matching_answer": sum(1 for t in self.ids if shown[t] != turns[t].answer),
+            "longest_turn_s": round(
+                max((t.finished_at - t.created_at).total_seconds() for t in turns.values() if t.finished_at), 1
+            ),
+        }
+
+
+def _assert_every_turn_ran_once(counts: dict) -> None:
+    assert counts["succeeded"] == counts["turns"] and counts["duplicated_answers"] == 0, counts
+    assert counts["stuck_streams"] == 0 and counts["streams_not_matching_answer"] == 0, counts
+
+
 def test_no_request_fails_and_nothing_is_lost_across_a_failover_to_a_standby(failover):
-    base, headers = failover.base, failover.headers
     results: list[tuple] = []
     stop = threading.Event()
-    with httpx.Client(base_url=base, headers=headers, timeout=10) as http:
-        sids = [http.post("/api/sessions", json={}).json()["id"] for _ in range(8)]
-        ids = [http.post(f"/api/sessions/{sid}/turns", json={"message": SLOW}).json()["id"] for sid in sids]
-    deadline = time.monotonic() + 120
-    streams: dict = {}
-    threads = [threading.Thread(target=keep_sending, args=(base, headers, sid, stop, results)) for sid in sids]
-    followers = [threading.Thread(target=follow, args=(base, headers, t, deadline, streams)) for t in ids]
+    turns = Streaming(failover, 8, bound=120)
+    clients = [
+        threading.Thread(target=keep_sending, args=(failover.base, failover.headers, sid, stop, results))
+        for sid in turns.sids
+    ]
     try:
-        for t in threads + followers:
-            t.start()
+        for c in clients:
+            c.start()
         time.sleep(2)  # the turns are streaming
         gone = time.monotonic()
         subprocess.run(["ip", "link", "set", failover.net.links["db-a"], "down"], check=True)
@@ -213,12 +252,11 @@ def test_no_request_fails_and_nothing_is_lost_across_a_failover_to_a_standby(fai
         time.sleep(20)  # past the dead connections' timeout, and their requests' second runs
     finally:
         stop.set()
-        for t in threads + followers:
-            t.join(max(1, deadline - time.monotonic()))
+        for c in clients:
+            c.join(60)
     created = [sid for _a, _b, _s, sid in results if sid is not None]
     with transaction() as db:
         kept = set(db.scalars(select(ChatSession.id).where(ChatSession.id.in_(created))))
-    turns, answers = stored(ids)
     failed = [s for _a, _b, s, _id in results if s not in (200, 201)]
     waited = [ended - started for started, ended, _s, _id in results if started < switched and ended > gone]
     counts = {
@@ -230,13 +268,7 @@ def test_no_request_fails_and_nothing_is_lost_across_a_failover_to_a_standby(fai
         "statuses": sorted({str(s) for _a, _b, s, _id in results}),
         "sessions_created": len(created),
         "created_but_lost": len(set(created) - kept),
-        "turns": len(ids),
-        "turns_succeeded": sum(1 for t in turns.values() if t.status == "succeeded"),
-        "turns_restarted": sum(1 for t in turns.values() if t.attempts > 1),
-        "duplicated_answers": sum(1 for n in answers.values() if n > 1),
-        "streams_not_matching_answer": sum(
-            1 for t in ids if shown_text([e for _at, e in streams[t]["events"]]) != turns[t].answer
-        ),
+        **turns.counts([]),
     }
     print("\nfailover (primary vanished, standby promoted, name moved; 8 clients, 8 turns):", counts)
     assert counts["met_the_failover"] >= 8 and counts["after_the_switch"] > 100, counts
@@ -244,8 +276,7 @@ def test_no_request_fails_and_nothing_is_lost_across_a_failover_to_a_standby(fai
     # is unknown. A write answered 201 was on the standby before the answer.
     assert set(failed) <= {503} and len(failed) <= 8, counts
     assert counts["created_but_lost"] == 0, counts
-    assert counts["turns_succeeded"] == len(ids) and counts["duplicated_answers"] == 0, counts
-    assert counts["streams_not_matching_answer"] == 0, counts
+    _assert_every_turn_ran_once(counts)
 
 
 def test_every_turn_ends_and_every_stream_matches_across_a_redis_failover(failover):
@@ -253,12 +284,11 @@ def test_every_turn_ends_and_every_stream_matches_across_a_redis_failover(failov
     replica, which replicates asynchronously: what the replica missed is
     recovered as after Redis lost its data (docs/operations.md). Turns
     submitted meanwhile are answered 202 and run."""
-    base, headers = failover.base, failover.headers
     during: list = []
     stop = threading.Event()
 
     def submit() -> None:
-        with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
+        with httpx.Client(base_url=failover.base, headers=failover.headers, timeout=60) as http:
             while not stop.is_set():
                 started = time.monotonic()
                 try:
@@ -270,15 +300,9 @@ def test_every_turn_ends_and_every_stream_matches_across_a_redis_failover(failov
                 during.append((*outcome, time.monotonic() - started))
                 time.sleep(0.3)
 
-    with httpx.Client(base_url=base, headers=headers, timeout=10) as http:
-        sids = [http.post("/api/sessions", json={}).json()["id"] for _ in range(8)]
-        ids = [http.post(f"/api/sessions/{sid}/turns", json={"message": SLOW}).json()["id"] for sid in sids]
-    deadline = time.monotonic() + 150
-    streams: dict = {}
-    followers = [threading.Thread(target=follow, args=(base, headers, t, deadline, streams)) for t in ids]
+    turns = Streaming(failover, 8, bound=150)
     submitter = threading.Thread(target=submit)
-    for t in [*followers, submitter]:
-        t.start()
+    submitter.start()
     try:
         time.sleep(2)  # the turns are streaming
         subprocess.run(["ip", "link", "set", failover.net.links["redis-a"], "down"], check=True)
@@ -290,26 +314,15 @@ def test_every_turn_ends_and_every_stream_matches_across_a_redis_failover(failov
     finally:
         stop.set()
         submitter.join(60)
-    ids_during = [t for _s, t, _took in during if t is not None]
-    services.wait_until(lambda: ended(ids + ids_during) == len(ids + ids_during), 120, "every turn to end")
-    for f in followers:
-        f.join(max(1, deadline - time.monotonic()))
-    turns, answers = stored(ids + ids_during)
+    sent_during = [t for _s, t, _took in during if t is not None]
+    every = turns.ids + sent_during
+    services.wait_until(lambda: ended(every) == len(every), 120, "every turn to end")
     counts = {
-        "turns": len(ids),
         "submitted_during": len(during),
         "failed_submits": sum(1 for s, _t, _took in during if s != 202),
         "longest_submit_s": round(max((took for _s, _t, took in during), default=0), 1),
-        "succeeded": sum(1 for t in turns.values() if t.status == "succeeded"),
-        "restarted": sum(1 for t in turns.values() if t.attempts > 1),
-        "duplicated_answers": sum(1 for n in answers.values() if n > 1),
-        "stuck_streams": sum(1 for t in ids if not streams[t]["ended"]),
-        "streams_not_matching_answer": sum(
-            1 for t in ids if shown_text([e for _at, e in streams[t]["events"]]) != turns[t].answer
-        ),
-        "longest_turn_s": round(max((t.finished_at - t.created_at).total_seconds() for t in turns.values()), 1),
+        **turns.counts(sent_during),
     }
     print("\nfailover (Redis vanished, replica promoted, name moved; 8 turns streaming, submits going on):", counts)
     assert counts["failed_submits"] == 0 and counts["submitted_during"] > 0, counts
-    assert counts["succeeded"] == len(turns) and counts["duplicated_answers"] == 0, counts
-    assert counts["stuck_streams"] == 0 and counts["streams_not_matching_answer"] == 0, counts
+    _assert_every_turn_ran_once(counts)

@@ -8,6 +8,7 @@ refuses, as a load balancer's health check would."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import threading
@@ -42,6 +43,9 @@ WEB_PORT = 8000  # every web host's: they are different machines
 pytestmark = pytest.mark.broker  # run against RabbitMQ too (deploy/test.sh)
 
 
+_networks = itertools.count()
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
@@ -52,7 +56,9 @@ class Network:
     the bridge's address (the gateway) reaches each."""
 
     def __init__(self, hosts: list[str]) -> None:
-        tag = os.getpid() % 10_000
+        # Names of their own in each network a test process makes: a
+        # namespace deleted a moment ago may still hold its links' names.
+        tag = (os.getpid() + 3_000 * next(_networks)) % 10_000
         self.subnet = f"10.{77 + tag // 250 % 100}.{tag % 250}"
         self.gateway = f"{self.subnet}.1"
         self.bridge = f"tsbr{tag}"

@@ -33,9 +33,9 @@ LOCAL_REDIS_URL = "redis://127.0.0.1:6380/0"
 # request sent on such a connection would wait out the kernel's
 # retransmissions, about 15 minutes. Postgres's and Redis's connections
 # (shared/db.py, shared/redis.py) fail instead once data sent goes
-# unacknowledged this long, or once an idle connection's keepalive probes
-# (the first after this long, then 3 more, 2 s apart) go unanswered; the
-# next connection resolves the host name again, and finds the new server.
+# unacknowledged this long, or once an idle connection's keepalive probes,
+# the first sent after this long idle, go unanswered; the next connection
+# resolves the host name again, and finds the new server.
 DEAD_SERVER_SECONDS = 10
 KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_COUNT = 2, 3
 # shared/overrides/: Turnstream's overrides of libraries' internals, by name.

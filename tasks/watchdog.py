@@ -108,15 +108,17 @@ def waiting_messages(app: Celery, queue: str) -> Callable[[], int]:
     held: list = []
 
     def count() -> int:
+        if not held:
+            held.append(app.connection_for_read())
+        conn = held[0]
         try:
-            if not held:
-                conn = app.connection_for_read()
+            if len(held) == 1:
                 conn.connect()  # one try: a broker away is an error here, not a wait
-                held.append((conn, conn.channel()))
-            return held[0][1].queue_declare(queue, passive=True).message_count
+                held.append(conn.channel())
+            return held[1].queue_declare(queue, passive=True).message_count
         except Exception:
-            if held:
-                held.pop()[0].release()
+            held.clear()
+            conn.release()
             raise
 
     return count

@@ -10,6 +10,7 @@ again."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -181,12 +182,11 @@ class Failover:
 
 @pytest.fixture(scope="module")
 def failover():
-    with services.stack("turnstream-failover-", ENV, ("--first-token-delay", "0"), mcp=False) as stack:
-        f = Failover(stack)
-        try:
-            yield f
-        finally:
-            f.close()
+    with (
+        services.stack("turnstream-failover-", ENV, ("--first-token-delay", "0"), mcp=False) as stack,
+        contextlib.closing(Failover(stack)) as f,
+    ):
+        yield f
 
 
 class Streaming:

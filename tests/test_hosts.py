@@ -8,6 +8,7 @@ refuses, as a load balancer's health check would."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -153,12 +154,11 @@ class Hosts:
 
 @pytest.fixture(scope="module")
 def hosts():
-    with services.stack("turnstream-hosts-", ENV, ("--first-token-delay", "0"), mcp=False) as stack:
-        h = Hosts(stack)
-        try:
-            yield h
-        finally:
-            h.close()
+    with (
+        services.stack("turnstream-hosts-", ENV, ("--first-token-delay", "0"), mcp=False) as stack,
+        contextlib.closing(Hosts(stack)) as h,
+    ):
+        yield h
 
 
 def _check_streams(ids: list[str], streams: dict) -> dict:

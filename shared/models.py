@@ -11,7 +11,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    ColumnElement,
     ForeignKey,
     Index,
     Integer,
@@ -25,9 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime, Uuid
 
-ENDED = ("succeeded", "failed", "cancelled")
-ACTIVE = ("queued", "running")
-STATUSES = ACTIVE + ENDED
+from shared.turn_states import SUBMIT
 
 
 def new_id() -> str:
@@ -111,7 +108,7 @@ class Turn(Base):
     session_id: Mapped[str] = _fk("sessions.id")
     owner_id: Mapped[str] = _fk("owners.id")
     number: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(server_default="queued")
+    status: Mapped[str] = mapped_column(server_default=SUBMIT.target)  # shared/turn_states.py: every change
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     idempotency_key: Mapped[str | None]
     request_hash: Mapped[str | None]
@@ -134,20 +131,6 @@ class Turn(Base):
         Index("ix_turns_status_created", "status", "created_at"),
         Index("ix_turns_owner_status", "owner_id", "status"),
     )
-
-
-def status_of(turn: Any) -> ColumnElement[str]:
-    """The status of `turn` (Turn or an alias of it) in a statement that
-    finds the turn by its id or its session: as `status || ''`, which
-    ix_turns_status_created cannot serve. That index is for the sweeper's
-    walk over the queue. With statistics
-    from before a queue built up (ANALYZE runs once a tenth of the table
-    changed), a plan made with the status known (a SQL function's literal,
-    a statement's first runs on a connection before Postgres settles on a
-    generic plan) takes `status = 'queued'` for the cheapest lookup and
-    walks every queued turn to find one: with 10,000 queued, 9,800 rows,
-    0.75 ms per claim and 1 ms per turn's end (tests/test_queue_plans.py)."""
-    return turn.status.concat("")
 
 
 class Message(Base):

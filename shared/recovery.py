@@ -31,8 +31,9 @@ from sqlalchemy.orm import Session
 from shared.broker import send_replay_advance, send_turn, sent_key
 from shared.config import get_settings
 from shared.db import after_commit, transaction
-from shared.models import ACTIVE, Replay, ReplayItem, Turn
+from shared.models import Replay, ReplayItem, Turn
 from shared.redis import get_redis, key
+from shared.turn_states import ACTIVE, QUEUED, REQUEUE, RUNNING, status_of
 from shared.turns import next_queued_turn
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ def requeue_turn(db: Session, turn_id: str, attempt: int) -> bool:
     Its next claim counts a new attempt and emits turn.restarted; the old
     attempt, if it still runs somewhere, is stopped by its heartbeat and can
     no longer write."""
-    held = and_(Turn.id == turn_id, Turn.status == "running", Turn.attempts == attempt)
-    done = db.execute(update(Turn).where(held).values(status="queued")).rowcount
+    held = and_(Turn.id == turn_id, REQUEUE.allows(status_of(Turn)), Turn.attempts == attempt)
+    done = db.execute(update(Turn).where(held).values(status=REQUEUE.target)).rowcount
     if done:
         after_commit(db, send_turn, turn_id)
     return bool(done)
@@ -90,7 +91,7 @@ def resend_queued() -> int:
         ids = db.scalars(
             select(Turn.id)
             .where(
-                Turn.status == "queued",
+                Turn.status == QUEUED,
                 Turn.created_at < func.now() - UNSENT_AFTER,
                 Turn.id == next_queued_turn(Turn.session_id),
             )
@@ -111,7 +112,7 @@ def requeue_stale_running() -> int:
     with transaction() as db:
         rows = db.execute(
             select(Turn.id, Turn.attempts).where(
-                Turn.status == "running", func.coalesce(claimed_lately(), False).is_(False)
+                Turn.status == RUNNING, func.coalesce(claimed_lately(), False).is_(False)
             )
         ).all()
     stale = [row for row, live in zip(rows, alive([r.id for r in rows]), strict=True) if not live]

@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session
 from shared.broker import send_replay_advance
 from shared.db import after_commit
 from shared.events import EventLog
-from shared.models import ACTIVE, ENDED, ChatSession, Replay, ReplayItem, Turn
+from shared.models import ChatSession, Replay, ReplayItem, Turn
+from shared.turn_states import ACTIVE, ENDED
 from shared.turns import submit_turn
 
 

@@ -34,6 +34,7 @@ from shared.models import Turn
 from shared.recovery import alive_key, requeue_turn
 from shared.redis import get_redis
 from shared.status import record_worker
+from shared.turn_states import QUEUED
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class Heartbeat:
             owned = {
                 (turn_id, attempt)
                 for turn_id, attempt in db.execute(
-                    select(Turn.id, Turn.attempts).where(Turn.id.in_(ids), Turn.status != "queued")
+                    select(Turn.id, Turn.attempts).where(Turn.id.in_(ids), Turn.status != QUEUED)
                 )
             }
         for (turn_id, attempt), events in runs.items():

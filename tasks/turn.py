@@ -26,10 +26,11 @@ from shared.broker import RUN_TURN, send_replay_advance, send_turn
 from shared.config import get_settings
 from shared.db import autocommit_engine, committed, transaction
 from shared.events import EventLog, EventLogLost, get_publisher
-from shared.models import Message, Turn, new_id, status_of
+from shared.models import Message, Turn, new_id
 from shared.recovery import requeue_turn
 from shared.redis import check_eviction_policy, get_redis
 from shared.status import POSTGRES_ERRORS, REDIS_ERRORS, describe_outage
+from shared.turn_states import status_of
 from shared.turns import hold_back, next_queued_turn, running_of_owner, send_held_back
 from tasks.agent import BACKOFF, Outcome, run_agent
 from tasks.heartbeat import get_heartbeat

@@ -22,7 +22,8 @@ import pytest
 from sqlalchemy import func, select
 
 from shared.db import transaction
-from shared.models import ENDED, Turn
+from shared.models import Turn
+from shared.turn_states import ENDED
 from tests import services
 from tests.conftest import TEST_ENV
 from tests.turns import ended, follow, keep_sending, shown_text, stored

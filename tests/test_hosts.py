@@ -24,7 +24,8 @@ from sqlalchemy import func, select
 
 from shared.db import transaction
 from shared.events import ENDING_TYPES
-from shared.models import ENDED, Turn
+from shared.models import Turn
+from shared.turn_states import ENDED
 from tests import services
 from tests.conftest import TEST_ENV
 from tests.proxy import Proxy

@@ -19,6 +19,7 @@ from __future__ import annotations
 from sqlalchemy.dialects import postgresql
 
 from shared.db import get_engine
+from shared.migrations.functions import current_versions, function_sql
 from tasks.turn import _CLAIM_WITH_HISTORY
 
 ENDED, QUEUED = 2000, 3000
@@ -49,16 +50,20 @@ def test_a_long_queue_under_old_statistics_is_not_walked_per_turn(stack):
                 "INSERT INTO sessions (id, owner_id) SELECT gen_random_uuid(), %(o)s FROM generate_series(1, %(n)s)",
                 {"o": owner_id, "n": ENDED + QUEUED},
             )
-            add_turns = (
-                "INSERT INTO turns (id, session_id, owner_id, number, status)"
-                " SELECT gen_random_uuid(), id, owner_id, 1, %(status)s FROM sessions"
+            add_turns = (  # queued, as every turn starts
+                "INSERT INTO turns (id, session_id, owner_id, number)"
+                " SELECT gen_random_uuid(), id, owner_id, 1 FROM sessions"
                 " WHERE owner_id = %(o)s AND NOT EXISTS (SELECT FROM turns t WHERE t.session_id = sessions.id)"
                 " LIMIT %(n)s"
             )
-            conn.exec_driver_sql("UPDATE turns SET status = 'succeeded' WHERE status IN ('queued', 'running')")
-            conn.exec_driver_sql(add_turns, {"o": owner_id, "n": ENDED, "status": "succeeded"})
+            conn.exec_driver_sql(
+                "UPDATE turns SET status = CASE status WHEN 'queued' THEN 'cancelled' ELSE 'succeeded' END"
+                " WHERE status IN ('queued', 'running')"
+            )
+            conn.exec_driver_sql(add_turns, {"o": owner_id, "n": ENDED})
+            conn.exec_driver_sql("UPDATE turns SET status = 'cancelled' WHERE owner_id = %(o)s", {"o": owner_id})
             conn.exec_driver_sql("ANALYZE turns")
-            conn.exec_driver_sql(add_turns, {"o": owner_id, "n": QUEUED, "status": "queued"})
+            conn.exec_driver_sql(add_turns, {"o": owner_id, "n": QUEUED})
             turn_id, session_id = conn.exec_driver_sql(
                 "SELECT id, session_id FROM turns WHERE owner_id = %(o)s AND status = 'queued' LIMIT 1",
                 {"o": owner_id},
@@ -74,5 +79,26 @@ def test_a_long_queue_under_old_statistics_is_not_walked_per_turn(stack):
             assert not _status_scans(conn, str(claim)), "the claim"
             body = conn.exec_driver_sql("SELECT prosrc FROM pg_proc WHERE proname = 'next_queued_turn'").scalar()
             assert not _status_scans(conn, body.replace("p_session_id", "%(session_id)s"), ids), "next_queued_turn()"
+            finish = _statement("finish_turn", "UPDATE turns", "p_turn_id", "%(turn_id)s", "p_attempt", "1")
+            finish = finish.replace("p_status", "'succeeded'").replace("p_answer", "'a'")
+            for name in ("p_usage", "p_tools", "p_error"):
+                finish = finish.replace(name, "NULL")
+            assert not _status_scans(conn, finish, ids), "finish_turn()'s update"
+            busy = _statement("submit_turn", "SELECT FROM turns", "p_session_id", "%(session_id)s")
+            busy = busy.replace("p_active", "ARRAY['queued', 'running']")
+            assert not _status_scans(conn, busy, ids), "submit_turn()'s busy check"
         finally:
             conn.rollback()
+
+
+def _statement(function: str, start: str, *replace: str) -> str:
+    """The statement of a function's newest body that begins with `start`,
+    its parameters replaced pairwise by `replace`."""
+    newest = current_versions()[function]
+    body = function_sql(function, newest).split("$$")[1]
+    statement = body[body.index(start) :].split(";")[0]
+    while statement.count(")") > statement.count("("):  # the close of an enclosing EXISTS (...)
+        statement = statement[: statement.rindex(")")]
+    for name, value in zip(replace[::2], replace[1::2], strict=True):
+        statement = statement.replace(name, value)
+    return statement

@@ -32,8 +32,10 @@ def running_turn(owner: dict) -> str:
         chat = ChatSession(owner_id=owner_id, title="relay", meta={}, turn_count=1)
         db.add(chat)
         db.flush()
-        turn = Turn(session_id=chat.id, owner_id=owner_id, number=1, status="running")
+        turn = Turn(session_id=chat.id, owner_id=owner_id, number=1)  # queued: every turn starts so
         db.add(turn)
+        db.flush()
+        turn.status = "running"  # claimed, by no worker
         db.flush()
         return turn.id
 

@@ -203,7 +203,7 @@ def test_a_turn_submitted_while_the_last_one_ends_is_sent_once_that_end_commits(
     waiting.join(10)
     assert sent == [first.id, submitted["id"]]
     with transaction() as db:  # leave nothing queued for the sweeper
-        db.execute(update(Turn).where(Turn.session_id == sid).values(status="cancelled"))
+        db.execute(update(Turn).where(Turn.session_id == sid, Turn.status == "queued").values(status="cancelled"))
 
 
 def test_deleting_a_session_ends_its_running_turn_as_cancelled(client, owner):

@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 
 from shared.db import transaction
 from shared.events import ENDING_TYPES
-from shared.models import ENDED, Message, Turn
+from shared.models import Message, Turn
+from shared.turn_states import ENDED
 from tests.sse import iter_sse
 
 

@@ -18,10 +18,11 @@ from tqdm import tqdm
 
 from shared.broker import send_turn
 from shared.db import transaction
-from shared.models import ACTIVE, ENDED, STATUSES, ApiKey, Owner, Replay, Turn
+from shared.models import ApiKey, Owner, Replay, Turn
 from shared.recovery import alive, claimed_lately, requeue_stale_running, requeue_turn, resend_queued
 from shared.replays import create_replay, item_rows, summary
 from shared.status import describe_outage
+from shared.turn_states import ACTIVE, ENDED, QUEUED, RUNNING, STATUSES
 
 bp = Blueprint("cli", __name__, cli_group=None)
 
@@ -244,7 +245,7 @@ def turns_list(statuses: tuple[str, ...], limit: int) -> None:
     beats = alive([r.id for r in rows])
     click.echo(f"{'id':36}  {'status':9}  {'attempts':>8}  {'age s':>8}  {'heartbeat':9}  error")
     for (turn_id, status, attempts, age, fresh, error), beat in zip(rows, beats, strict=True):
-        heartbeat = ("alive" if beat or fresh else "STALE") if status == "running" else "-"
+        heartbeat = ("alive" if beat or fresh else "STALE") if status == RUNNING else "-"
         code = error["code"] if error else "-"
         click.echo(f"{turn_id:36}  {status:9}  {attempts:>8}  {age.total_seconds():>8.0f}  {heartbeat:9}  {code}")
 
@@ -269,10 +270,10 @@ def turns_requeue(turn_ids: tuple[str, ...], stale: bool, force: bool) -> None:
         turn, fresh = turns.get(turn_id, (None, False))
         if turn is None:
             click.echo(f"{turn_id}: no such turn")
-        elif turn.status == "queued":
+        elif turn.status == QUEUED:
             send_turn(turn_id)
             click.echo(f"{turn_id}: sent again")
-        elif turn.status != "running":
+        elif turn.status != RUNNING:
             click.echo(f"{turn_id}: already {turn.status}")
         elif not force and (fresh or alive([turn_id])[0]):
             click.echo(f"{turn_id}: its worker is alive (use --force)")

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from shared import metrics
 from shared.db import autocommit_engine
 from shared.status import workers_alive
+from shared.turn_states import QUEUED, RUNNING
 from web.auth import require_operator
 
 bp = Blueprint("metrics", __name__)
@@ -18,16 +19,16 @@ bp = Blueprint("metrics", __name__)
 # One round trip; the status index serves the turns, and only unfinished
 # replays' items are counted.
 _QUEUE = text(
-    """
+    f"""
     SELECT
-      (SELECT count(*) FROM turns WHERE status = 'queued') AS queued,
-      (SELECT count(*) FROM turns WHERE status = 'running') AS running,
+      (SELECT count(*) FROM turns WHERE status = '{QUEUED}') AS queued,
+      (SELECT count(*) FROM turns WHERE status = '{RUNNING}') AS running,
       (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)
-         FROM turns WHERE status = 'queued') AS oldest,
+         FROM turns WHERE status = '{QUEUED}') AS oldest,
       (SELECT count(*) FROM replays WHERE finished_at IS NULL) AS replays,
       (SELECT count(*) FROM replay_items i JOIN replays r ON r.id = i.replay_id
          LEFT JOIN turns t ON t.id = i.turn_id
-         WHERE r.finished_at IS NULL AND (t.id IS NULL OR t.status IN ('queued', 'running'))) AS items
+         WHERE r.finished_at IS NULL AND (t.id IS NULL OR t.status IN ('{QUEUED}', '{RUNNING}'))) AS items
     """
 )
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.models import STATUSES
+from shared.turn_states import STATUSES
 
 TurnStatus = Literal[STATUSES]  # type: ignore[valid-type]
 

@@ -13,8 +13,9 @@ from sqlalchemy import and_, func, select, tuple_
 
 from shared.db import transaction
 from shared.events import EventLog
-from shared.models import ACTIVE, ENDED, ChatSession, Message, Turn
+from shared.models import ChatSession, Message, Turn
 from shared.redis import key
+from shared.turn_states import ACTIVE, ENDED
 from shared.turns import cancel_turn
 from web import schemas
 from web.errors import ApiError

@@ -13,8 +13,9 @@ from sqlalchemy.exc import IntegrityError
 
 from shared.db import autocommit_engine, transaction
 from shared.events import EventLog
-from shared.models import ENDED, ChatSession, Turn
+from shared.models import ChatSession, Turn
 from shared.overrides.gunicorn_direct_write import writable_socket
+from shared.turn_states import ENDED
 from shared.turns import TurnConflict, active_turns, cancel_turn, lock_session, submit_turn
 from web import schemas
 from web.errors import ApiError

@@ -432,7 +432,7 @@ async def measure(server: Server, setup: Setup, r: redis.Redis, redis_port: int,
 
 def make_turns(n: int) -> tuple[list[str], str]:
     """n running turns of one owner, and that owner's API key."""
-    from sqlalchemy import insert
+    from sqlalchemy import insert, update
 
     from shared.db import transaction
     from shared.models import ChatSession, Turn
@@ -446,10 +446,10 @@ def make_turns(n: int) -> tuple[list[str], str]:
         db.add(chat)
         db.flush()
         rows = [
-            {"id": t, "session_id": chat.id, "owner_id": owner_id, "number": i + 1, "status": "running"}
-            for i, t in enumerate(ids)
+            {"id": t, "session_id": chat.id, "owner_id": owner_id, "number": i + 1} for i, t in enumerate(ids)
         ]
-        db.execute(insert(Turn), rows)
+        db.execute(insert(Turn), rows)  # queued, as every turn starts; then claimed by no worker
+        db.execute(update(Turn).where(Turn.id.in_(ids)).values(status="running"))
     return ids, key
 
 

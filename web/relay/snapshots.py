@@ -8,8 +8,9 @@ import json
 from typing import NamedTuple
 
 from shared.db import transaction
-from shared.models import ENDED, Replay, Turn
+from shared.models import Replay, Turn
 from shared.replays import item_rows, summary
+from shared.turn_states import ENDED
 from web.relay.frames import synthetic
 
 

@@ -2,21 +2,23 @@
 # Set up everything Turnstream needs on a Debian machine, idempotently:
 # Debian packages (redis-server, postgresql, rabbitmq-server, pgbouncer, chromium), a virtual environment in .venv
 # with the pinned requirements (production's and the development tools), the
-# project installed in it. Run as root, or with sudo available.
+# project installed in it. Run as root, or with sudo available. --python: the
+# virtual environment only (what the tests that need no service use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
 sudo_=()
 [ "$(id -u)" = 0 ] || sudo_=(sudo)
 missing=()
-command -v redis-server >/dev/null || missing+=(redis-server)
-ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || missing+=(postgresql)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
-command -v openssl >/dev/null || missing+=(openssl)  # the tests' TLS Redis
-command -v chromium >/dev/null || missing+=(chromium)  # the browser tests (Playwright drives it; no download)
-[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)  # BROKER_URL=amqp://, and its tests
-[ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)  # the tests reach Postgres through it
-command -v ip >/dev/null || missing+=(iproute2)  # the multi-host test's network namespaces
+if [ "${1:-}" != "--python" ]; then
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || missing+=(postgresql)
+  command -v openssl >/dev/null || missing+=(openssl)  # the tests' TLS Redis
+  command -v chromium >/dev/null || missing+=(chromium)  # the browser tests (Playwright drives it; no download)
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)  # BROKER_URL=amqp://, and its tests
+  [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)  # the tests reach Postgres through it
+  command -v ip >/dev/null || missing+=(iproute2)  # the multi-host test's network namespaces
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   "${sudo_[@]}" apt-get update -qq

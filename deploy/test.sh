@@ -2,8 +2,18 @@
 # Set up (packages, venv) and run the tests. The tests start their own
 # Postgres (and PgBouncer), Redis (and RabbitMQ), offline model, Celery
 # worker and gunicorn on free ports. Arguments go to pytest, in both runs.
+#
+# --fast: only the tests that need no service (marked `fast`: the state
+# machine, validation, the event schema, the settings, pure logic), in
+# seconds, with nothing but the virtual environment set up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  bash deploy/setup.sh --python
+  .venv/bin/ruff check .
+  TEST_TIER=fast exec .venv/bin/pytest -m fast "$@"
+fi
 bash deploy/setup.sh
 .venv/bin/ruff check .
 # Everything, with Postgres behind PgBouncer in transaction pooling mode, as

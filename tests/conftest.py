@@ -43,6 +43,15 @@ TEST_ENV = {
 }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test marked fast must need no service: one that asks for them is
+    refused before anything runs (one that starts its own fails at its
+    first process, tests/services.py)."""
+    for item in items:
+        if item.get_closest_marker("fast") and "stack" in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} is marked fast but uses the services (the stack fixture)")
+
+
 @pytest.fixture(scope="session")
 def stack():
     """Start every service once; yields the environment the processes share."""

@@ -76,6 +76,8 @@ class Proc:
         self.start()
 
     def start(self) -> None:
+        if os.environ.get("TEST_TIER") == "fast":
+            raise RuntimeError(f"a fast test started {self.name}: mark it otherwise, or make it need no service")
         log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
             self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

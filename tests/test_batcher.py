@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from shared.batching import Batcher
+
+pytestmark = pytest.mark.fast  # no service: bash deploy/test.sh --fast
 
 
 def test_an_inline_item_is_handled_by_its_caller_when_the_batcher_is_idle():

@@ -11,6 +11,8 @@ from shared.config import OFFLINE_MODEL_NAME, ConfigError, Settings, cookie_sign
 SECRET = "s" * 32
 DEV = {"TURNSTREAM_ENV": "development"}
 
+pytestmark = pytest.mark.fast  # no service: bash deploy/test.sh --fast
+
 
 def test_defaults_run_everything_locally_with_the_offline_model_and_authentication_on():
     s = Settings.from_env({})

@@ -11,6 +11,8 @@ from shared.events import ENDING_TYPES, EVENT_TYPES, EventLog
 
 API_DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 
+pytestmark = pytest.mark.fast  # no service: bash deploy/test.sh --fast
+
 
 def _table() -> str:
     rows = ["| type | data beyond its log's id (`turn_id` or `replay_id`), `seq` and `type` |", "|---|---|"]

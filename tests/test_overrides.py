@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 import redis
 from kombu import Connection
 from kombu.transport import redis as upstream_redis
@@ -63,6 +64,7 @@ def test_the_app_uses_it_unless_switched_off_under_the_redis_scheme(stack):
         assert conn.as_uri().startswith("redis://")
 
 
+@pytest.mark.fast
 def test_each_override_can_be_switched_off():
     dev = {"TURNSTREAM_ENV": "development"}
     assert Settings.from_env(dev).library_overrides == set(OVERRIDES)
@@ -155,6 +157,7 @@ def test_redis_pubsub_reads_pushes_as_plain_replies_where_the_library_builds_a_d
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"  # the per-message dict the override spares
 
 
+@pytest.mark.fast
 def test_gunicorn_writes_each_chunk_whole_and_at_once():
     """Direct writes go between gunicorn's own: it must frame a chunk as the
     relay does and keep nothing back in a buffer of its own."""

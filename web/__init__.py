@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 
 from flask import Flask, request
@@ -15,17 +16,19 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 class App(Flask):
-    """Flask, with a request's work run again while Postgres is away (a
-    restart, a failover) and it wrote nothing yet, or it is a safe request:
-    it waits for the server instead of answering 503
-    (shared/db.run_again_while_away). One cut at its COMMIT answers 503:
-    whether it landed is unknown (a turn's Idempotency-Key makes sending it
-    again safe)."""
-
-    def preprocess_request(self):
-        return run_again_while_away(super().preprocess_request, writes=request.method not in SAFE_METHODS)
+    """Flask, with the steps of a request that need Postgres run again while
+    it is away (a restart, a failover), each on its own: it waits for the
+    server instead of answering 503 (shared/db.run_again_while_away). They
+    are authentication (create_app) and the view, if the request wrote
+    nothing yet or is a safe one. The other steps run once: the request's
+    id, span and log context, and its rate-limit count, which a view run
+    again does not count again (web/limits.py). One cut at its COMMIT
+    answers 503: whether it landed is unknown (a turn's Idempotency-Key
+    makes sending it again safe)."""
 
     def dispatch_request(self):
+        """The view, run again while Postgres is away, unless a write it
+        sent may have landed (see the class)."""
         return run_again_while_away(super().dispatch_request, writes=request.method not in SAFE_METHODS)
 
 
@@ -66,7 +69,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     tracing.configure("turnstream-web")
     context.init_app(app)  # first: every later step's lines carry the request's id
     register_error_handlers(app)
-    app.before_request(auth.authenticate)
+    # Authentication alone runs again while Postgres is away, not the steps
+    # before it; whatever the method: it only reads (or makes the local
+    # owner's row, once and for all).
+    app.before_request(functools.partial(run_again_while_away, auth.authenticate, writes=False))
     limits.init_app(app, settings)  # after authentication: per-key limits count the caller it found
     for module in (auth, cli, health, metrics, openapi, page, replays, sessions, turns):
         app.register_blueprint(module.bp)

@@ -57,8 +57,13 @@ class RateLimits:
 
     def check(self, setting: str, who: str) -> None:
         """Count one request of `who` against the limits a setting names;
-        429 with Retry-After once they are spent. With Redis away the limits
-        are lifted rather than every request failed."""
+        429 with Retry-After once they are spent. A request counts once,
+        though its view runs again while Postgres is away (web.App). With
+        Redis away the limits are lifted rather than every request failed."""
+        counted = g.setdefault("rate_limits_counted", set())
+        if (setting, who) in counted:
+            return
+        counted.add((setting, who))
         items = self._items(setting) if self.settings.rate_limits_enabled else ()
         for item in items:
             try:

@@ -16,8 +16,9 @@ RabbitMQ when BROKER_URL names it). Redis itself must run with
 worker_pool = "threads"
 # A worker that starts before Redis keeps trying instead of exiting.
 broker_connection_retry_on_startup = True
-# The task modules, imported by the worker when it starts (never by the web tier).
-include = ["tasks.turn", "tasks.replay", "tasks.sweeper"]
+# The worker's start and stop, and the task modules: imported by the worker
+# when it starts (beat's loader imports them too; never the web tier).
+include = ["tasks.worker", "tasks.turn", "tasks.replay", "tasks.sweeper"]
 # With Redis as the broker, the one visibility timeout (there is no result
 # backend to set it on too, and beat, Flower and the web tier build the same
 # app, so all of them use it): how long an unacknowledged message waits
@@ -52,7 +53,7 @@ worker_prefetch_multiplier = 1
 # message finds the turn running and does nothing.
 worker_cancel_long_running_tasks_on_connection_loss = False
 # Shutdown. SIGTERM is Celery's warm shutdown: stop taking messages, wait for
-# the running turns; tasks/turn.py hands back those still running after
+# the running turns; tasks/worker.py hands back those still running after
 # WORKER_SHUTDOWN_GRACE_SECONDS. A cold shutdown (SIGQUIT, Ctrl+C twice) hands
 # them back at once; this soft-shutdown window lets that land, and the turns
 # stop, before Celery cancels what is left and exits.

@@ -2,6 +2,9 @@
 
 The web tier sends tasks by name through this module and never imports the
 worker's code; the worker registers its tasks on the same app (tasks/).
+The logging of every Celery process (the worker's and beat's) is set up
+here too, and so are beat's metrics: beat only sends tasks by name, as web
+does. The worker's own start and stop are tasks/worker.py's.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import logging
 
 import redis
 from celery import Celery
-from celery.signals import beat_init, before_task_publish, setup_logging, task_prerun
+from celery.signals import beat_init, before_task_publish, setup_logging
 from kombu import Producer, Queue
 
 from shared import logs, metrics, overrides
@@ -63,13 +66,6 @@ def get_celery() -> Celery:
 def _logs(**_: object) -> None:
     """The worker's and beat's logs, as web's (Celery then leaves logging alone)."""
     logs.configure(get_settings().log_format)
-
-
-@task_prerun.connect
-def _forget_the_last_task(**_: object) -> None:
-    """A pool thread's ids are the task's it runs now (they stay bound
-    after it, for Celery's own line saying how it ended)."""
-    logs.clear()
 
 
 @beat_init.connect

@@ -8,7 +8,7 @@ from shared import logs
 from shared.broker import ADVANCE_REPLAY
 from shared.db import transaction
 from shared.replays import advance
-from tasks.turn import TurnstreamTask
+from tasks.base import TurnstreamTask
 
 
 @shared_task(name=ADVANCE_REPLAY, base=TurnstreamTask)

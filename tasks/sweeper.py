@@ -7,7 +7,7 @@ from celery import shared_task
 from shared import metrics
 from shared.broker import SWEEP_TURNS
 from shared.recovery import requeue_stale_running, resend_queued, resend_stalled_replays
-from tasks.turn import TurnstreamTask
+from tasks.base import TurnstreamTask
 
 
 # No task events: run every SWEEP_SECONDS, it would fill Flower's task list,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gc
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,12 +10,10 @@ from typing import Any, TypeVar
 
 import kombu.exceptions
 import redis
-from celery import Task, shared_task
-from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
+from celery import shared_task
 from opentelemetry.trace import SpanKind
 from sqlalchemy import Boolean, Integer, and_, bindparam, column, func, join, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import aliased
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
@@ -28,39 +24,16 @@ from shared.db import autocommit_engine, committed, transaction
 from shared.events import EventLog, EventLogLost, get_publisher
 from shared.models import Message, Turn, new_id
 from shared.recovery import requeue_turn
-from shared.redis import check_eviction_policy, get_redis
-from shared.status import POSTGRES_ERRORS, REDIS_ERRORS, describe_outage
 from shared.turn_states import status_of
 from shared.turns import hold_back, next_queued_turn, running_of_owner, send_held_back
 from tasks.agent import BACKOFF, Outcome, run_agent
+from tasks.base import TRANSIENT, TurnstreamTask
 from tasks.heartbeat import get_heartbeat
-from tasks.model import get_client, probe_model
 from tasks.tools import get_toolbox
-from tasks.watchdog import watch_consumer
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Failures that pass: Postgres or Redis restarting, a dropped connection.
-TRANSIENT = (OperationalError, InterfaceError, redis.ConnectionError, redis.TimeoutError)
-
-
-class TurnstreamTask(Task):
-    """Base for every task: late acks (a crash means redelivery, and the task
-    is idempotent), results kept in Postgres rather than Celery, and a
-    failure that passes (Postgres or Redis restarting) retried by Celery
-    with exponential backoff: 1, 2, 4, 8, 8 … seconds at most, jittered,
-    about a minute in all."""
-
-    acks_late = True
-    reject_on_worker_lost = True
-    ignore_result = True
-    autoretry_for = TRANSIENT
-    retry_backoff = True
-    retry_backoff_max = 8
-    retry_jitter = True
-    max_retries = 10
 
 
 class TurnFailed(Exception):
@@ -329,88 +302,3 @@ def _hand_back(claim: Claim) -> None:
         send_held_back(claim.owner_id)
     except (*TRANSIENT, redis.RedisError, kombu.exceptions.OperationalError):
         log.warning("turn %s: could not hand it back; the sweeper will", claim.turn_id, exc_info=True)
-
-
-@worker_init.connect
-def check_redis(**_: Any) -> None:
-    """Before Celery connects to its broker (and, with Redis down, retries
-    without end): say in one line where Redis was looked for."""
-    try:
-        get_redis().ping()
-    except REDIS_ERRORS as exc:
-        log.error("%s; the worker keeps trying", describe_outage(exc))
-
-
-@worker_ready.connect
-def warm_up(sender: Any, **_: Any) -> None:
-    """The consumer is ready (`sender` is Celery's Consumer): start watching
-    it for a stall, export traces and metrics, check Redis's eviction policy, and do first-use work
-    before the first turn instead of during a burst of them: build the model
-    client, and start every pool thread (the threads pool starts one per
-    task until it is full, each start then waiting for the GIL that running
-    turns hold). Then freeze what start-up made, as web does: a full
-    collection, which holds the GIL and so stops every turn, no longer scans
-    it."""
-    watch_consumer(sender, on_stall=get_heartbeat().hand_back_all)
-    tracing.configure("turnstream-worker")
-    settings = get_settings()
-    metrics.serve(settings.worker_metrics_port, settings.metrics_address, "worker")
-    check_eviction_policy()
-    get_client()
-    threading.Thread(target=check_dependencies, name="start-checks", daemon=True).start()
-    executor = getattr(sender.pool, "executor", None)
-    if executor is not None:
-        started = threading.Barrier(sender.pool.limit)
-        for _ in range(sender.pool.limit):
-            executor.submit(started.wait, 10)
-    gc.collect()
-    gc.freeze()
-
-
-def check_dependencies() -> None:
-    """What a person starting a worker needs to know, said at once rather
-    than at the first turn: a Postgres it cannot reach, in one line; and,
-    for web to show, whether the model answers (and is the offline one) and
-    which tool servers open (which also opens them before the first turn)."""
-    try:
-        with autocommit_engine().connect() as db:
-            db.execute(text("SELECT 1"))
-    except POSTGRES_ERRORS as exc:
-        log.error("%s; turns wait until it answers", describe_outage(exc))
-    probe_model()
-    get_toolbox().offer()
-
-
-@worker_shutting_down.connect
-def hand_back_on_shutdown(how: str = "Warm", **_: Any) -> None:
-    """SIGTERM (a deploy, a scale-down): Celery stops taking messages and
-    waits for the running turns. Those still running after
-    WORKER_SHUTDOWN_GRACE_SECONDS are handed back to the queue at once, for
-    another worker, instead of being killed by the platform (Heroku allows
-    30 s) and waiting for the sweeper. A cold shutdown (SIGQUIT, a second
-    SIGINT) hands them back without waiting."""
-    grace = get_settings().worker_shutdown_grace if how == "Warm" else 0.0
-    threading.Thread(target=_drain, args=(grace,), name="shutdown-hand-back", daemon=True).start()
-
-
-def _drain(grace: float) -> None:
-    heartbeat = get_heartbeat()
-    deadline = time.monotonic() + grace
-    while heartbeat.running() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    handed = heartbeat.hand_back_all()
-    if handed:
-        log.warning("shutting down: handed back %d turns still running after %.0f s", handed, grace)
-
-
-@worker_shutdown.connect
-def close_tools(**_: Any) -> None:
-    """Send the spans still buffered, close the MCP servers this process
-    opened (stdio servers exit), and log how the event publisher batched
-    (tests/bench/pipeline.py reads it)."""
-    tracing.flush()
-    if get_toolbox.cache_info().currsize:
-        get_toolbox().close()
-    if get_publisher.cache_info().currsize:
-        b = get_publisher().batcher
-        log.info("event publisher: %d events submitted, %d sent, in %d round trips", b.submitted, b.handled, b.batches)

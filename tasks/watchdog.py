@@ -11,7 +11,8 @@ watch notices the state that cannot happen otherwise: messages waiting in
 the queue, threads free, and nothing received for WORKER_STALL_SECONDS. It
 then hands back the turns it runs and exits with a failure, for the process
 manager to start a new worker (Heroku restarts a crashed dyno; systemd with
-`Restart=always`; Kubernetes' restartPolicy).
+`Restart=always`; Kubernetes' restartPolicy). The worker starts it once its
+consumer is ready, and tells it of every message received (tasks/worker.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_received
 from celery.worker import state
 
 from shared.config import get_settings
@@ -94,9 +94,6 @@ class ConsumerWatch:
                 return
 
 
-_watch: ConsumerWatch | None = None
-
-
 def waiting_messages(app: Celery, queue: str) -> Callable[[], int]:
     """A count of the messages waiting in a queue, read apart from the
     consumer: the length of its list in Redis; on RabbitMQ, the queue's
@@ -122,28 +119,3 @@ def waiting_messages(app: Celery, queue: str) -> Callable[[], int]:
             raise
 
     return count
-
-
-def watch_consumer(consumer: Any, on_stall: Callable[[], Any]) -> None:
-    """Start watching a worker's consumer (the sender of `worker_ready`)."""
-    global _watch
-    queue = consumer.app.conf.task_default_queue
-
-    def consuming() -> bool:
-        tasks = consumer.task_consumer  # replaced on every reconnect
-        return tasks is None or any(q.name == queue for q in tasks.queues)
-
-    stall = get_settings().worker_stall_seconds
-    log.info(
-        "watching the consumer of queue %r (consuming: %s): stuck after %.0f s without a message",
-        queue,
-        consuming(),  # here first, so a fault in it shows at start-up
-        stall,
-    )
-    _watch = ConsumerWatch(waiting_messages(consumer.app, queue), consumer.pool.limit, stall, on_stall, consuming)
-
-
-@task_received.connect
-def _note_received(**_: Any) -> None:
-    if _watch is not None:
-        _watch.reset()

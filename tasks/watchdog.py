@@ -2,17 +2,18 @@
 
 Celery's Redis consumer can stay connected yet never take a message again
 after the broker came back from a restart (reported as celery/celery#8091,
-#9054 and #10302; this project's Redis chaos test met it once on a loaded CI
-machine, and not in eight runs here); on RabbitMQ a worker flooded with
-messages once stopped taking any, with publisher confirms on the connections
-its threads share (shared/broker.py now keeps those to the sender's own). The
-process looks healthy, so nothing restarts it, and every turn waits. This
-watch notices the state that cannot happen otherwise: messages waiting in
-the queue, threads free, and nothing received for WORKER_STALL_SECONDS. It
-then hands back the turns it runs and exits with a failure, for the process
-manager to start a new worker (Heroku restarts a crashed dyno; systemd with
-`Restart=always`; Kubernetes' restartPolicy). The worker starts it once its
-consumer is ready, and tells it of every message received (tasks/worker.py).
+#9054 and #10302; rare, and not reproducible on demand, so this watches for
+its effect rather than fixing a cause); on RabbitMQ a worker's consumer can
+stop taking messages under a flood of them when publisher confirms are on
+the connections its threads share (shared/broker.py keeps those to the
+sender's own). The process looks healthy, so nothing restarts it, and every
+turn waits. This watch notices the state that cannot happen otherwise:
+messages waiting in the queue, threads free, and nothing received for
+WORKER_STALL_SECONDS. It then hands back the turns it runs and exits with a
+failure, for the process manager to start a new worker (Heroku restarts a
+crashed dyno; systemd with `Restart=always`; Kubernetes' restartPolicy). The
+worker starts it once its consumer is ready, and tells it of every message
+received (tasks/worker.py).
 """
 
 from __future__ import annotations

@@ -96,8 +96,8 @@ def cancel(turn_id: str):
 
 
 # Every SSE connect (and reconnect) reads only this: the turn's status, if
-# the caller owns it. As a Core statement in autocommit, a connect costs 30%
-# less web CPU than with the ORM session it replaced (a storm is made of these).
+# the caller owns it. A Core statement in autocommit, with no ORM session and
+# no transaction around it: a reconnect storm is made of these.
 _OWNED_STATUS = select(Turn.status).where(Turn.id == bindparam("turn_id"), Turn.owner_id == bindparam("owner_id"))
 
 

@@ -21,6 +21,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 from shared import metrics
 from shared.config import Settings
 from shared.events import EventLog
+from shared.turn_states import CANCELLED, FAILED, SUCCEEDED
 from tasks.model import Completion, ModelError, Stop, StreamBroken, stream_completion
 from tasks.tools import Cancelled, Toolbox
 
@@ -31,7 +32,7 @@ EVENT_OUTPUT_CHARS = 2_000  # tool output in events and in the turn's record
 
 @dataclass
 class Outcome:
-    status: str  # succeeded | failed | cancelled
+    status: str  # how the attempt ends: a key of shared.turn_states.FINISH
     text: str = ""
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
     tools: list[dict[str, Any]] = field(default_factory=list)
@@ -76,10 +77,10 @@ def run_agent(
         for run in restarts:
             with run:
                 if run.retry_state.attempt_number > 1 and events.cancelled:
-                    return Outcome("cancelled")
+                    return Outcome(CANCELLED)
                 return _Run(history, events, toolbox, settings, first_token).run()
     except ModelError as exc:  # StreamBroken too, once the restarts ran out
-        return Outcome("failed", error={"code": exc.code, "message": exc.message})
+        return Outcome(FAILED, error={"code": exc.code, "message": exc.message})
 
 
 class _FirstToken:
@@ -110,7 +111,7 @@ class _Run:
         self.toolbox = toolbox
         self.settings = settings
         self.first_token = first_token
-        self.outcome = Outcome("succeeded")
+        self.outcome = Outcome(SUCCEEDED)
 
     @property
     def cancelled(self) -> bool:
@@ -136,7 +137,7 @@ class _Run:
             out.add_usage(completion)
             out.text += completion.text
             if completion.stopped or self.cancelled:
-                out.status = "cancelled"
+                out.status = CANCELLED
                 return out
             if not completion.tool_calls:
                 return out
@@ -150,9 +151,9 @@ class _Run:
                 }
             )
             if not self.run_tools(completion):
-                out.status = "cancelled"
+                out.status = CANCELLED
                 return out
-        out.status = "failed"
+        out.status = FAILED
         out.error = {
             "code": "tool_rounds_exceeded",
             "message": f"the model still called tools after {self.settings.max_tool_rounds} rounds (MAX_TOOL_ROUNDS)",

@@ -24,7 +24,7 @@ from shared.db import autocommit_engine, committed, transaction
 from shared.events import EventLog, EventLogLost, get_publisher
 from shared.models import Message, Turn, new_id
 from shared.recovery import requeue_turn
-from shared.turn_states import status_of
+from shared.turn_states import CANCELLED, CLAIM, FAILED, FINISH, HOLD, SUCCEEDED, status_of
 from shared.turns import hold_back, next_queued_turn, running_of_owner, send_held_back
 from tasks.agent import BACKOFF, Outcome, run_agent
 from tasks.base import TRANSIENT, TurnstreamTask
@@ -75,14 +75,14 @@ _CLAIM = (
     .where(
         Turn.id == bindparam("turn_id"),
         # checked again on the row as it is once locked, so two claims never both win
-        status_of(Turn) == "queued",
+        CLAIM.allows(status_of(Turn)),
         Turn.id == next_queued_turn(Turn.session_id),
         # Fairness: an owner runs at most MAX_RUNNING_TURNS_PER_OWNER turns at
         # once, so one owner's burst leaves threads for others' turns.
         func.owner_may_run(Turn.owner_id, bindparam("max_running", type_=Integer), type_=Boolean),
     )
     .values(
-        status="running",
+        status=CLAIM.target,
         attempts=Turn.attempts + 1,
         started_at=func.coalesce(Turn.started_at, func.now()),
         claimed_at=func.now(),
@@ -91,10 +91,10 @@ _CLAIM = (
     .returning(Turn.session_id, Turn.owner_id, Turn.number, Turn.attempts, Turn.created_at, Turn.origin)
 )
 # Why a claim found nothing to do, when the reason is the owner's running
-# turns: the turn is queued and its session's next.
+# turns: the turn is queued and its session's next, so it is held back.
 _HELD_BACK = select(Turn.owner_id).where(
     Turn.id == bindparam("turn_id"),
-    status_of(Turn) == "queued",
+    HOLD.allows(status_of(Turn)),
     Turn.id == next_queued_turn(Turn.session_id),
 )
 _RUNNING = select(running_of_owner(bindparam("owner_id")))
@@ -168,7 +168,7 @@ def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | 
     returns the terminal event to emit. The update is guarded by the attempt
     number, so an attempt that no longer owns the turn writes nothing and
     emits nothing (None)."""
-    status = outcome.status
+    status = FINISH[outcome.status].target
     with autocommit_engine().connect() as db:
         end = db.execute(
             _FINISH,
@@ -193,9 +193,9 @@ def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | 
         committed(send_turn, str(end.next_turn))
     if end.replay is not None:
         committed(send_replay_advance, str(end.replay))
-    if status == "succeeded":
+    if status == SUCCEEDED:
         return "turn.completed", {"answer": outcome.text, "usage": outcome.usage, "tools": outcome.tools}
-    if status == "failed":
+    if status == FAILED:
         return "turn.failed", {"error": outcome.error}
     return "turn.cancelled", {}
 
@@ -234,7 +234,7 @@ def run_turn(turn_id: str) -> str:
                 return f"turn {turn_id}: attempt {claim.attempt} no longer owned the turn; wrote nothing"
     finally:
         heartbeat.forget(turn_id, claim.attempt)
-    if outcome.status != "succeeded":
+    if outcome.status != SUCCEEDED:
         raise TurnFailed(turn_id, outcome.status, outcome.error)
     return f"turn {turn_id} succeeded (attempt {claim.attempt})"
 
@@ -244,7 +244,7 @@ def _run(claim: Claim, events: EventLog) -> Outcome | None:
     settings = get_settings()
     if claim.attempt > settings.max_attempts:
         message = f"the turn was started {claim.attempt - 1} times without finishing (TURN_MAX_ATTEMPTS)"
-        return Outcome("failed", error={"code": "attempts_exhausted", "message": message})
+        return Outcome(FAILED, error={"code": "attempts_exhausted", "message": message})
     try:
         if claim.attempt > 1:
             metrics.TURN_RESTARTS.labels("redelivered").inc()
@@ -257,7 +257,7 @@ def _run(claim: Claim, events: EventLog) -> Outcome | None:
     except Exception:
         log.exception("turn %s failed unexpectedly", claim.turn_id)
         error = {"code": "internal_error", "message": "the worker failed while running this turn"}
-        return Outcome("failed", error=error)
+        return Outcome(FAILED, error=error)
 
 
 def _finish(claim: Claim, events: EventLog, outcome: Outcome) -> bool:
@@ -271,8 +271,8 @@ def _finish(claim: Claim, events: EventLog, outcome: Outcome) -> bool:
     if terminal is None:
         return False
     type_, fields = terminal
-    if type_ == "turn.cancelled" and outcome.status != "cancelled":  # its session was deleted meanwhile
-        outcome.status, outcome.error = "cancelled", None
+    if type_ == "turn.cancelled" and outcome.status != CANCELLED:  # its session was deleted meanwhile
+        outcome.status, outcome.error = CANCELLED, None
     metrics.turn_ended(outcome.status, outcome.error, claim.accepted_at)
     try:
         _retrying(lambda: events.append(type_, **fields), f"emit the end of turn {claim.turn_id}")

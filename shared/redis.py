@@ -51,11 +51,13 @@ def get_redis() -> redis.Redis:
 
 
 def new_redis() -> redis.Redis:
-    """A client of its own, for a connection held for good (the relay's
-    Pub/Sub). RESP2: a message is a plain reply there, where RESP3 (redis-py's
+    """A client of its own, for the one connection it holds for good (the
+    relay's Pub/Sub; a command sent on it besides fails rather than opens
+    another). RESP2: a message is a plain reply there, where RESP3 (redis-py's
     default) sends each through its push-notification handlers. No read
     timeout: a quiet channel is not a dead connection (TCP_OPTIONS' keepalive finds those)."""
-    return redis.Redis.from_url(get_settings().redis_url, protocol=2, socket_timeout=None, **OPTIONS)
+    url = get_settings().redis_url
+    return redis.Redis.from_url(url, protocol=2, socket_timeout=None, max_connections=1, **OPTIONS)
 
 
 def key(*parts: str) -> str:

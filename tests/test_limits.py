@@ -4,14 +4,18 @@ limit, and nothing written."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import replace
 
 import pytest
+import redis
 
 from shared.config import get_settings, use_settings
+from tests import services
 from tests.test_api import _error
 from web.auth import create_key
+from web.limits import RateLimits
 
 
 @pytest.fixture
@@ -97,6 +101,17 @@ def test_stream_opens_are_limited_per_key(limited_app):
     _error(client.get(url, headers=owner), 429, "rate_limited")
     for r in opened:
         r.close()
+
+
+def test_with_redis_away_the_limits_are_lifted_rather_than_every_request_failed(stack, monkeypatch, caplog):
+    # The limiter counts through the process's client (shared.redis.get_redis): here one whose Redis is gone.
+    away = redis.BlockingConnectionPool(port=services.free_port(), socket_connect_timeout=1)
+    monkeypatch.setattr("web.limits.get_redis", lambda: redis.Redis(connection_pool=away))
+    limits = RateLimits(replace(get_settings(), rate_limits_enabled=True, rate_limit_submit="1/minute"))
+    with caplog.at_level(logging.WARNING, logger="web.limits"):
+        for _ in range(3):  # twice over the limit, were they counted: no 429, no error
+            limits.check("rate_limit_submit", "owner:someone")
+    assert caplog.text.count("rate limit rate_limit_submit not checked") == 3
 
 
 def test_no_more_active_turns_than_the_quota(limited_app):

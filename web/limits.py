@@ -19,12 +19,14 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import redis
 from flask import Flask, current_app, g, request
 from limits import RateLimitItem, parse_many
-from limits.storage import storage_from_string
+from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from shared.config import Settings
+from shared.redis import get_redis
 from web.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ def init_app(app: Flask, settings: Settings) -> None:
 
 
 class RateLimits:
-    """The app's rate limits (the `limits` library's moving window, in Redis)."""
+    """The app's rate limits (the `limits` library's moving window, in Redis,
+    through the process's Redis client)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -51,7 +54,7 @@ class RateLimits:
     def _limiter(self) -> MovingWindowRateLimiter:
         with self._lock:
             if self._strategy is None:
-                storage = storage_from_string(self.settings.redis_url, key_prefix=f"{self.settings.redis_prefix}limits")
+                storage = SharedClientStorage(get_redis(), key_prefix=f"{self.settings.redis_prefix}limits")
                 self._strategy = MovingWindowRateLimiter(storage)
             return self._strategy
 
@@ -81,6 +84,32 @@ class RateLimits:
                 code="rate_limited",
                 headers={"Retry-After": str(wait)},
             )
+
+
+class SharedClientStorage(RedisStorage):
+    """The `limits` library's Redis storage over the process's client
+    (shared.redis.get_redis) rather than one of its own: its checks share
+    that client's REDIS_POOL_SIZE connections and, in web, go out pipelined
+    with every greenlet's other commands. A client of its own (what
+    `storage_from_string` builds) has an unbounded pool: one more
+    connection for each check in flight at once, to the Redis the broker
+    shares, up to its `maxclients`.
+
+    Written for limits 5.8, whose RedisStorage takes a `connection_pool`
+    and reaches its client only through get_connection();
+    tests/test_redis_connections.py counts the connections and the checks
+    of a burst."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str) -> None:
+        self.client = client  # set first: the library registers its scripts on get_connection()
+        # The library keeps a client of its own beside it; on the same pool,
+        # anything that reaches Redis past get_connection() is bounded too.
+        super().__init__("redis://", connection_pool=client.connection_pool, key_prefix=key_prefix)
+
+    def get_connection(self, readonly: bool = False) -> redis.Redis:
+        """The library's way to its client, for every command and script
+        (its own Sentinel storage overrides it the same way)."""
+        return self.client
 
 
 def rate_limits() -> RateLimits:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from shared.broker import get_celery
+from shared.config import get_settings
 from tasks.watchdog import ConsumerWatch, waiting_messages
 from tests.services import wait_until
 
@@ -20,9 +21,17 @@ pytestmark = pytest.mark.broker
 
 @contextlib.contextmanager
 def _queue(messages: int) -> Iterator[str]:
-    """A queue of the broker under test that no consumer takes from, holding `messages`."""
+    """A queue of the broker under test that no consumer takes from, holding
+    `messages` by the time it is yielded.
+
+    On RabbitMQ a publish returns once its frames are written, before the
+    broker has put the message in the queue, and the count asks on another
+    connection: without publisher confirms it can see fewer messages than
+    were put. A confirmed put returns once the queue has the message. On
+    Redis a put is an LPUSH that has already answered."""
     name = f"watch-{uuid.uuid4().hex[:8]}"
-    with get_celery().connection_for_write() as conn:
+    options = {"confirm_publish": True} if get_settings().rabbitmq else {}
+    with get_celery().connection_for_write(transport_options=options) as conn:
         queue = conn.SimpleQueue(name)
         for n in range(messages):
             queue.put({"n": n})

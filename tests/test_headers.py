@@ -78,6 +78,43 @@ def test_a_listed_origin_may_call_with_a_key_and_others_may_not(app_with, owner)
     assert "Origin" in no_origin.headers.get("Vary", "")  # a cache must not serve one origin's answer to another
 
 
+def test_a_listed_origin_may_rename_a_session_across_origins(app_with, owner):
+    """A rename is a PATCH: the browser asks first (a preflight naming the
+    method), and sends it only if the answer allows that method. Every other
+    method of the API is allowed too, from the routes themselves."""
+    origin = "https://chat.example.com"
+    client = app_with(allowed_origins=(origin,))
+    session = client.post("/api/sessions", json={"title": "before"}, headers=owner).get_json()
+    preflight = client.options(
+        f"/api/sessions/{session['id']}",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "PATCH",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == origin
+    allowed = {method.strip() for method in preflight.headers.get("Access-Control-Allow-Methods", "").split(",")}
+    assert "PATCH" in allowed
+    assert {"authorization", "content-type"} <= {
+        header.strip().lower() for header in preflight.headers["Access-Control-Allow-Headers"].split(",")
+    }
+    api = {
+        method
+        for rule in client.application.url_map.iter_rules()
+        if rule.rule.startswith("/api")
+        for method in rule.methods
+    }
+    assert api <= allowed
+    renamed = client.patch(
+        f"/api/sessions/{session['id']}", json={"title": "after"}, headers={**owner, "Origin": origin}
+    )
+    assert renamed.status_code == 200 and renamed.headers["Access-Control-Allow-Origin"] == origin
+    assert renamed.get_json()["title"] == "after"
+    assert client.get(f"/api/sessions/{session['id']}", headers=owner).get_json()["title"] == "after"
+
+
 def test_origins_are_trimmed_and_checked():
     from shared.config import ConfigError, Settings
 

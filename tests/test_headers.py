@@ -115,6 +115,7 @@ def test_a_listed_origin_may_rename_a_session_across_origins(app_with, owner):
     assert client.get(f"/api/sessions/{session['id']}", headers=owner).get_json()["title"] == "after"
 
 
+@pytest.mark.fast
 def test_origins_are_trimmed_and_checked():
     from shared.config import ConfigError, Settings
 

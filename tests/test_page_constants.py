@@ -9,9 +9,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from shared.events import EVENT_TYPES
-from shared.models import ENDED, STATUSES
+from shared.turn_states import ENDED, STATUSES
 from web.relay.resume import MAX_SEQ
+
+pytestmark = pytest.mark.fast  # no service: bash deploy/test.sh --fast
 
 CHAT_JS = (Path(__file__).resolve().parent.parent / "web" / "static" / "chat.js").read_text()
 

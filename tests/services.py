@@ -160,7 +160,10 @@ def postgres_under_test() -> str:
 
 def start_rabbitmq(workdir: Path, logdir: Path) -> tuple[Proc, int]:
     port = free_port()
-    proc = Proc("rabbitmq", ["bash", "deploy/rabbitmq.sh", str(workdir / "rabbitmq"), str(port)], logdir)
+    # Its distribution port free too: the one rabbitmq.sh derives from PORT
+    # may be any other process's ephemeral port on a busy machine.
+    env = {**os.environ, "RABBITMQ_DIST_PORT": str(free_port())}
+    proc = Proc("rabbitmq", ["bash", "deploy/rabbitmq.sh", str(workdir / "rabbitmq"), str(port)], logdir, env)
     wait_until(lambda: port_open(port), 60, "RabbitMQ")
     return proc, port
 

@@ -20,7 +20,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import DateTime, Uuid
 
@@ -156,6 +156,11 @@ class Replay(Base):
     concurrency: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None]
+    # Kept by each advance (shared/replays.py): its turns that ended, by
+    # outcome, and those it started and has not yet seen end.
+    succeeded: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    failed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    running: Mapped[list[str]] = mapped_column(ARRAY(Uuid(as_uuid=False)), server_default=text("'{}'"))
 
 
 class ReplayItem(Base):

@@ -1,22 +1,27 @@
 """Batch replay: many questions submitted at once, run `concurrency` at a time.
 
-A replay's progress is derived from its items' turns, never counted twice.
-Items get their turn when `advance` reaches them; `advance` runs when the
-replay is created and whenever one of its turns ends.
+Items get their turn when `advance` reaches them, in index order; `advance`
+runs when the replay is created and whenever one of its turns ends. What it
+does there does not grow with the replay: the replay's row keeps the turns
+it started and has not yet seen end (`running`, at most `concurrency`) and
+how many ended succeeded or failed, so an advance looks at those turns and
+at the items it starts, never at the whole replay.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, any_, bindparam, func, or_, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
+from sqlalchemy.types import Uuid
 
 from shared.broker import send_replay_advance
 from shared.db import after_commit
 from shared.events import EventLog
 from shared.models import ChatSession, Replay, ReplayItem, Turn
-from shared.turn_states import ACTIVE, ENDED
+from shared.turn_states import ACTIVE, ENDED, SUCCEEDED
 from shared.turns import submit_turn
 
 
@@ -48,6 +53,7 @@ def unfinished_items(db: Session, owner_id: str) -> int:
 
 
 def item_rows(db: Session, replay_id: str) -> list[tuple[ReplayItem, Turn | None]]:
+    """Every item of the replay with its turn, in order (its results)."""
     query = (
         select(ReplayItem, Turn)
         .outerjoin(Turn, Turn.id == ReplayItem.turn_id)
@@ -57,51 +63,104 @@ def item_rows(db: Session, replay_id: str) -> list[tuple[ReplayItem, Turn | None
     return [(item, turn) for item, turn in db.execute(query)]
 
 
-def summary(replay: Replay, rows: list[tuple[ReplayItem, Turn | None]]) -> dict[str, Any]:
-    counts = {"succeeded": 0, "failed": 0}
-    for _item, turn in rows:
-        if turn is not None and turn.status in ENDED:
-            counts["succeeded" if turn.status == "succeeded" else "failed"] += 1
+def _total(replay_id: ColumnElement | str) -> ColumnElement[int]:
+    """The replay's number of questions: its items are numbered from 0, so
+    the last index + 1, read from the end of the (replay_id, index) index."""
+    return func.coalesce(
+        select(func.max(ReplayItem.index)).where(ReplayItem.replay_id == replay_id).scalar_subquery() + 1, 0
+    )
+
+
+def summary(db: Session, replay: Replay) -> dict[str, Any]:
+    """The replay's progress as its last advance counted it; a turn's end
+    sends an advance, so the counts follow within moments."""
+    return _summary(replay, db.scalar(select(_total(replay.id))))
+
+
+def _summary(replay: Replay, total: int) -> dict[str, Any]:
     return {
         "id": replay.id,
         "status": "finished" if replay.finished_at else "running",
-        "total": len(rows),
-        **counts,
+        "total": total,
+        "succeeded": replay.succeeded,
+        "failed": replay.failed,
         "created_at": replay.created_at.isoformat(),
         "finished_at": replay.finished_at.isoformat() if replay.finished_at else None,
     }
 
 
+# Statements run on every turn's end, built once with bind parameters.
+# The replay, locked for the rest of the transaction (its advances run one
+# at a time), read afresh even if the session holds it, with its size.
+_LOCK = (
+    select(Replay, _total(Replay.id))
+    .where(Replay.id == bindparam("replay_id"))
+    .with_for_update(of=Replay)
+    .execution_options(populate_existing=True)
+)
+# The turns it has under way, by id.
+_STATUSES = select(Turn.id, Turn.status).where(Turn.id == any_(bindparam("ids", type_=ARRAY(Uuid(as_uuid=False)))))
+# The next items to start, through the (replay_id, index) index.
+_NEXT = (
+    select(ReplayItem)
+    .where(ReplayItem.replay_id == bindparam("replay_id"), ReplayItem.index >= bindparam("first"))
+    .order_by(ReplayItem.index)
+    .limit(bindparam("count"))
+)
+
+
 def advance(db: Session, replay_id: str) -> None:
-    """Start items up to the replay's concurrency; mark it finished when every
-    item's turn has ended. Serialised per replay by its row lock."""
-    replay = db.get(Replay, replay_id, with_for_update=True)
-    if replay is None or replay.finished_at is not None:
+    """Count the replay's turns that ended since its last advance, start
+    items up to its concurrency, in index order, and mark it finished when
+    every item's turn has ended. Serialised per replay by its row lock; sent
+    twice, the second finds nothing new. A handful of statements, and one
+    more per item started, whatever the replay's size."""
+    row = db.execute(_LOCK, {"replay_id": replay_id}).one_or_none()
+    if row is None or row[0].finished_at is not None:
         return
-    rows = item_rows(db, replay_id)
-    running = sum(1 for item, turn in rows if item.turn_id and (turn is None or turn.status not in ENDED))
-    for item, _turn in rows:
-        if running >= replay.concurrency:
-            break
-        if item.turn_id is not None:
-            continue
-        submitted = submit_turn(db, item.session_id, replay.owner_id, item.message) if item.session_id else None
-        if submitted is None:  # no session given, or it is gone: a new one
-            chat = ChatSession(owner_id=replay.owner_id, title=item.message[:80], meta={"replay_id": replay.id})
-            db.add(chat)
-            db.flush()
-            item.session_id = chat.id
-            submitted = submit_turn(db, chat.id, replay.owner_id, item.message)
-        item.turn_id = submitted[0].id
-        running += 1
-    db.flush()
-    rows = item_rows(db, replay_id)
-    if all(turn is not None and turn.status in ENDED for _item, turn in rows):
+    replay, total = row
+    succeeded, failed, running = replay.succeeded, replay.failed, []
+    if replay.running:
+        statuses = dict(db.execute(_STATUSES, {"ids": replay.running}).all())
+        for turn_id in replay.running:
+            status = statuses.get(turn_id)
+            if status == SUCCEEDED:
+                succeeded += 1
+            elif status is None or status in ENDED:  # None: deleted with its session, which cancelled it
+                failed += 1
+            else:
+                running.append(turn_id)
+    # Items start in index order and each is counted once its turn ended,
+    # so the items started so far are the first `started`.
+    started = succeeded + failed + len(running)
+    free = replay.concurrency - len(running)
+    if free > 0 and started < total:
+        for item in db.scalars(_NEXT, {"replay_id": replay.id, "first": started, "count": free}).all():
+            if item.turn_id is None:  # else started by an advance of the code before this one
+                _start(db, replay, item)
+            running.append(item.turn_id)
+    # Written once, at the end: an earlier change would be flushed on its own
+    # before the next statement.
+    replay.succeeded, replay.failed, replay.running = succeeded, failed, running
+    if not running:  # every item started, and every turn ended
         replay.finished_at = func.now()
-        db.flush()
-        db.refresh(replay)
-    state = summary(replay, rows)
+    db.flush()
+    state = _summary(replay, total)
     events = EventLog("replay", replay.id)
     after_commit(db, events.append, "replay.progress", **state)
     if replay.finished_at is not None:
         after_commit(db, events.append, "replay.finished", **state)
+
+
+def _start(db: Session, replay: Replay, item: ReplayItem) -> None:
+    """Give the item its turn: in the session it names, or in a new one if
+    it names none or that session is gone."""
+    session_id = item.session_id
+    submitted = submit_turn(db, session_id, replay.owner_id, item.message) if session_id else None
+    if submitted is None:
+        chat = ChatSession(owner_id=replay.owner_id, title=item.message[:80], meta={"replay_id": replay.id})
+        db.add(chat)
+        db.flush()
+        session_id = chat.id
+        submitted = submit_turn(db, session_id, replay.owner_id, item.message)
+    item.session_id, item.turn_id = session_id, submitted[0].id  # one UPDATE

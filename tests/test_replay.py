@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+import uuid
+from contextlib import contextmanager
 
+from sqlalchemy import delete, event, func, select, text, update
+from sqlalchemy.orm import Session
+
+from shared.turn_states import STOP, SUCCEED
 from tests.conftest import wait_turn
 
 
@@ -70,3 +77,132 @@ def test_replay_api_rejects_bad_bodies(client, owner):
     assert client.post("/api/replays", json={}, headers=owner).status_code == 422
     r = client.post("/api/replays", json={"questions": [{"message": "x"}], "concurrency": 0}, headers=owner)
     assert r.status_code == 422
+
+
+# Rows of replays and their items this transaction has read so far, in
+# table scans and through indexes: a statement that reads every item shows
+# here though it returns one row. (Not turns: how submit_turn() reads a
+# small table of them is the planner's choice.)
+_READ = text(
+    "SELECT coalesce(sum(coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)), 0) FROM pg_stat_xact_user_tables"
+    " WHERE relname IN ('replays', 'replay_items')"
+)
+
+
+def _advance_counted(db, replay_id: str) -> dict[str, int]:
+    """Run `advance` and count what it asked of Postgres: statements, rows
+    they returned, and rows Postgres read for them."""
+    from shared.db import get_engine
+    from shared.replays import advance
+
+    counts = {"statements": 0, "rows": 0}
+    me = threading.get_ident()
+
+    def before(conn, cursor, statement, parameters, context, executemany):
+        if threading.get_ident() == me:
+            counts["statements"] += 1
+
+    def after(conn, cursor, statement, parameters, context, executemany):
+        if threading.get_ident() == me and cursor.description is not None:
+            counts["rows"] += max(cursor.rowcount, 0)
+
+    engine = get_engine()
+    read = db.scalar(_READ)
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "after_cursor_execute", after)
+    try:
+        advance(db, replay_id)
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+        event.remove(engine, "after_cursor_execute", after)
+    counts["read"] = int(db.scalar(_READ) - read)
+    return counts
+
+
+@contextmanager
+def _rolled_back():
+    """A session whose work is rolled back: no turn is sent, and nothing is
+    left for the worker or the sweeper."""
+    from shared.db import get_engine
+
+    with Session(get_engine()) as db:
+        try:
+            yield db
+        finally:
+            db.rollback()
+
+
+def _new_replay(db, size: int, concurrency: int) -> str:
+    from shared.replays import create_replay
+    from web.auth import get_or_create_owner
+
+    owner = get_or_create_owner(db, f"replayer-{uuid.uuid4().hex[:12]}")
+    replay = create_replay(db, owner.id, [{"message": f"q{i}"} for i in range(size)], concurrency)
+    db.flush()
+    return replay.id
+
+
+def _turns(db, replay_id: str) -> list[str | None]:
+    from shared.models import ReplayItem
+
+    return list(
+        db.scalars(select(ReplayItem.turn_id).where(ReplayItem.replay_id == replay_id).order_by(ReplayItem.index))
+    )
+
+
+def _end(db, turn_id: str, transition) -> None:
+    """Claim the turn, then end it by `transition`, as a worker would."""
+    from shared.models import Turn
+    from shared.turn_states import CLAIM
+
+    db.execute(update(Turn).where(Turn.id == turn_id).values(status=CLAIM.target, attempts=1))
+    db.execute(update(Turn).where(Turn.id == turn_id).values(status=transition.target, finished_at=func.now()))
+
+
+def _bookkeeping(size: int) -> dict[str, dict[str, int]]:
+    """What a replay's first advance and one turn's end ask of Postgres."""
+    with _rolled_back() as db:
+        replay_id = _new_replay(db, size, 3)
+        start = _advance_counted(db, replay_id)
+        _end(db, _turns(db, replay_id)[0], SUCCEED)
+        turn_end = _advance_counted(db, replay_id)
+        started = sum(1 for turn_id in _turns(db, replay_id) if turn_id)
+    assert started == 4  # three at the start, one more at the turn's end
+    return {"start": start, "turn_end": turn_end}
+
+
+def test_advance_asks_postgres_the_same_whatever_the_replay_size(stack):
+    small, large = _bookkeeping(10), _bookkeeping(1000)
+    for step in ("start", "turn_end"):
+        assert small[step]["statements"] == large[step]["statements"]
+        assert small[step]["rows"] == large[step]["rows"]
+        # and Postgres reads the few items it starts, not a tenth of the replay's
+        assert large[step]["read"] < 100
+
+
+def test_advance_counts_each_turn_once_and_finishes_once(stack):
+    from shared.models import ChatSession, Replay, Turn
+    from shared.replays import advance, summary
+
+    with _rolled_back() as db:
+        replay_id = _new_replay(db, 3, 2)
+        advance(db, replay_id)
+        advance(db, replay_id)  # sent twice: nothing more starts
+        first, second, third = _turns(db, replay_id)
+        assert first and second and third is None
+        _end(db, first, SUCCEED)
+        _end(db, second, STOP)
+        advance(db, replay_id)
+        advance(db, replay_id)
+        state = summary(db, db.get(Replay, replay_id))
+        assert (state["status"], state["succeeded"], state["failed"]) == ("running", 1, 1)
+        third = _turns(db, replay_id)[2]
+        # its session deleted while it runs: its turn goes with it, and it counts as failed
+        session_id = db.scalar(select(Turn.session_id).where(Turn.id == third))
+        db.execute(delete(ChatSession).where(ChatSession.id == session_id))
+        advance(db, replay_id)
+        done = summary(db, db.get(Replay, replay_id))
+        assert (done["status"], done["total"], done["succeeded"], done["failed"]) == ("finished", 3, 1, 2)
+        advance(db, replay_id)  # finished: nothing changes
+        assert summary(db, db.get(Replay, replay_id)) == done
+        assert _turns(db, replay_id) == [first, second, None]  # not asked again

@@ -161,11 +161,13 @@ def replay(file: Path, out: Path, owner: str, concurrency: int, timeout: float) 
     with _progress(len(questions)) as show:
         while True:
             with transaction() as db:
-                state = summary(db.get(Replay, replay_id), rows := item_rows(db, replay_id))
+                state = summary(db, db.get(Replay, replay_id))
             show(state["succeeded"] + state["failed"], state["failed"])
             if state["status"] == "finished" or time.monotonic() > deadline:
                 break
             time.sleep(0.25)
+    with transaction() as db:
+        rows = item_rows(db, replay_id)
     with out.open("w") as fh:
         for item, turn in rows:
             fh.write(json.dumps(result_line(item, turn)) + "\n")

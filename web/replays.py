@@ -59,7 +59,7 @@ def create():
         replay = create_replay(db, g.owner_id, questions, body.concurrency)
         db.flush()
         db.refresh(replay)
-        data = summary(replay, item_rows(db, replay.id))
+        data = summary(db, replay)
     return jsonify(data), 202
 
 
@@ -68,7 +68,7 @@ def create():
 def get(replay_id: str):
     with transaction() as db:
         replay = owned(db, Replay, replay_id)
-        return jsonify(summary(replay, item_rows(db, replay.id)))
+        return jsonify(summary(db, replay))
 
 
 @bp.get("/api/replays/<replay_id>/results")

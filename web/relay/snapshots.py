@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from shared.db import transaction
 from shared.models import Replay, Turn
-from shared.replays import item_rows, summary
+from shared.replays import summary
 from shared.turn_states import ENDED
 from web.relay.frames import synthetic
 
@@ -37,5 +37,5 @@ def turn_snapshot(turn_id: str) -> Snapshot | None:
 
 def replay_snapshot(replay_id: str) -> Snapshot:
     with transaction() as db:
-        state = summary(db.get(Replay, replay_id), item_rows(db, replay_id))
+        state = summary(db, db.get(Replay, replay_id))
     return _snapshot("replay.snapshot", {"replay_id": replay_id, **state}, state["status"] == "finished")

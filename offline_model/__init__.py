@@ -12,6 +12,8 @@ directives in the last user message:
     [[fault=disconnect@K]]  drop the connection after K tokens
     [[fault=stall]]     send headers, then nothing
     [[fault=linger]]    answer, then hold the response open for a minute after [DONE]
+    [[echo=setup]]      answer with what it was given: the system prompt, the
+                        model, temperature, max_tokens and the tools offered
     [[faults=500,429,disconnect@2]]  the n-th request of this same conversation
                         gets the n-th fault of the list; later ones succeed
                         (so a client's retries can be seen to work)
@@ -81,6 +83,17 @@ def answer_for(messages: list[dict]) -> str:
         parts.append(f'Before that you said: "{users[-2]}".')
     parts.append(f"This is message {len(users)} of our conversation.")
     return " ".join(parts)
+
+
+def setup_of(body: dict) -> str:
+    """What the request set up, as text (the `[[echo=setup]]` answer), so a
+    test can see which instructions, model and tools reached the model."""
+    system = [_text(m.get("content")) for m in body["messages"] if m.get("role") == "system"]
+    tools = sorted(t["function"]["name"] for t in body.get("tools") or [] if t.get("type") == "function")
+    return (
+        f"System: {json.dumps(system)}. Model: {body.get('model')}. Temperature: {body.get('temperature')}."
+        f" Max tokens: {body.get('max_tokens')}. Tools: {json.dumps(tools)}."
+    )
 
 
 def _since_last_user(messages: list[dict]) -> list[dict]:
@@ -244,7 +257,10 @@ def create_app(behaviour: Behaviour | None = None) -> Flask:
             tokens = []
         else:
             count = int(directives["tokens"]) if "tokens" in directives else None
-            tokens = tokenize(answer_for(messages), count)
+            text = setup_of(body) if directives.get("echo") == "setup" else answer_for(messages)
+            tokens = tokenize(text, count)
+            if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 0:  # as a model stops at its budget
+                tokens = tokens[: body["max_tokens"]]
         usage = {
             "prompt_tokens": sum(len(_text(m.get("content")).split()) for m in messages),
             "completion_tokens": len(tokens) + sum(len(c["function"]["arguments"]) // 4 + 1 for c in calls),

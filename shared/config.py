@@ -55,6 +55,26 @@ class ConfigError(SystemExit):
     """A missing or malformed setting. Exits the process with its message."""
 
 
+# The endpoint of OPENAI_BASE_URL and OPENAI_API_KEY: the default assistant's.
+DEFAULT_ENDPOINT = "default"
+
+
+@dataclass(frozen=True)
+class ModelEndpoint:
+    """An OpenAI-compatible server the operator configured, by name."""
+
+    name: str
+    base_url: str
+    api_key: str = field(repr=False)  # may hold a password
+
+    @property
+    def settings(self) -> str:
+        """Where the operator set it, for messages that say what to check."""
+        if self.name == DEFAULT_ENDPOINT:
+            return "OPENAI_BASE_URL"
+        return f"MODEL_ENDPOINTS[{self.name!r}]"
+
+
 @dataclass(frozen=True)
 class Settings:
     env: str
@@ -67,6 +87,9 @@ class Settings:
     openai_model: str
     openai_max_retries: int
     openai_timeout: float
+    # Every model endpoint an assistant may name: `default` (OPENAI_BASE_URL,
+    # OPENAI_API_KEY) and MODEL_ENDPOINTS's. Callers name one; never a URL.
+    model_endpoints: dict[str, ModelEndpoint] = field(repr=False)  # may hold keys
     mcp_servers: dict[str, Any]
     tool_timeout: float
     max_tool_rounds: int
@@ -119,6 +142,7 @@ class Settings:
     max_running_turns: int
     max_streams: int
     max_replay_items: int
+    max_prompt_chars: int
 
     @property
     def rabbitmq(self) -> bool:
@@ -140,17 +164,23 @@ class Settings:
             )
         port = r.int("PORT", 8000, lo=1, hi=65535)
         redis_url = _redis_url(r.str("REDIS_URL", LOCAL_REDIS_URL), r.choice("REDIS_TLS_VERIFY", CERT_REQS, "required"))
+        default_endpoint = ModelEndpoint(
+            DEFAULT_ENDPOINT,
+            r.str("OPENAI_BASE_URL", LOCAL_MODEL_URL).rstrip("/"),
+            r.str("OPENAI_API_KEY", "offline"),
+        )
         settings = cls(
             env=env,
             database_url=_sqlalchemy_url(r.str("DATABASE_URL", LOCAL_DATABASE_URL), "DATABASE_URL"),
             redis_url=redis_url,
             broker_url=_broker_url(r.str("BROKER_URL", ""), redis_url),
             redis_prefix=r.str("REDIS_PREFIX", "ts:"),
-            openai_base_url=r.str("OPENAI_BASE_URL", LOCAL_MODEL_URL).rstrip("/"),
-            openai_api_key=r.str("OPENAI_API_KEY", "offline"),
+            openai_base_url=default_endpoint.base_url,
+            openai_api_key=default_endpoint.api_key,
             openai_model=r.str("OPENAI_MODEL", OFFLINE_MODEL_NAME),
             openai_max_retries=r.int("OPENAI_MAX_RETRIES", 3, lo=0, hi=20),
             openai_timeout=r.float("OPENAI_TIMEOUT", 60.0, lo=0.1),
+            model_endpoints=_model_endpoints(r.str("MODEL_ENDPOINTS", ""), default_endpoint),
             mcp_servers=_mcp_servers(r.str("MCP_SERVERS", "")),
             tool_timeout=r.float("TOOL_TIMEOUT_SECONDS", 30.0, lo=0.1),
             max_tool_rounds=r.int("MAX_TOOL_ROUNDS", 8, lo=0, hi=100),
@@ -201,6 +231,7 @@ class Settings:
             max_running_turns=r.int("MAX_RUNNING_TURNS_PER_OWNER", 16, lo=1),
             max_streams=r.int("MAX_STREAMS_PER_OWNER", 200, lo=1),
             max_replay_items=r.int("MAX_REPLAY_ITEMS_PER_OWNER", 20_000, lo=1),
+            max_prompt_chars=r.int("MAX_PROMPT_CHARS", 20_000, lo=1, hi=1_000_000),
         )
         if settings.stale_running_seconds < 2 * settings.heartbeat_seconds:
             raise ConfigError("STALE_RUNNING_SECONDS must be at least twice HEARTBEAT_SECONDS.")
@@ -385,6 +416,35 @@ def _flower_credential(value: str) -> str | None:
     if not (sep and user and password):
         raise ConfigError("FLOWER_BASIC_AUTH must be user:password, both parts non-empty.")
     return value
+
+
+def _model_endpoints(raw: str, default: ModelEndpoint) -> dict[str, ModelEndpoint]:
+    """MODEL_ENDPOINTS: JSON `{"name": {"base_url": …, "api_key": …}}`;
+    `default` is OPENAI_BASE_URL's and cannot be named again."""
+    endpoints = {default.name: default}
+    if not raw:
+        return endpoints
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"MODEL_ENDPOINTS is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict):
+        raise ConfigError('MODEL_ENDPOINTS must map names to {"base_url": …, "api_key": …}.')
+    for name, spec in data.items():
+        if name == DEFAULT_ENDPOINT:
+            raise ConfigError("MODEL_ENDPOINTS: 'default' is OPENAI_BASE_URL's endpoint; name yours otherwise.")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ConfigError(f"MODEL_ENDPOINTS: name {name!r} must be 1-64 letters, digits, '.', '-' or '_'.")
+        if (
+            not isinstance(spec, dict)
+            or not isinstance(spec.get("base_url"), str)
+            or set(spec) - {"base_url", "api_key"}
+        ):
+            raise ConfigError(f'MODEL_ENDPOINTS: {name!r} must be {{"base_url": …, "api_key": …}} (api_key optional).')
+        if urlsplit(spec["base_url"]).scheme not in ("http", "https"):
+            raise ConfigError(f"MODEL_ENDPOINTS: {name!r}'s base_url must be an http:// or https:// URL.")
+        endpoints[name] = ModelEndpoint(name, spec["base_url"].rstrip("/"), str(spec.get("api_key") or "none"))
+    return endpoints
 
 
 def _mcp_servers(raw: str) -> dict[str, Any]:

@@ -45,7 +45,17 @@ class EventType:
     logged: bool = True  # False: made for one client (no seq, no id), never in a log
 
 
-_REPLAY_FIELDS = ("id", "status", "total", "succeeded", "failed", "created_at", "finished_at")
+_REPLAY_FIELDS = (
+    "id",
+    "status",
+    "assistant_id",
+    "assistant_version",
+    "total",
+    "succeeded",
+    "failed",
+    "created_at",
+    "finished_at",
+)
 
 # The event contract: what the worker and web emit, what the relay streams,
 # and the table in docs/api.md (tests/test_event_types.py holds the three

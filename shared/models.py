@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -87,10 +88,50 @@ class Login(Base):
     ended_at: Mapped[datetime | None]
 
 
+class Assistant(Base):
+    """Who answers: a named profile of its owner's, versioned. Each update
+    makes a new version (AssistantVersion); `latest` is the one used unless
+    a session pins another, and a rollback points it back."""
+
+    __tablename__ = "assistants"
+    id: Mapped[str] = _id()
+    owner_id: Mapped[str] = _fk("owners.id")
+    name: Mapped[str]
+    latest: Mapped[int] = mapped_column(Integer)
+    versions: Mapped[int] = mapped_column(Integer)  # made so far; the next is versions + 1
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (UniqueConstraint("owner_id", "name"),)
+
+
+class AssistantVersion(Base):
+    """One version of an assistant's profile; never changed once made."""
+
+    __tablename__ = "assistant_versions"
+    assistant_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("assistants.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instructions: Mapped[str] = mapped_column(Text)  # the system prompt
+    endpoint: Mapped[str]  # a name of Settings.model_endpoints
+    model: Mapped[str]
+    temperature: Mapped[float | None] = mapped_column(Float)
+    max_tokens: Mapped[int | None] = mapped_column(Integer)
+    tools: Mapped[dict[str, Any]]  # MCP server -> the tool names allowed ("*": all of them)
+    approval: Mapped[dict[str, Any]]  # its approval policy
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata")
+    created_at: Mapped[datetime] = _now()
+
+
 class ChatSession(Base):
     __tablename__ = "sessions"
     id: Mapped[str] = _id()
     owner_id: Mapped[str] = _fk("owners.id")
+    # Who answers its turns: an assistant (its latest version, or the one
+    # pinned), or the default assistant (the operator's settings) if null.
+    assistant_id: Mapped[str | None] = _fk("assistants.id", ondelete="SET NULL", nullable=True)
+    assistant_version: Mapped[int | None] = mapped_column(Integer)
     title: Mapped[str | None]
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=text("'{}'::jsonb"))
     # Turns accepted so far; the next turn's number. Bumped under the row lock
@@ -118,6 +159,10 @@ class Turn(Base):
     tools: Mapped[list[Any] | None] = mapped_column(JSONB)
     error: Mapped[dict[str, Any] | None]
     origin: Mapped[dict[str, Any] | None]  # the request that sent it: request_id, traceparent (shared/logs.py)
+    # The assistant version it runs with, fixed when it is accepted; no
+    # foreign key: the record outlives a deleted assistant.
+    assistant_id: Mapped[str | None] = mapped_column(Uuid(as_uuid=False))
+    assistant_version: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = _now()
     started_at: Mapped[datetime | None]  # the first attempt's claim
     claimed_at: Mapped[datetime | None]  # the running attempt's claim (shared/recovery.py)
@@ -153,6 +198,10 @@ class Replay(Base):
     __tablename__ = "replays"
     id: Mapped[str] = _id()
     owner_id: Mapped[str] = _fk("owners.id")
+    # Who answers every question (null: the default assistant); the version
+    # is fixed when the replay is made.
+    assistant_id: Mapped[str | None] = _fk("assistants.id", ondelete="SET NULL", nullable=True)
+    assistant_version: Mapped[int | None] = mapped_column(Integer)
     concurrency: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None]

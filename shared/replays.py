@@ -25,9 +25,22 @@ from shared.turn_states import ACTIVE, ENDED, SUCCEEDED
 from shared.turns import submit_turn
 
 
-def create_replay(db: Session, owner_id: str, questions: list[dict[str, Any]], concurrency: int) -> Replay:
-    """Record a replay and its items; the first batch starts after commit."""
-    replay = Replay(owner_id=owner_id, concurrency=concurrency)
+def create_replay(
+    db: Session,
+    owner_id: str,
+    questions: list[dict[str, Any]],
+    concurrency: int,
+    assistant: tuple[str, int] | None = None,
+) -> Replay:
+    """Record a replay and its items; the first batch starts after commit.
+    Every question is answered by `assistant` (id, version) if given, else
+    by its session's (a new session's: the default)."""
+    replay = Replay(
+        owner_id=owner_id,
+        concurrency=concurrency,
+        assistant_id=assistant[0] if assistant else None,
+        assistant_version=assistant[1] if assistant else None,
+    )
     db.add(replay)
     db.flush()
     db.add_all(
@@ -81,6 +94,8 @@ def _summary(replay: Replay, total: int) -> dict[str, Any]:
     return {
         "id": replay.id,
         "status": "finished" if replay.finished_at else "running",
+        "assistant_id": replay.assistant_id,
+        "assistant_version": replay.assistant_version,
         "total": total,
         "succeeded": replay.succeeded,
         "failed": replay.failed,
@@ -156,11 +171,18 @@ def _start(db: Session, replay: Replay, item: ReplayItem) -> None:
     """Give the item its turn: in the session it names, or in a new one if
     it names none or that session is gone."""
     session_id = item.session_id
-    submitted = submit_turn(db, session_id, replay.owner_id, item.message) if session_id else None
+    assistant = (replay.assistant_id, replay.assistant_version) if replay.assistant_id else None
+    submitted = submit_turn(db, session_id, replay.owner_id, item.message, assistant=assistant) if session_id else None
     if submitted is None:
-        chat = ChatSession(owner_id=replay.owner_id, title=item.message[:80], meta={"replay_id": replay.id})
+        chat = ChatSession(
+            owner_id=replay.owner_id,
+            title=item.message[:80],
+            meta={"replay_id": replay.id},
+            assistant_id=replay.assistant_id,
+            assistant_version=replay.assistant_version,
+        )
         db.add(chat)
         db.flush()
         session_id = chat.id
-        submitted = submit_turn(db, session_id, replay.owner_id, item.message)
+        submitted = submit_turn(db, session_id, replay.owner_id, item.message, assistant=assistant)
     item.session_id, item.turn_id = session_id, submitted[0].id  # one UPDATE

@@ -53,7 +53,7 @@ _SUBMIT = (
         + ", ".join(f"(s.turn).{c.name}" for c in Turn.__table__.c)
         + """, s.busy, s.created FROM submit_turn(
         :session_id, :owner_id, :turn_id, :message_id, :content,
-        :idempotency_key, :request_hash, :reject_if_busy, :active, :origin
+        :idempotency_key, :request_hash, :reject_if_busy, :active, :origin, :assistant_id, :assistant_version
     ) AS s"""
     )
     .bindparams(bindparam("origin", type_=JSONB))
@@ -76,9 +76,11 @@ def submit_turn(
     multitask: str = "enqueue",
     idempotency_key: str | None = None,
     request_hash: str | None = None,
+    assistant: tuple[str, int] | None = None,
 ) -> tuple[Row, bool] | None:
     """Record a user message and its queued turn in the owner's session, and
-    send it once that has committed (see `after_commit`).
+    send it once that has committed (see `after_commit`). It runs with the
+    session's assistant, or `assistant` (id, version) if given (a replay's).
 
     Returns None if the owner has no such session, else (the turn's row,
     created): an Idempotency-Key replay returns the original turn. Raises
@@ -98,6 +100,8 @@ def submit_turn(
             "reject_if_busy": multitask == "reject",
             "active": list(ACTIVE),
             "origin": origin(),
+            "assistant_id": assistant[0] if assistant else None,
+            "assistant_version": assistant[1] if assistant else None,
         },
     ).one_or_none()
     if turn is None:

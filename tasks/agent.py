@@ -19,6 +19,7 @@ from typing import Any
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from shared import metrics
+from shared.assistants import Profile, default_profile
 from shared.config import Settings
 from shared.events import EventLog
 from shared.turn_states import CANCELLED, FAILED, SUCCEEDED
@@ -55,11 +56,15 @@ def run_agent(
     settings: Settings,
     attempt: int,
     accepted_at: float | None = None,
+    profile: Profile | None = None,
 ) -> Outcome:
-    """Run the turn; a stream that breaks off midway is run again from the
-    start (after `turn.restarted`), at most OPENAI_MAX_RETRIES times.
-    `accepted_at` (Unix time) times the first token."""
+    """Run the turn as `profile` (the default assistant if None): its
+    instructions, model and tools. A stream that breaks off midway is run
+    again from the start (after `turn.restarted`), at most
+    OPENAI_MAX_RETRIES times. `accepted_at` (Unix time) times the first
+    token."""
     first_token = _FirstToken(accepted_at)
+    profile = profile or default_profile(settings)
 
     def restart(state: RetryCallState) -> None:
         log.warning("turn %s: %s; restart %d", events.ident, state.outcome.exception(), state.attempt_number)
@@ -78,7 +83,7 @@ def run_agent(
             with run:
                 if run.retry_state.attempt_number > 1 and events.cancelled:
                     return Outcome(CANCELLED)
-                return _Run(history, events, toolbox, settings, first_token).run()
+                return _Run(profile.messages(history), events, toolbox, settings, first_token, profile).run()
     except ModelError as exc:  # StreamBroken too, once the restarts ran out
         return Outcome(FAILED, error={"code": exc.code, "message": exc.message})
 
@@ -105,8 +110,10 @@ class _Run:
         toolbox: Toolbox,
         settings: Settings,
         first_token: _FirstToken,
+        profile: Profile,
     ) -> None:
         self.messages = list(history)
+        self.profile = profile
         self.events = events
         self.toolbox = toolbox
         self.settings = settings
@@ -129,11 +136,11 @@ class _Run:
 
     def run(self) -> Outcome:
         out = self.outcome
-        offer = self.toolbox.offer()
+        offer = self.offer = self.toolbox.offer(self.profile)
         if offer.unavailable:  # say so: the answer may lack what those tools would have given
             self.emit("tools.unavailable", servers=offer.unavailable)
         for round_ in range(self.settings.max_tool_rounds + 1):
-            completion = stream_completion(self.messages, self.on_delta, offer.specs)
+            completion = stream_completion(self.messages, self.on_delta, offer.specs, self.profile)
             out.add_usage(completion)
             out.text += completion.text
             if completion.stopped or self.cancelled:
@@ -168,7 +175,9 @@ class _Run:
         if self.cancelled:
             return False
         try:
-            results = self.toolbox.call_all([(c.name, c.arguments) for c in calls], self.events.cancel_requested)
+            results = self.toolbox.call_all(
+                self.offer, [(c.name, c.arguments) for c in calls], self.events.cancel_requested
+            )
         except Cancelled:
             return False
         for call, result in zip(calls, results, strict=True):

@@ -14,7 +14,8 @@ from openai import OpenAI, Stream
 from opentelemetry.trace import SpanKind
 
 from shared import metrics, overrides, tracing
-from shared.config import OFFLINE_MODEL_NAME, OFFLINE_MODEL_OWNER, get_settings, redact
+from shared.assistants import Profile, default_profile
+from shared.config import DEFAULT_ENDPOINT, OFFLINE_MODEL_NAME, OFFLINE_MODEL_OWNER, ModelEndpoint, get_settings, redact
 from shared.overrides import openai_stream
 from shared.status import record_model
 
@@ -53,15 +54,26 @@ class Completion:
     stopped: bool = False
 
 
+def endpoint(name: str) -> ModelEndpoint:
+    """A configured endpoint by name; an assistant saved before the operator
+    removed its endpoint fails its turns with a sentence saying so."""
+    found = get_settings().model_endpoints.get(name)
+    if found is None:
+        raise ModelError("model_error", f"the assistant's model endpoint {name!r} is not configured (MODEL_ENDPOINTS)")
+    return found
+
+
 @functools.cache
-def get_client() -> OpenAI:
-    s = get_settings()
+def get_client(name: str = DEFAULT_ENDPOINT) -> OpenAI:
+    """The process's client of one endpoint, shared by its threads (its
+    connection pool)."""
+    s, where = get_settings(), endpoint(name)
     # The client retries 408/409/429/5xx and connection errors itself, with
     # exponential backoff and jitter; we bound how often.
     client_class = openai_stream.DrainingClient if overrides.enabled("openai_drain") else OpenAI
     return client_class(
-        base_url=s.openai_base_url,
-        api_key=s.openai_api_key,
+        base_url=where.base_url,
+        api_key=where.api_key,
         max_retries=s.openai_max_retries,
         timeout=s.openai_timeout,
         http_client=openai.DefaultHttpx2Client(
@@ -117,6 +129,14 @@ class _ModelHealth:
 _health = _ModelHealth()
 
 
+class _Unreported:
+    """Health for an endpoint that /api/health does not report."""
+
+    @staticmethod
+    def report(error: ModelError | None, **extra: Any) -> None:
+        pass
+
+
 def probe_model() -> None:
     """At a worker's start: can the model be reached, and is it the bundled
     offline model (which names itself in its model list)? A server with no
@@ -140,17 +160,23 @@ def stream_completion(
     messages: list[dict[str, Any]],
     on_delta: Callable[[str], None],
     tools: list[dict[str, Any]] | None = None,
+    profile: Profile | None = None,
 ) -> Completion:
-    """See _stream_completion; reports the model's health as it changes, and
-    the request's duration and outcome as metrics."""
-    model = get_settings().openai_model
+    """See _stream_completion; reports the default endpoint's health as it
+    changes, and the request's duration and outcome as metrics. `profile`
+    (the default assistant if None) says which endpoint, model and sampling."""
+    profile = profile or default_profile(get_settings())
+    model = profile.model
+    # What /api/health says is the default endpoint's; an assistant's own
+    # endpoint failing does not make the default one look down.
+    health = _health if profile.endpoint == DEFAULT_ENDPOINT else _Unreported
     started = time.monotonic()
     outcome = "internal_error"
     with tracing.tracer.start_as_current_span(
         f"chat {model}", kind=SpanKind.CLIENT, attributes={"gen_ai.request.model": model}
     ) as span:
         try:
-            result = _stream_completion(messages, on_delta, tools)
+            result = _stream_completion(messages, on_delta, tools, profile)
             outcome = "stopped" if result.stopped else "ok"
             span.set_attribute("gen_ai.usage.input_tokens", result.usage["prompt_tokens"])
             span.set_attribute("gen_ai.usage.output_tokens", result.usage["completion_tokens"])
@@ -159,21 +185,22 @@ def stream_completion(
             raise
         except ModelError as exc:
             outcome = exc.code
-            _health.report(exc)
+            health.report(exc)
             raise
         finally:
             span.set_attribute("turnstream.outcome", outcome)
             metrics.MODEL_REQUEST.labels(outcome).observe(time.monotonic() - started)
             if outcome not in ("ok", "stopped"):
                 metrics.MODEL_ERRORS.labels(outcome).inc()
-    _health.report(None)
+    health.report(None)
     return result
 
 
 def _stream_completion(
     messages: list[dict[str, Any]],
     on_delta: Callable[[str], None],
-    tools: list[dict[str, Any]] | None = None,
+    tools: list[dict[str, Any]] | None,
+    profile: Profile,
 ) -> Completion:
     """Stream one completion, calling on_delta for every piece of text, and
     gather the tool calls the model makes (their arguments arrive in pieces).
@@ -189,15 +216,20 @@ def _stream_completion(
     calls: dict[int, ToolCall] = {}
     started = False
     body: dict[str, Any] = {
-        "model": get_settings().openai_model,
+        "model": profile.model,
         "messages": messages,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if profile.temperature is not None:
+        body["temperature"] = profile.temperature
+    if profile.max_tokens is not None:
+        body["max_tokens"] = profile.max_tokens
     if tools:
         body["tools"] = tools
+    where = endpoint(profile.endpoint)
     try:
-        stream = _chunks(body)
+        stream = _chunks(body, where.name)
         started = True
         with stream:
             for chunk in stream:
@@ -231,9 +263,9 @@ def _stream_completion(
             raise StreamBroken(
                 "model_timeout" if timeout else "model_unavailable", f"the model's stream broke off: {exc}"
             ) from exc
-        raise _unreachable(exc, timeout) from exc
+        raise _unreachable(exc, timeout, where) from exc
     except openai.APIStatusError as exc:
-        raise _refused(exc) from exc
+        raise _refused(exc, where, profile.model) from exc
     except openai.OpenAIError as exc:
         raise ModelError("model_error", str(exc)) from exc
     except OSError as exc:
@@ -245,27 +277,30 @@ def _stream_completion(
     return result
 
 
-def _chunks(body: dict[str, Any]) -> Stream[Any]:
+def _chunks(body: dict[str, Any], name: str) -> Stream[Any]:
     """The completion's chunks: dicts (shared/overrides/openai_stream.py), or
     the client's typed chunks with that override off."""
     if overrides.enabled("openai_dict_chunks"):
-        return openai_stream.dict_chunks(get_client(), body)
-    return get_client().chat.completions.create(**body)
+        return openai_stream.dict_chunks(get_client(name), body)
+    return get_client(name).chat.completions.create(**body)
 
 
-def _unreachable(exc: openai.APIConnectionError, timeout: bool) -> ModelError:
+def _unreachable(exc: openai.APIConnectionError, timeout: bool, at: ModelEndpoint) -> ModelError:
     """A model that could not be reached, saying where it was looked for."""
     s = get_settings()
-    where = f"the model server at {redact(s.openai_base_url)}"
+    where = f"the model server at {redact(at.base_url)}"
     if timeout:
         return ModelError("model_timeout", f"{where} did not answer within OPENAI_TIMEOUT ({s.openai_timeout:g} s)")
-    return ModelError("model_unavailable", f"could not reach {where} ({exc}): check OPENAI_BASE_URL")
+    return ModelError("model_unavailable", f"could not reach {where} ({exc}): check {at.settings}")
 
 
-def _refused(exc: openai.APIStatusError) -> ModelError:
+def _refused(exc: openai.APIStatusError, at: ModelEndpoint, model: str) -> ModelError:
     """A model server's error answer, naming the setting that usually causes it."""
     s = get_settings()
-    status, where = exc.status_code, f"the model server at {redact(s.openai_base_url)}"
+    status, where = exc.status_code, f"the model server at {redact(at.base_url)}"
+    default = at.name == DEFAULT_ENDPOINT
+    key = "OPENAI_API_KEY" if default else f"{at.settings}'s api_key"
+    named = f"OPENAI_MODEL ({model!r})" if default else f"the assistant's model ({model!r})"
     retried = f"after OPENAI_MAX_RETRIES ({s.openai_max_retries}) retries"
     detail = _short(exc.message)
     if status == 429:
@@ -273,12 +308,12 @@ def _refused(exc: openai.APIStatusError) -> ModelError:
     if status >= 500:
         return ModelError("model_unavailable", f"{where} answered HTTP {status} {retried}: {detail}")
     if status in (401, 403):
-        return ModelError("model_error", f"{where} refused the key (HTTP {status}): check OPENAI_API_KEY. {detail}")
+        return ModelError("model_error", f"{where} refused the key (HTTP {status}): check {key}. {detail}")
     if status == 404:
         return ModelError(
             "model_error",
-            f"{where} answered HTTP 404 for /chat/completions: check OPENAI_BASE_URL (it usually ends in /v1)"
-            f" and OPENAI_MODEL ({s.openai_model!r}). {detail}",
+            f"{where} answered HTTP 404 for /chat/completions: check {at.settings} (it usually ends in /v1)"
+            f" and {named}. {detail}",
         )
     return ModelError("model_error", f"{where} answered HTTP {status}: {detail}")
 

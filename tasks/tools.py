@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
@@ -32,6 +32,7 @@ from mcp.client.streamable_http import streamable_http_client
 from opentelemetry import context as otel_context
 
 from shared import metrics, tracing
+from shared.assistants import Profile
 from shared.config import get_settings, redact
 from shared.status import record_tool_server
 
@@ -56,8 +57,11 @@ class ToolResult:
 
 @dataclass(frozen=True)
 class Offer:
+    """One turn's tools: only these may be called in it."""
+
     specs: list[dict[str, Any]]  # OpenAI function tools
     unavailable: list[dict[str, str]]  # {name, error} of each configured server left out
+    targets: dict[str, tuple[_Server, str]] = field(default_factory=dict)  # a spec's name -> (server, tool)
 
 
 def tool_name(server: str, tool: str) -> str:
@@ -197,7 +201,6 @@ class Toolbox:
         self.timeout = timeout
         self._configs = servers
         self._servers: dict[str, _Server] = {}
-        self._names: dict[str, tuple[_Server, str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start = threading.Lock()
 
@@ -211,15 +214,16 @@ class Toolbox:
                 self._loop = loop
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def offer(self) -> Offer:
-        """The tools to offer the model, as OpenAI function tools, and the
-        configured servers that could not be opened."""
-        if not self._configs:
+    def offer(self, profile: Profile) -> Offer:
+        """The tools the assistant may use, as OpenAI function tools, and
+        the servers it may use that could not be opened. A server it may not
+        use is not even opened."""
+        if not self._configs or profile.tools == {}:
             return Offer([], [])
-        return self._run(self._offer()).result()
+        return self._run(self._offer(profile)).result()
 
-    async def _offer(self) -> Offer:
-        servers = list(self._servers.values())
+    async def _offer(self, profile: Profile) -> Offer:
+        servers = [s for s in self._servers.values() if profile.tools is None or s.name in profile.tools]
         await asyncio.gather(*(s.open() for s in servers))
         specs, names, unavailable = [], {}, []
         for server in servers:
@@ -227,6 +231,8 @@ class Toolbox:
                 unavailable.append({"name": server.name, "error": server.error or "unavailable"})
                 continue
             for tool in server.tools:
+                if not profile.allows(server.name, tool.name):
+                    continue
                 name = tool_name(server.name, tool.name)
                 names[name] = (server, tool.name)
                 specs.append(
@@ -239,13 +245,13 @@ class Toolbox:
                         },
                     }
                 )
-        self._names = names
-        return Offer(specs, unavailable)
+        return Offer(specs, unavailable, names)
 
-    def call_all(self, calls: list[tuple[str, str]], cancelled: Callable[[], bool]) -> list[ToolResult]:
-        """Run (name, JSON arguments) calls at once; raise Cancelled as soon
-        as `cancelled()` turns true, stopping the calls still running."""
-        future = self._run(self._call_all(calls, otel_context.get_current()))
+    def call_all(self, offer: Offer, calls: list[tuple[str, str]], cancelled: Callable[[], bool]) -> list[ToolResult]:
+        """Run (name, JSON arguments) calls of the offer's tools at once;
+        raise Cancelled as soon as `cancelled()` turns true, stopping the
+        calls still running."""
+        future = self._run(self._call_all(offer, calls, otel_context.get_current()))
         while True:
             try:
                 return future.result(timeout=0.2)
@@ -254,21 +260,23 @@ class Toolbox:
                     future.cancel()
                     raise Cancelled from None
 
-    async def _call_all(self, calls: list[tuple[str, str]], trace_context: otel_context.Context) -> list[ToolResult]:
+    async def _call_all(
+        self, offer: Offer, calls: list[tuple[str, str]], trace_context: otel_context.Context
+    ) -> list[ToolResult]:
         """Run on the toolbox's loop thread: each call's span continues the
         turn's trace from the caller's context."""
 
         async def traced(name: str, args: str) -> ToolResult:
             with tracing.tracer.start_as_current_span(f"tool {name}", context=trace_context) as span:
-                result = await self._call(name, args)
+                result = await self._call(offer, name, args)
                 span.set_attribute("turnstream.tool.ok", result.ok)
                 return result
 
         return list(await asyncio.gather(*(traced(name, args) for name, args in calls)))
 
-    async def _call(self, name: str, arguments: str) -> ToolResult:
-        target = self._names.get(name)
-        if target is None:  # a name the model made up: counted under none of its own
+    async def _call(self, offer: Offer, name: str, arguments: str) -> ToolResult:
+        target = offer.targets.get(name)
+        if target is None:  # a name the model made up, or a tool not offered: counted under none of its own
             metrics.TOOL_ERRORS.labels("", "unknown").inc()
             return ToolResult(False, f"there is no tool named {name!r}", 0)
         server, tool = target

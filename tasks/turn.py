@@ -12,17 +12,18 @@ import kombu.exceptions
 import redis
 from celery import shared_task
 from opentelemetry.trace import SpanKind
-from sqlalchemy import Boolean, Integer, and_, bindparam, column, func, join, select, text, update
+from sqlalchemy import Boolean, Integer, String, and_, bindparam, column, func, join, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import aliased
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from shared import logs, metrics, tracing
+from shared.assistants import Profile, default_profile, load_profile
 from shared.broker import RUN_TURN, send_replay_advance, send_turn
 from shared.config import get_settings
 from shared.db import autocommit_engine, committed, transaction
 from shared.events import EventLog, EventLogLost, get_publisher
-from shared.models import Message, Turn, new_id
+from shared.models import AssistantVersion, Message, Turn, new_id
 from shared.recovery import requeue_turn
 from shared.turn_states import CANCELLED, CLAIM, FAILED, FINISH, HOLD, SUCCEEDED, status_of
 from shared.turns import hold_back, next_queued_turn, running_of_owner, send_held_back
@@ -44,13 +45,13 @@ class TurnFailed(Exception):
     Its args are its fields, so it pickles back as itself, as Celery checks
     (else it is wrapped, and logged as unexpected with a traceback)."""
 
-    def __init__(self, turn_id: str, status: str, error: dict[str, Any] | None) -> None:
-        super().__init__(turn_id, status, error)
+    def __init__(self, turn_id: str, status: str, error: dict[str, Any] | None, assistant: str) -> None:
+        super().__init__(turn_id, status, error, assistant)
 
     def __str__(self) -> str:
-        turn_id, status, error = self.args
+        turn_id, status, error, assistant = self.args
         detail = f"{error['code']}: {error['message']}" if error else "cancelled by request"
-        return f"turn {turn_id} {status} ({detail})"
+        return f"turn {turn_id} {status} on {assistant} ({detail})"
 
     def __repr__(self) -> str:
         return f"TurnFailed({str(self)!r})"
@@ -66,6 +67,13 @@ class Claim:
     history: list[dict[str, Any]]
     accepted_at: float  # when the API accepted the turn (Unix time)
     origin: dict[str, Any] | None  # the request that sent it (shared/tracing.py)
+    assistant: tuple[str, int] | None  # the assistant version it runs with; None: the default
+
+    def profile(self) -> Profile | None:
+        """What it runs with; None if its assistant was deleted since."""
+        if self.assistant is None:
+            return default_profile(get_settings())
+        return load_profile(*self.assistant)
 
 
 # Built once (building a statement costs more CPU than running it), and run
@@ -86,9 +94,26 @@ _CLAIM = (
         attempts=Turn.attempts + 1,
         started_at=func.coalesce(Turn.started_at, func.now()),
         claimed_at=func.now(),
-        model=bindparam("model"),
+        # the model of its assistant's version (one read by primary key), else the default assistant's
+        model=func.coalesce(
+            select(AssistantVersion.model)
+            .where(
+                AssistantVersion.assistant_id == Turn.assistant_id, AssistantVersion.version == Turn.assistant_version
+            )
+            .scalar_subquery(),
+            bindparam("model", type_=String),
+        ),
     )
-    .returning(Turn.session_id, Turn.owner_id, Turn.number, Turn.attempts, Turn.created_at, Turn.origin)
+    .returning(
+        Turn.session_id,
+        Turn.owner_id,
+        Turn.number,
+        Turn.attempts,
+        Turn.created_at,
+        Turn.origin,
+        Turn.assistant_id,
+        Turn.assistant_version,
+    )
 )
 # Why a claim found nothing to do, when the reason is the owner's running
 # turns: the turn is queued and its session's next, so it is held back.
@@ -155,6 +180,7 @@ def claim_turn(turn_id: str) -> Claim | None:
         history,
         first.created_at.timestamp(),
         first.origin,
+        None if first.assistant_id is None else (first.assistant_id, first.assistant_version),
     )
     metrics.TURN_ATTEMPTS.inc()
     if claim.attempt == 1:
@@ -212,7 +238,9 @@ def run_turn(turn_id: str) -> str:
         log.info("turn %s: nothing to run", turn_id)
         return f"turn {turn_id}: nothing to run (finished, running elsewhere, or waiting behind its session)"
     origin = claim.origin or {}
-    logs.bind(session_id=claim.session_id, owner_id=claim.owner_id, attempt=claim.attempt)
+    profile = _retrying(claim.profile, f"read the assistant of turn {turn_id}")
+    label = profile.label if profile is not None else f"deleted assistant {claim.assistant[0]}"
+    logs.bind(session_id=claim.session_id, owner_id=claim.owner_id, attempt=claim.attempt, assistant=label)
     if origin.get("request_id"):  # none for a turn the API did not make (a replay's)
         logs.bind(request_id=origin["request_id"])
     events = EventLog("turn", turn_id, publisher=get_publisher(), attempt=claim.attempt)
@@ -225,7 +253,7 @@ def run_turn(turn_id: str) -> str:
     )
     try:
         with span as current:
-            outcome = _run(claim, events)
+            outcome = _run(claim, events, profile)
             if outcome is None:
                 _hand_back(claim)
                 return f"turn {turn_id}: handed back to the queue (attempt {claim.attempt})"
@@ -235,22 +263,25 @@ def run_turn(turn_id: str) -> str:
     finally:
         heartbeat.forget(turn_id, claim.attempt)
     if outcome.status != SUCCEEDED:
-        raise TurnFailed(turn_id, outcome.status, outcome.error)
-    return f"turn {turn_id} succeeded (attempt {claim.attempt})"
+        raise TurnFailed(turn_id, outcome.status, outcome.error, label)
+    return f"turn {turn_id} succeeded on {label} (attempt {claim.attempt})"
 
 
-def _run(claim: Claim, events: EventLog) -> Outcome | None:
+def _run(claim: Claim, events: EventLog, profile: Profile | None) -> Outcome | None:
     """The turn's outcome, or None if the event log failed (Redis down)."""
     settings = get_settings()
     if claim.attempt > settings.max_attempts:
         message = f"the turn was started {claim.attempt - 1} times without finishing (TURN_MAX_ATTEMPTS)"
         return Outcome(FAILED, error={"code": "attempts_exhausted", "message": message})
+    if profile is None:  # deleting an assistant waits for its turns to end: a row deleted by hand
+        message = f"the turn's assistant {claim.assistant[0]} (version {claim.assistant[1]}) no longer exists"
+        return Outcome(FAILED, error={"code": "assistant_deleted", "message": message})
     try:
         if claim.attempt > 1:
             metrics.TURN_RESTARTS.labels("redelivered").inc()
             events.emit("turn.restarted", attempt=claim.attempt, reason="redelivered")
         events.emit("turn.started", attempt=claim.attempt)
-        return run_agent(claim.history, events, get_toolbox(), settings, claim.attempt, claim.accepted_at)
+        return run_agent(claim.history, events, get_toolbox(), settings, claim.attempt, claim.accepted_at, profile)
     except redis.RedisError as exc:  # expected when Redis restarts: no traceback per turn
         log.warning("turn %s: the event log failed (%s); handing the turn back", claim.turn_id, exc)
         return None

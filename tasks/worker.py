@@ -17,6 +17,7 @@ from celery.signals import task_received, worker_init, worker_ready, worker_shut
 from sqlalchemy import text
 
 from shared import metrics, tracing
+from shared.assistants import default_profile
 from shared.config import get_settings
 from shared.db import autocommit_engine
 from shared.events import get_publisher
@@ -79,7 +80,7 @@ def check_dependencies() -> None:
     except POSTGRES_ERRORS as exc:
         log.error("%s; turns wait until it answers", describe_outage(exc))
     probe_model()
-    get_toolbox().offer()
+    get_toolbox().offer(default_profile(get_settings()))
 
 
 def watch_consumer(consumer: Any, on_stall: Callable[[], Any]) -> None:

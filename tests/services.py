@@ -292,6 +292,14 @@ def stack(
                 else f"redis://127.0.0.1:{redis_port}/0"
             ),
             "OPENAI_BASE_URL": f"http://127.0.0.1:{model_port}/v1",
+            # Assistants' endpoints: the same offline model by another name and
+            # key, and a server that is not there.
+            "MODEL_ENDPOINTS": json.dumps(
+                {
+                    "second": {"base_url": f"http://127.0.0.1:{model_port}/v1", "api_key": "second-key"},
+                    "nowhere": {"base_url": f"http://127.0.0.1:{free_port()}/v1"},
+                }
+            ),
             # The venv's commands, as a platform's PATH has its Python's: the
             # Procfile's lines find celery and gunicorn there.
             "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",

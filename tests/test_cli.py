@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 
 import psycopg
 import pytest
@@ -75,3 +76,51 @@ def test_replay_that_runs_out_of_time_exits_3_and_reports_progress_in_plain_line
     assert result.exit_code == 3, result.output
     assert "0/1 done, 0 failed" in result.output and "\r" not in result.output  # no bar frames in a log
     assert "1 unfinished" in result.output
+
+
+def test_assistants_are_made_listed_and_shown_from_the_command_line(stack, tmp_path):
+    owner = f"cli-{uuid.uuid4().hex[:8]}"
+    profile = tmp_path / "support.json"
+    profile.write_text(json.dumps({"instructions": "From a file.", "temperature": 0.5, "metadata": {"team": "ops"}}))
+    made = _flask(
+        stack["env"],
+        "assistants",
+        "create",
+        "support",
+        "--owner",
+        owner,
+        "--from",
+        str(profile),
+        "--tools",
+        "kit=shout,nap",
+        "--max-tokens",
+        "300",
+    )
+    assert made.returncode == 0, made.stderr
+    data = json.loads(made.stdout)
+    assert (data["name"], data["version"], data["instructions"], data["temperature"]) == (
+        "support",
+        1,
+        "From a file.",
+        0.5,
+    )
+    assert (
+        data["tools"] == {"kit": ["nap", "shout"]} and data["max_tokens"] == 300 and data["metadata"] == {"team": "ops"}
+    )
+
+    listed = _flask(stack["env"], "assistants", "list", "--owner", owner).stdout.splitlines()
+    assert (
+        len(listed) == 2 and listed[1].split()[:3] == [data["id"], "support", "1/1"] and "kit: nap shout" in listed[1]
+    )
+    for which in ("support", data["id"]):
+        shown = _flask(stack["env"], "assistants", "show", which, "--owner", owner)
+        assert json.loads(shown.stdout)["id"] == data["id"]
+
+    refused = _flask(stack["env"], "assistants", "create", "other", "--owner", owner, "--endpoint", "elsewhere")
+    assert refused.returncode == 1 and "endpoint 'elsewhere' is not configured" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    twice = _flask(stack["env"], "assistants", "create", "support", "--owner", owner)
+    assert twice.returncode == 1 and "already" in twice.stderr
+    missing = _flask(stack["env"], "assistants", "show", "nobody", "--owner", owner)
+    assert missing.returncode == 2 and "has no assistant 'nobody'" in missing.stderr
+    assert _flask(stack["env"], "assistants", "list", "--owner", owner).stdout.count("\n") == 2

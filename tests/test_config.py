@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -190,3 +191,29 @@ def test_the_broker_and_its_queues_follow_broker_url(broker_url):
         config.use_settings(None)
         broker.get_celery.cache_clear()
         broker._sender_producer.cache_clear()
+
+
+def test_model_endpoints_are_named_and_default_is_openai_base_urls():
+    raw = json.dumps(
+        {"fast": {"base_url": "https://fast.example/v1/", "api_key": "k"}, "local": {"base_url": "http://h"}}
+    )
+    endpoints = Settings.from_env({**DEV, "OPENAI_BASE_URL": "http://m/v1", "MODEL_ENDPOINTS": raw}).model_endpoints
+    assert {n: (e.base_url, e.api_key) for n, e in endpoints.items()} == {
+        "default": ("http://m/v1", "offline"),
+        "fast": ("https://fast.example/v1", "k"),
+        "local": ("http://h", "none"),
+    }
+    assert (
+        endpoints["fast"].settings == "MODEL_ENDPOINTS['fast']" and endpoints["default"].settings == "OPENAI_BASE_URL"
+    )
+    assert "k" not in repr(endpoints["fast"])
+    for bad, words in [
+        ("[1]", "must map names"),
+        ("{", "not valid JSON"),
+        ('{"default": {"base_url": "http://x"}}', "'default' is OPENAI_BASE_URL's"),
+        ('{"a b": {"base_url": "http://x"}}', "must be 1-64 letters"),
+        ('{"x": {"base_url": "ftp://x"}}', "http:// or https://"),
+        ('{"x": {"url": "http://x"}}', "api_key optional"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            Settings.from_env({**DEV, "MODEL_ENDPOINTS": bad})

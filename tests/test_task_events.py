@@ -32,8 +32,8 @@ def task_events():
             thread.join(5)
 
 
-def _submit(client, owner, message: str) -> str:
-    sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
+def _submit(client, owner, message: str, **session) -> str:
+    sid = client.post("/api/sessions", json=session, headers=owner).get_json()["id"]
     return client.post(f"/api/sessions/{sid}/turns", json={"message": message}, headers=owner).get_json()["id"]
 
 
@@ -52,20 +52,25 @@ def test_flower_shows_failed_and_cancelled_turns_as_failed_tasks_naming_turn_and
     failed = _submit(client, owner, "no luck [[fault=503]]")
     cancelled = _submit(client, owner, "long [[tokens=300]] [[delay=0.02]]")
     succeeded = _submit(client, owner, "fine")
+    helper = client.post("/api/assistants", json={"name": "helper"}, headers=owner).get_json()
+    client.put(f"/api/assistants/{helper['id']}", json={"name": "helper"}, headers=owner)
+    assisted = _submit(client, owner, "fine too", assistant_id=helper["id"])
     log = EventLog("turn", cancelled)
     wait_until(lambda: any(e.type == "message.delta" for e in log.read_after(0)), 10, "the long turn to stream")
     assert client.post(f"/api/turns/{cancelled}/cancel", headers=owner).status_code == 202
-    for turn_id in (failed, cancelled, succeeded):
+    for turn_id in (failed, cancelled, succeeded, assisted):
         wait_turn(client, owner, turn_id)
         wait_until(lambda t=turn_id: _ended(task_events, t), 10, f"the task event of turn {turn_id}")
 
     task = _ended(task_events, failed)
     assert task.state == "FAILURE" and task.name == "tasks.run_turn"
-    assert f"turn {failed} failed" in task.exception and "model_unavailable" in task.exception
+    assert f"turn {failed} failed on default" in task.exception and "model_unavailable" in task.exception
     task = _ended(task_events, cancelled)
     assert task.state == "FAILURE" and f"turn {cancelled} cancelled" in task.exception
     task = _ended(task_events, succeeded)
-    assert task.state == "SUCCESS" and f"turn {succeeded} succeeded" in task.result
+    assert task.state == "SUCCESS" and f"turn {succeeded} succeeded on default" in task.result
+    task = _ended(task_events, assisted)  # the assistant and version it ran with
+    assert task.state == "SUCCESS" and f"turn {assisted} succeeded on helper v2" in task.result
     # the turn's row is already final: nothing is retried because the task failed
     assert [t.state for t in _tasks_of(task_events, failed)] == ["FAILURE"]
     # an expected failure: one line in the worker's log, no traceback

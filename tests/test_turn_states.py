@@ -72,8 +72,8 @@ def test_the_sql_functions_name_only_statuses_of_the_table():
     named = set()
     for name, version in current_versions().items():
         named |= set(re.findall(r"'([a-z_]+)'", function_sql(name, version).split("$$")[1]))
-    # Words the functions use that are not statuses: message roles, finish_turn()'s answers, an error code.
-    others = {"user", "assistant", "ended", "lost", "gone", "check_violation"}
+    # Words the functions use that are not statuses: message roles, finish_turn()'s answers, error codes.
+    others = {"user", "assistant", "ended", "lost", "gone", "check_violation", "foreign_key_violation"}
     assert named - others <= set(STATUSES), f"not statuses of shared/turn_states.py: {named - others - set(STATUSES)}"
 
 
@@ -104,7 +104,7 @@ def _new_turn(conn) -> str:
     ).scalar()
     turn_id = str(uuid.uuid4())
     submit = text(
-        "SELECT created FROM submit_turn(:s, :o, :t, gen_random_uuid(), 'q', NULL, NULL, false, :active, NULL)"
+        "SELECT created FROM submit_turn(:s, :o, :t, gen_random_uuid(), 'q', NULL, NULL, false, :active, NULL, NULL, NULL)"
     )
     assert conn.execute(submit, {"s": session, "o": owner, "t": turn_id, "active": list(ACTIVE)}).scalar()
     return turn_id

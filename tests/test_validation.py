@@ -71,3 +71,35 @@ def test_a_replay_takes_exactly_one_list_of_questions():
     assert _refused(ReplayCreate, {"questions": [{"message": "q"}], "concurrency": 0}).details == {
         "field": "concurrency"
     }
+
+
+def test_an_assistant_profile_takes_defaults_and_refuses_what_is_out_of_range():
+    from web.validation import AssistantBody
+
+    body = _parse(AssistantBody, {"name": " support ", "temperature": 1})
+    assert (body.name, body.endpoint, body.model, body.temperature, body.tools) == ("support", "default", None, 1.0, {})
+    assert body.approval.policy == "never" and body.approval.tools == [] and body.metadata == {}
+    for bad, field in [
+        ({"name": ""}, "name"),
+        ({"name": "x" * 101}, "name"),
+        ({"name": "a", "temperature": -0.1}, "temperature"),
+        ({"name": "a", "max_tokens": 0}, "max_tokens"),
+        ({"name": "a", "tools": {"bad server!": ["x"]}}, "tools.bad server!.[key]"),
+        ({"name": "a", "tools": {"sql": "query"}}, "tools.sql"),
+        ({"name": "a", "approval": {"policy": "sometimes"}}, "approval.policy"),
+        ({"name": "a", "endpoint": ""}, "endpoint"),
+    ]:
+        error = _refused(AssistantBody, bad)
+        assert (error.status, error.details["field"]) == (422, field), (bad, error)
+
+
+def test_a_profile_allows_only_its_listed_tools():
+    from shared.assistants import Profile
+
+    default = Profile(None, None, "default", "", "default", "m")
+    assert default.allows("sql", "query") and default.messages([{"role": "user", "content": "q"}])[0]["role"] == "user"
+    picky = Profile("a", 2, "picky", "Be brief.", "default", "m", tools={"sql": ["query"], "kit": ["*"]})
+    assert picky.allows("sql", "query") and picky.allows("kit", "anything")
+    assert not picky.allows("sql", "list_tables") and not picky.allows("web", "query")
+    assert picky.messages([{"role": "user", "content": "q"}])[0] == {"role": "system", "content": "Be brief."}
+    assert picky.label == "picky v2" and default.label == "default"

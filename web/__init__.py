@@ -38,7 +38,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings; opens no connection: engines, Redis clients and the relay
     start on first use."""
     from shared.redis import new_redis
-    from web import auth, cli, context, headers, health, limits, metrics, openapi, page, replays, sessions, turns
+    from web import (
+        assistants,
+        auth,
+        cli,
+        context,
+        headers,
+        health,
+        limits,
+        metrics,
+        openapi,
+        page,
+        replays,
+        sessions,
+        turns,
+    )
     from web.errors import register_error_handlers
     from web.relay.hub import Relay
 
@@ -74,7 +88,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # owner's row, once and for all).
     app.before_request(functools.partial(run_again_while_away, auth.authenticate, writes=False))
     limits.init_app(app, settings)  # after authentication: per-key limits count the caller it found
-    for module in (auth, cli, health, metrics, openapi, page, replays, sessions, turns):
+    for module in (assistants, auth, cli, health, metrics, openapi, page, replays, sessions, turns):
         app.register_blueprint(module.bp)
     headers.init_app(app, settings)
     return app

@@ -1,4 +1,5 @@
-"""Operator commands: `flask --app web db upgrade | keys create/list/revoke | replay | turns`."""
+"""Operator commands: `flask --app web db upgrade | keys create/list/revoke | assistants list/create/show |
+replay | turns`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +19,9 @@ from sqlalchemy import func, select
 from tqdm import tqdm
 
 from shared.broker import send_turn
+from shared.config import get_settings
 from shared.db import transaction
-from shared.models import ApiKey, Owner, Replay, Turn
+from shared.models import ApiKey, Assistant, AssistantVersion, Owner, Replay, Turn
 from shared.recovery import alive, claimed_lately, requeue_stale_running, requeue_turn, resend_queued
 from shared.replays import create_replay, item_rows, summary
 from shared.status import describe_outage
@@ -138,13 +141,120 @@ def keys_revoke(keys: tuple[str, ...]) -> None:
         sys.exit(1)
 
 
+@bp.cli.group("assistants", cls=OperatorGroup)
+def assistants_group() -> None:
+    """Assistants: who answers an owner's sessions."""
+
+
+_OWNER = click.option("--owner", default="local", show_default=True, help="The owner's name.")
+
+
+@assistants_group.command("list")
+@_OWNER
+def assistants_list(owner: str) -> None:
+    """The owner's assistants: id, name, latest version of how many, endpoint, model, tools."""
+    query = (
+        select(Assistant, AssistantVersion)
+        .join(Owner, Owner.id == Assistant.owner_id)
+        .join(
+            AssistantVersion,
+            (AssistantVersion.assistant_id == Assistant.id) & (AssistantVersion.version == Assistant.latest),
+        )
+        .where(Owner.name == owner)
+        .order_by(Assistant.name)
+    )
+    with transaction() as db:
+        rows = db.execute(query).all()
+    if not rows:
+        click.echo(f"{owner} has no assistants: make one with `assistants create NAME`")
+        return
+    click.echo(f"{'id':36}  {'name':24}  {'version':9}  {'endpoint':12}  {'model':24}  tools")
+    for a, v in rows:
+        tools = ", ".join(f"{server}: {' '.join(names)}" for server, names in v.tools.items()) or "-"
+        click.echo(f"{a.id:36}  {a.name:24}  {f'{a.latest}/{a.versions}':9}  {v.endpoint:12}  {v.model:24}  {tools}")
+
+
+@assistants_group.command("create")
+@click.argument("name")
+@_OWNER
+@click.option("--from", "source", type=click.File(), help="A JSON profile as the API takes it (- for stdin).")
+@click.option("--instructions", help="The system prompt.")
+@click.option("--endpoint", help="A model endpoint's name (MODEL_ENDPOINTS; default: OPENAI_BASE_URL's).")
+@click.option("--model", help="The model's name (with the default endpoint, OPENAI_MODEL unless given).")
+@click.option("--temperature", type=float)
+@click.option("--max-tokens", type=int)
+@click.option("--tools", "tools", multiple=True, metavar="SERVER=TOOL,TOOL", help="Tools it may use (* for all).")
+def assistants_create(name: str, owner: str, source, tools: tuple[str, ...], **fields) -> None:
+    """Make assistant NAME for the owner from --from's profile and the
+    options (which win); print it as JSON."""
+    from web.assistants import assistant_json, create_assistant
+    from web.auth import get_or_create_owner
+    from web.errors import ApiError
+    from web.validation import AssistantBody, validate
+
+    profile = json.load(source) if source is not None else {}
+    if not isinstance(profile, dict):
+        raise click.BadParameter("must hold a JSON object", param_hint="--from")
+    profile.update({k: v for k, v in fields.items() if v is not None}, name=name)
+    for spec in tools:
+        server, sep, names = spec.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{spec!r} is not SERVER=TOOL,TOOL", param_hint="--tools")
+        profile.setdefault("tools", {})[server] = [n.strip() for n in names.split(",") if n.strip()]
+    try:
+        with transaction() as db:
+            body = validate(AssistantBody, profile)
+            assistant = create_assistant(db, get_or_create_owner(db, owner).id, body, get_settings())
+            db.refresh(assistant)
+            data = assistant_json(assistant, db.get(AssistantVersion, (assistant.id, 1)))
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(data, indent=2))
+
+
+@assistants_group.command("show")
+@click.argument("assistant")
+@_OWNER
+@click.option("--version", type=int, help="This version (default: its latest).")
+def assistants_show(assistant: str, owner: str, version: int | None) -> None:
+    """Print ASSISTANT (its name or id) as JSON, at its latest version or --version."""
+    from web.assistants import assistant_json
+
+    with transaction() as db:
+        found = _assistant_named(db, owner, assistant)
+        shown = db.get(AssistantVersion, (found.id, version or found.latest))
+        if shown is None:
+            raise click.BadParameter(f"{found.name} has versions 1 to {found.versions}", param_hint="--version")
+        click.echo(json.dumps(assistant_json(found, shown), indent=2))
+
+
+def _assistant_named(db, owner: str, assistant: str) -> Assistant:
+    """The owner's assistant by name or id, or a usage error."""
+    query = select(Assistant).join(Owner, Owner.id == Assistant.owner_id).where(Owner.name == owner)
+    found = db.scalar(query.where(Assistant.name == assistant))
+    if found is None and _is_uuid(assistant):
+        found = db.scalar(query.where(Assistant.id == assistant))
+    if found is None:
+        raise click.BadParameter(f"{owner} has no assistant {assistant!r} (`assistants list` shows them)")
+    return found
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
 @bp.cli.command("replay", cls=OperatorCommand)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--owner", default="local", show_default=True, help="Owner the sessions belong to.")
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 100))
 @click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait for the whole batch.")
-def replay(file: Path, out: Path, owner: str, concurrency: int, timeout: float) -> None:
+@click.option("--assistant", metavar="NAME[@VERSION]", help="Who answers every question (default: each session's).")
+def replay(file: Path, out: Path, owner: str, concurrency: int, timeout: float, assistant: str | None) -> None:
     """Submit one turn per line of FILE (JSON: {"message", "session_id"?}),
     show progress, write one result line per question to --out. Exits 1 if
     any question failed, 3 if the batch did not finish within --timeout (2
@@ -155,7 +265,14 @@ def replay(file: Path, out: Path, owner: str, concurrency: int, timeout: float) 
     questions = _read_questions(file)
     with transaction() as db:
         owner_id = get_or_create_owner(db, owner).id
-        replay_id = create_replay(db, owner_id, questions, concurrency).id
+        chosen = None
+        if assistant is not None:
+            name, _, version = assistant.rpartition("@") if "@" in assistant else (assistant, "", "")
+            found = _assistant_named(db, owner, name)
+            if version and not (version.isdigit() and 1 <= int(version) <= found.versions):
+                raise click.BadParameter(f"{found.name} has versions 1 to {found.versions}", param_hint="--assistant")
+            chosen = (found.id, int(version) if version else found.latest)
+        replay_id = create_replay(db, owner_id, questions, concurrency, chosen).id
     click.echo(f"replay {replay_id}: {len(questions)} questions", err=True)
     deadline = time.monotonic() + timeout
     with _progress(len(questions)) as show:

@@ -80,7 +80,12 @@ def docs():
 # What a created object's id is called in the paths that take it: links
 # from the operation that made it to those, so a client (or a fuzzer) can
 # follow one to the other.
-_ID_OF = {schemas.Session: "session_id", schemas.Turn: "turn_id", schemas.Replay: "replay_id"}
+_ID_OF = {
+    schemas.Session: "session_id",
+    schemas.Turn: "turn_id",
+    schemas.Replay: "replay_id",
+    schemas.Assistant: "assistant_id",
+}
 
 
 def build(app: Flask) -> dict[str, Any]:

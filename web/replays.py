@@ -9,10 +9,11 @@ from sqlalchemy import select
 
 from shared.db import transaction
 from shared.events import EventLog
-from shared.models import ChatSession, Message, Replay, Turn
+from shared.models import Assistant, ChatSession, Message, Replay, Turn
 from shared.overrides.gunicorn_direct_write import writable_socket
 from shared.replays import create_replay, item_rows, summary, unfinished_items
 from web import schemas
+from web.assistants import chosen
 from web.errors import ApiError
 from web.limits import limited, quota_exceeded
 from web.openapi import NDJSON, SSE, operation
@@ -56,7 +57,10 @@ def create():
                 f"this key's replays would hold {waiting + len(questions)} unfinished questions, more than"
                 f" {settings.max_replay_items} (MAX_REPLAY_ITEMS_PER_OWNER); wait for some to end"
             )
-        replay = create_replay(db, g.owner_id, questions, body.concurrency)
+        assistant = chosen(db, body.assistant_id, body.assistant_version)
+        if assistant is not None and assistant[1] is None:  # one version answers the whole replay
+            assistant = (assistant[0], db.get(Assistant, assistant[0]).latest)
+        replay = create_replay(db, g.owner_id, questions, body.concurrency, assistant)
         db.flush()
         db.refresh(replay)
         data = summary(db, replay)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from flask import g, url_for
+from flask import g, request, url_for
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -32,6 +32,20 @@ def owned(db: Session, model: type, ident: str, *, lock: bool = False) -> Any:
     return obj
 
 
+def int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    """A whole-number query argument in [lo, hi], or the documented 422."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, f"{name} must be a whole number", {"field": name}) from None
+    if not lo <= value <= hi:
+        raise ApiError(422, f"{name} must be between {lo} and {hi}", {"field": name})
+    return value
+
+
 def iso(value) -> str | None:
     return value.isoformat() if value is not None else None
 
@@ -41,6 +55,8 @@ def session_json(chat: ChatSession, message_count: int) -> dict[str, Any]:
         "id": chat.id,
         "title": chat.title,
         "metadata": chat.meta,
+        "assistant_id": chat.assistant_id,
+        "assistant_version": chat.assistant_version,
         "created_at": iso(chat.created_at),
         "updated_at": iso(chat.updated_at),
         "message_count": message_count,
@@ -71,6 +87,8 @@ def turn_json(turn: Turn) -> dict[str, Any]:
         "number": turn.number,
         "status": turn.status,
         "model": turn.model,
+        "assistant_id": turn.assistant_id,
+        "assistant_version": turn.assistant_version,
         "answer": turn.answer,
         "error": turn.error,
         "usage": turn.usage or {"prompt_tokens": 0, "completion_tokens": 0},

@@ -36,6 +36,8 @@ class Session(Answer):
     id: str
     title: str | None
     metadata: dict[str, Any]
+    assistant_id: str | None = Field(description="who answers its turns; null: the default assistant")
+    assistant_version: int | None = Field(description="the version pinned; null: the assistant's latest")
     created_at: datetime
     updated_at: datetime
     message_count: int
@@ -75,6 +77,8 @@ class Turn(Answer):
     number: int = Field(description="its place in its session: 1, 2, 3 …")
     status: TurnStatus
     model: str | None = Field(description="the model that answered (the newest attempt's)")
+    assistant_id: str | None = Field(description="the assistant it runs with; null: the default assistant")
+    assistant_version: int | None = Field(description="that assistant's version, fixed when it was accepted")
     answer: str | None
     error: TurnError | None
     usage: Usage
@@ -108,6 +112,8 @@ class ChatAnswer(Answer):
 class Replay(Answer):
     id: str
     status: Literal["running", "finished"]
+    assistant_id: str | None = Field(description="who answers every question; null: each session's")
+    assistant_version: int | None
     total: int
     succeeded: int
     failed: int
@@ -125,6 +131,38 @@ class ReplayResult(Answer):
     error: TurnError | None
     turn_id: str | None
     latency_ms: int | None
+
+
+class Approval(Answer):
+    policy: Literal["never", "always", "tools"]
+    tools: list[str]
+    read_only_without_asking: bool
+
+
+class Assistant(Answer):
+    """An assistant at one of its versions (its latest unless asked)."""
+
+    id: str
+    name: str
+    version: int = Field(description="the version shown")
+    latest: int = Field(description="the version sessions that pin none run with")
+    versions: int = Field(description="how many were made: 1 … versions")
+    instructions: str
+    endpoint: str
+    model: str
+    temperature: float | None
+    max_tokens: int | None
+    tools: dict[str, list[str]]
+    approval: Approval
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    version_created_at: datetime
+
+
+class AssistantPage(Answer):
+    items: list[Assistant]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
 
 
 class Health(Answer):

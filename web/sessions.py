@@ -18,6 +18,7 @@ from shared.redis import key
 from shared.turn_states import ACTIVE, ENDED
 from shared.turns import cancel_turn
 from web import schemas
+from web.assistants import chosen
 from web.errors import ApiError
 from web.limits import limited
 from web.openapi import SSE, operation
@@ -25,18 +26,30 @@ from web.relay.frames import RETRY, sse_response
 from web.relay.hub import Relay
 from web.relay.resume import Resume, delivered, last_event_id, parse_seq, prefixed, wait_for_message
 from web.relay.snapshots import turn_snapshot
-from web.resources import message_count, message_json, owned, session_json, turn_json, valid_id
+from web.resources import int_arg, message_count, message_json, owned, session_json, turn_json, valid_id
 from web.validation import UNSTORABLE, SessionCreate, SessionUpdate, parse_body
 
 bp = Blueprint("sessions", __name__)
 
 
 @bp.post("/api/sessions")
-@operation("Start a session", {201: schemas.Session}, body=SessionCreate)
+@operation(
+    "Start a session, answered by an assistant (its latest, or a pinned version) or the default",
+    {201: schemas.Session},
+    body=SessionCreate,
+    errors=(404,),  # the assistant it names is not the caller's
+)
 def create_session():
     body = parse_body(SessionCreate)
     with transaction() as db:
-        chat = ChatSession(owner_id=g.owner_id, title=body.title, meta=body.metadata)
+        assistant_id, version = chosen(db, body.assistant_id, body.assistant_version) or (None, None)
+        chat = ChatSession(
+            owner_id=g.owner_id,
+            title=body.title,
+            meta=body.metadata,
+            assistant_id=assistant_id,
+            assistant_version=version,
+        )
         db.add(chat)
         db.flush()
         db.refresh(chat)
@@ -55,7 +68,7 @@ def create_session():
     },
 )
 def list_sessions():
-    limit = _int_arg("limit", 20, 1, 100)
+    limit = int_arg("limit", 20, 1, 100)
     cursor = _decode_cursor(request.args.get("cursor"))
     search = request.args.get("q", "")
     if len(search) > 200 or UNSTORABLE.search(search):
@@ -87,11 +100,22 @@ def get_session(session_id: str):
 
 
 @bp.patch("/api/sessions/<session_id>")
-@operation("Rename a session, or replace its metadata", {200: schemas.Session}, body=SessionUpdate)
+@operation(
+    "Rename a session, replace its metadata, or change who answers its next turns",
+    {200: schemas.Session},
+    body=SessionUpdate,
+)
 def update_session(session_id: str):
     body = parse_body(SessionUpdate)
     with transaction() as db:
         chat = owned(db, ChatSession, session_id, lock=True)
+        if "assistant_id" in body.model_fields_set:
+            chat.assistant_id, chat.assistant_version = chosen(db, body.assistant_id, body.assistant_version) or (
+                None,
+                None,
+            )
+        elif "assistant_version" in body.model_fields_set:
+            raise ApiError(422, "name assistant_id with assistant_version", {"field": "assistant_version"})
         if "title" in body.model_fields_set:
             chat.title = body.title
         if "metadata" in body.model_fields_set:
@@ -134,7 +158,7 @@ def list_messages(session_id: str):
     query={"limit": {"type": "integer", "minimum": 1, "maximum": 100}, "cursor": {"type": "string"}},
 )
 def list_turns(session_id: str):
-    limit = _int_arg("limit", 100, 1, 100)
+    limit = int_arg("limit", 100, 1, 100)
     after = _int_cursor(request.args.get("cursor"))
     with transaction() as db:
         chat = owned(db, ChatSession, session_id)
@@ -225,19 +249,6 @@ def _next_turn(session_id: str, number: int | None, resume: str | None, after: i
             if row is None:
                 return number
     return row.id, row.number, row.status in ENDED
-
-
-def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(422, f"{name} must be a whole number", {"field": name}) from None
-    if not lo <= value <= hi:
-        raise ApiError(422, f"{name} must be between {lo} and {hi}", {"field": name})
-    return value
 
 
 def _int_cursor(cursor: str | None) -> int:

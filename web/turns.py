@@ -18,6 +18,7 @@ from shared.overrides.gunicorn_direct_write import writable_socket
 from shared.turn_states import ENDED
 from shared.turns import TurnConflict, active_turns, cancel_turn, lock_session, submit_turn
 from web import schemas
+from web.assistants import chosen
 from web.errors import ApiError
 from web.limits import limited, open_streams, quota_exceeded
 from web.openapi import SSE, operation
@@ -139,6 +140,12 @@ def chat():
     with autocommit_engine().connect() as conn:
         _within_quota(conn, settings.max_active_turns)
     if body.session_id is not None:
+        if body.assistant_id is not None:
+            raise ApiError(
+                422,
+                "assistant_id chooses a new session's assistant: send it without session_id",
+                {"field": "assistant_id"},
+            )
         with autocommit_engine().connect() as conn:
             submitted = submit_turn(conn, valid_id(body.session_id), g.owner_id, body.message)
         if submitted is None:
@@ -146,7 +153,8 @@ def chat():
         session_id = submitted[0].session_id
     else:  # a new session and its first turn, in one transaction
         with transaction() as db:
-            chat_session = ChatSession(owner_id=g.owner_id, title=body.message[:80], meta={})
+            assistant_id = (chosen(db, body.assistant_id, None) or (None,))[0]
+            chat_session = ChatSession(owner_id=g.owner_id, title=body.message[:80], meta={}, assistant_id=assistant_id)
             db.add(chat_session)
             db.flush()
             submitted = submit_turn(db, chat_session.id, g.owner_id, body.message)

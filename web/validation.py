@@ -30,16 +30,65 @@ class Body(BaseModel):
 Title = Annotated[str, StringConstraints(max_length=200)]
 
 
+Version = Annotated[int, Field(ge=1, le=2_000_000_000)]
+
+
 class SessionCreate(Body):
     title: Title | None = None
     metadata: dict = Field(default_factory=dict)
+    assistant_id: str | None = Field(None, description="who answers (null: the default assistant)")
+    assistant_version: Version | None = Field(None, description="pinned; null: the assistant's latest, as it moves")
 
 
 class SessionUpdate(Body):
-    """What a PATCH changes: the fields it names, nothing else."""
+    """What a PATCH changes: the fields it names, nothing else (naming
+    `assistant_id` sets `assistant_version` too: null unless given)."""
 
     title: Title | None = None
     metadata: dict | None = None
+    assistant_id: str | None = None
+    assistant_version: Version | None = None
+
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+# An MCP server's name as MCP_SERVERS allows it, and a tool's as MCP does.
+ServerName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,30}$")]
+ToolName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class Approval(Body):
+    """When a person approves a tool call before it runs (issue: humans in
+    the loop): never, always, or for the tools named (`<server>__<tool>`);
+    `read_only_without_asking` lets tools that declare themselves
+    read-only (MCP's readOnlyHint) run without asking."""
+
+    policy: Literal["never", "always", "tools"] = "never"
+    tools: Annotated[list[ToolName], Field(max_length=500)] = Field(default_factory=list)
+    read_only_without_asking: bool = False
+
+
+class AssistantBody(Body):
+    """A whole profile: creating one, or replacing it (a new version)."""
+
+    name: Name
+    instructions: str = Field("", description="the system prompt; at most MAX_PROMPT_CHARS characters")
+    endpoint: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
+        "default", description="a name the operator configured (MODEL_ENDPOINTS; `default`: OPENAI_BASE_URL)"
+    )
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
+        None, description="required unless the endpoint is `default` (then OPENAI_MODEL)"
+    )
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    tools: Annotated[dict[ServerName, Annotated[list[ToolName], Field(max_length=500)]], Field(max_length=100)] = Field(
+        default_factory=dict, description='MCP server -> the tools it may offer (["*"]: all); absent: none'
+    )
+    approval: Approval = Field(default_factory=Approval)
+    metadata: dict = Field(default_factory=dict)
+
+
+class LatestVersion(Body):
+    version: Version
 
 
 class TurnCreate(Body):
@@ -50,6 +99,7 @@ class TurnCreate(Body):
 class ChatRequest(Body):
     message: Text
     session_id: str | None = None
+    assistant_id: str | None = Field(None, description="a new session's assistant (with no `session_id`)")
     stream: bool = False
 
 
@@ -76,6 +126,8 @@ class ReplayCreate(Body):
     questions: Annotated[list[ReplayQuestion], Field(min_length=1, max_length=MAX_QUESTIONS)] = None
     from_sessions: Annotated[list[str], Field(min_length=1, max_length=1000)] = None
     concurrency: Annotated[int, Field(ge=1, le=100)] = 4
+    assistant_id: str | None = Field(None, description="who answers every question (null: each session's)")
+    assistant_version: Version | None = Field(None, description="null: the assistant's latest when it starts")
 
 
 class Login(Body):
@@ -89,16 +141,21 @@ def parse_body(model: type[M], max_message_chars: int | None = None) -> M:
     data = parse_json(request.get_data())  # kept: a request run again reads it again
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
-    try:
-        body = model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(422, f"{field}: {first['msg']}" if field else first["msg"], {"field": field}) from None
+    body = validate(model, data)
     message = getattr(body, "message", None)
     if max_message_chars is not None and message is not None and len(message) > max_message_chars:
         raise ApiError(422, f"message must be at most {max_message_chars} characters", {"field": "message"})
     return body
+
+
+def validate(model: type[M], data: dict[str, Any]) -> M:
+    """`data` as `model`, or a 422 naming the first field at fault."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(422, f"{field}: {first['msg']}" if field else first["msg"], {"field": field}) from None
 
 
 def parse_json(raw: bytes | str) -> Any:

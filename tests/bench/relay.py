@@ -445,9 +445,7 @@ def make_turns(n: int) -> tuple[list[str], str]:
         chat = ChatSession(owner_id=owner_id, title="relay bench", meta={}, turn_count=n)
         db.add(chat)
         db.flush()
-        rows = [
-            {"id": t, "session_id": chat.id, "owner_id": owner_id, "number": i + 1} for i, t in enumerate(ids)
-        ]
+        rows = [{"id": t, "session_id": chat.id, "owner_id": owner_id, "number": i + 1} for i, t in enumerate(ids)]
         db.execute(insert(Turn), rows)  # queued, as every turn starts; then claimed by no worker
         db.execute(update(Turn).where(Turn.id.in_(ids)).values(status="running"))
     return ids, key

@@ -124,3 +124,14 @@ def test_assistants_are_made_listed_and_shown_from_the_command_line(stack, tmp_p
     missing = _flask(stack["env"], "assistants", "show", "nobody", "--owner", owner)
     assert missing.returncode == 2 and "has no assistant 'nobody'" in missing.stderr
     assert _flask(stack["env"], "assistants", "list", "--owner", owner).stdout.count("\n") == 2
+
+    replayed = tmp_path / "q.jsonl"
+    replayed.write_text(json.dumps({"message": "[[echo=setup]]"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    ran = _flask(stack["env"], "replay", str(replayed), "--out", str(out), "--owner", owner, "--assistant", "support@1")
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(out.read_text())["answer"].startswith('System: ["From a file."]. Model: turnstream-offline.')
+    wrong = _flask(
+        stack["env"], "replay", str(replayed), "--out", str(out), "--owner", owner, "--assistant", "support@2"
+    )
+    assert wrong.returncode == 2 and "support has versions 1 to 1" in wrong.stderr

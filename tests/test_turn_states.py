@@ -104,7 +104,8 @@ def _new_turn(conn) -> str:
     ).scalar()
     turn_id = str(uuid.uuid4())
     submit = text(
-        "SELECT created FROM submit_turn(:s, :o, :t, gen_random_uuid(), 'q', NULL, NULL, false, :active, NULL, NULL, NULL)"
+        "SELECT created FROM submit_turn("
+        ":s, :o, :t, gen_random_uuid(), 'q', NULL, NULL, false, :active, NULL, NULL, NULL)"
     )
     assert conn.execute(submit, {"s": session, "o": owner, "t": turn_id, "active": list(ACTIVE)}).scalar()
     return turn_id

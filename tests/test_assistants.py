@@ -290,3 +290,24 @@ def test_a_replay_runs_every_question_on_one_version_of_an_assistant(client, own
     with transaction() as db:
         versions = db.scalars(select(Turn.assistant_version).where(Turn.id.in_([line["turn_id"] for line in lines])))
         assert set(versions) == {1}
+
+
+def test_choosing_an_assistant_while_it_is_deleted_is_a_404_or_a_session_left_to_the_default(app, owner):
+    """The choice key-share locks the assistant: a delete waits for it and
+    then clears it, or comes first and the choice is a 404; never a
+    dangling reference (a 500 from the foreign key)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = app.test_client()
+    sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(20):
+            a = _make(client, owner)
+            patch = pool.submit(
+                lambda a=a: app.test_client().patch(
+                    f"/api/sessions/{sid}", json={"assistant_id": a["id"]}, headers=owner
+                )
+            )
+            gone = pool.submit(lambda a=a: app.test_client().delete(f"/api/assistants/{a['id']}", headers=owner))
+            assert (patch.result().status_code, gone.result().status_code) in ((200, 204), (404, 204))
+            assert client.get(f"/api/sessions/{sid}", headers=owner).get_json()["assistant_id"] is None

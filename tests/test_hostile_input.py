@@ -96,8 +96,8 @@ def test_one_idempotency_key_sent_at_once_to_two_sessions_is_one_turn_and_a_409(
     for _ in range(5):  # the race is narrow: try it a few times
         sids = [client.post("/api/sessions", json={}, headers=owner).get_json()["id"] for _ in range(2)]
         assert sorted(_race(client, owner, sids, uuid.uuid4().hex)) == [202, 409]
-        counts = [client.get(f"/api/sessions/{sid}", headers=owner).get_json()["message_count"] for sid in sids]
-        assert sorted(counts) == [0, 1]
+        turns = [len(client.get(f"/api/sessions/{sid}/turns", headers=owner).get_json()["items"]) for sid in sids]
+        assert sorted(turns) == [0, 1]
 
 
 def test_a_failing_statement_keeps_its_parameters_out_of_the_error(stack):

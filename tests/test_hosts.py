@@ -214,7 +214,8 @@ def test_a_web_host_killed_mid_stream_loses_no_client_that_reconnects(hosts):
     followers = [threading.Thread(target=follow, args=(hosts.base, hosts.headers, t, deadline, streams)) for t in ids]
     for f in followers:
         f.start()
-    time.sleep(1)
+    # Every client streaming (each connected, through either host) before the kill.
+    services.wait_until(lambda: all(streams.get(t, {}).get("events") for t in ids), 30, "every stream to carry events")
     killed = hosts.web.pop("web-a")
     killed.stop(9)  # the whole host at once: no shutdown, its streams cut
     for f in followers:

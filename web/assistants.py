@@ -18,7 +18,7 @@ from shared.turn_states import ACTIVE
 from web import schemas
 from web.errors import ApiError
 from web.openapi import operation
-from web.resources import int_arg, iso, owned
+from web.resources import int_arg, iso, owned, valid_id
 from web.validation import UNSTORABLE, AssistantBody, LatestVersion, parse_body
 
 bp = Blueprint("assistants", __name__)
@@ -103,7 +103,15 @@ def chosen(db: Session, assistant_id: str | None, version: int | None) -> tuple[
         if version is not None:
             raise ApiError(422, "assistant_version needs an assistant_id", {"field": "assistant_version"})
         return None
-    assistant = owned(db, Assistant, assistant_id)
+    # Key-share locked to the end of the caller's transaction: a delete of
+    # it waits, then finds (and clears) what this one made point to it.
+    assistant = db.scalar(
+        select(Assistant)
+        .where(Assistant.id == valid_id(assistant_id), Assistant.owner_id == g.owner_id)
+        .with_for_update(key_share=True)
+    )
+    if assistant is None:
+        raise ApiError(404, "no such assistant")
     if version is not None and version > assistant.versions:
         raise ApiError(422, f"the assistant has versions 1 to {assistant.versions}", {"field": "assistant_version"})
     return assistant.id, version

@@ -56,8 +56,12 @@ def page(context: BrowserContext, web_server: str, owner: dict) -> Page:
 
 
 def _ask(page: Page, text: str) -> None:
+    """Send a question; return once the page has drawn its turn, so that
+    `_ended` waits on it, not on the turn before (ended already)."""
+    turns = page.locator(".turn").count()
     page.locator("#message").fill(text)
     page.locator("#message").press("Enter")
+    expect(page.locator(".turn")).to_have_count(turns + 1)
 
 
 def _last_turn(page: Page):

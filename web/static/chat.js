@@ -177,6 +177,8 @@ async function loadSessions() {
   $("no-sessions").hidden = items.length > 0;
   $("no-sessions").textContent = search ? "No chat has that in its title." : "No chats yet.";
   markOpen();
+  const open = current && items.find((s) => s.id === current.id);
+  if (open) current.describe(open).catch(() => {}); // its assistant may have changed elsewhere
   return items;
 }
 
@@ -246,20 +248,25 @@ function tell(message) { if (tabs) tabs.postMessage(message); }
 
 if (tabs) {
   tabs.onmessage = ({ data }) => {
-    if (data.kind === "sessions") loadSessions().then(checkOpen).catch(() => {});
+    if (data.kind === "sessions") {
+      loadSessions().then(checkOpen).catch(() => {});
+      loadAssistants().catch(() => {});
+    }
     if (data.kind === "turn" && current && current.id === data.session) current.catchUp();
   };
 }
 
-// The open session may have been deleted elsewhere.
+// The open session may have been deleted elsewhere, or given another
+// assistant.
 async function checkOpen() {
   if (!current) return;
-  try { await api(`/api/sessions/${current.id}`); } catch (err) { if (err.status === 404) newChat(); }
+  try { await current.describe(); } catch (err) { if (err.status === 404) newChat(); }
 }
 
 document.addEventListener("visibilitychange", () => {
   if (document.visibilityState !== "visible") return;
   loadSessions().then(checkOpen).catch(() => {});
+  loadAssistants().catch(() => {});
   if (current) current.catchUp();
 });
 
@@ -274,8 +281,10 @@ function newChat() {
   current = null;
   history.replaceState(null, "", location.pathname);
   $("messages").replaceChildren();
+  $("assistant").value = ""; // a new chat starts with the default assistant
   markOpen();
   controls();
+  showAssistant();
   $("message").focus();
 }
 
@@ -287,15 +296,17 @@ window.addEventListener("hashchange", () => {
   closeMenu();
 });
 
-async function openSession(id) {
+// `session`: the Session as just made, else it is read.
+async function openSession(id, session = null) {
   if (current) current.close();
   current = new Conversation(id);
   if (location.hash !== `#${id}`) history.replaceState(null, "", `#${id}`);
   $("messages").replaceChildren();
   markOpen();
   controls();
+  showAssistant();
   try {
-    await current.load();
+    await Promise.all([current.load(), current.describe(session)]);
   } catch (err) {
     if (err.status === 404) newChat();
     showError(err);
@@ -307,6 +318,7 @@ async function openSession(id) {
 class Conversation {
   constructor(id) {
     this.id = id;
+    this.session = null; // the Session, once read: who answers it
     this.views = new Map(); // turn id -> TurnView, in the page in turn order
     this.stream = null;
     this.position = null; // where the stream was opened
@@ -325,6 +337,16 @@ class Conversation {
     const last = turns[turns.length - 1];
     this.connect(open ? `${open.id}:0` : last ? `${last.id}:${LAST_SEQ}` : null);
     $("messages").scrollTop = $("messages").scrollHeight;
+  }
+
+  // The session itself (given, or read): who answers it. An assistant the
+  // page has not listed yet (made elsewhere since) has the list read again.
+  async describe(session = null) {
+    const read = session || await api(`/api/sessions/${this.id}`);
+    if (this.closed) return;
+    this.session = read;
+    if (read.assistant_id && assistants && !assistants.has(read.assistant_id)) await loadAssistants();
+    showAssistant();
   }
 
   async turns(after) {
@@ -622,6 +644,52 @@ function toolCall(box, call) {
   };
 }
 
+// ---- who answers: the assistants ----
+
+// The caller's assistants by id, each at its latest (GET /api/assistants,
+// by name); null until read.
+let assistants = null;
+
+async function loadAssistants() {
+  const items = [];
+  let cursor = null;
+  do {
+    const body = await api("/api/assistants?limit=100" + (cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""));
+    items.push(...body.items);
+    cursor = body.next_cursor;
+  } while (cursor);
+  assistants = new Map(items.map((a) => [a.id, a]));
+  // Redrawn only when it changed, so a choice being made is not disturbed;
+  // the choice stays unless its assistant is gone.
+  const select = $("assistant");
+  const options = [["", "Default"], ...items.map((a) => [a.id, a.name])];
+  if (JSON.stringify(options) !== JSON.stringify([...select.options].map((o) => [o.value, o.text]))) {
+    const chosen = select.value;
+    select.replaceChildren(...options.map(([value, text]) => new Option(text, value)));
+    select.value = assistants.has(chosen) ? chosen : "";
+  }
+  showAssistant();
+  return assistants;
+}
+
+// A new chat offers the choice (Default: the operator's settings); an open
+// session says who answers it instead: its assistant, with the version it
+// is pinned to if any, or Default, also when its assistant is not (or no
+// longer) among the caller's.
+function showAssistant() {
+  $("assistant-pick").hidden = current !== null;
+  $("assistant-shown").hidden = current === null;
+  if (current === null) return;
+  const session = current.session;
+  $("assistant-name").textContent = session && assistants ? assistantName(session) : "…";
+}
+
+function assistantName(session) {
+  const assistant = session.assistant_id ? assistants.get(session.assistant_id) : null;
+  if (!assistant) return "Default";
+  return session.assistant_version === null ? assistant.name : `${assistant.name} v${session.assistant_version}`;
+}
+
 // ---- the composer ----
 
 function controls() {
@@ -655,9 +723,14 @@ async function sendNow(message) {
   $("composer-error").textContent = "";
   try {
     if (!current) {
-      const s = await api("/api/sessions", { method: "POST", body: JSON.stringify({ title: message.slice(0, 80) }) });
+      const body = { title: message.slice(0, 80) };
+      if ($("assistant").value) body.assistant_id = $("assistant").value;
+      const s = await api("/api/sessions", { method: "POST", body: JSON.stringify(body) }).catch((err) => {
+        if (err.status === 404) loadAssistants().catch(() => {}); // the assistant chosen is gone
+        throw err;
+      });
       tell({ kind: "sessions" });
-      await openSession(s.id);
+      await openSession(s.id, s);
       loadSessions();
     }
     const conversation = current;
@@ -709,6 +782,7 @@ document.querySelector("main").addEventListener("click", closeMenu);
 
 async function start() {
   const items = await loadSessions();
+  loadAssistants().catch(() => {});
   // Unless a session was opened meanwhile (a question sent at once after
   // signing in makes its own), open the address's, else the newest.
   if (!current) {

@@ -16,6 +16,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from tests.proxy import Proxy
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (deploy/setup.sh): no browser download
+ECHO = "[[echo=setup]]"  # the offline model answers with what it was given: "System: [...]. Model: …"
 HOSTILE = (
     '<img src=x onerror="window.pwned=1"> <script>window.pwned=2</script> '
     "[click](javascript:window.pwned=3) ![remote](https://remote.example/x.png)"
@@ -76,6 +77,12 @@ def _ended(page: Page, status: str = "succeeded", timeout: float = 20_000):
 
 def _page_turn_text(page: Page, turn_id: str) -> str:
     return page.locator(f'.turn[data-turn="{turn_id}"] .msg.assistant').text_content() or ""
+
+
+def _make_assistant(client, owner: dict, name: str, instructions: str) -> dict:
+    response = client.post("/api/assistants", json={"name": name, "instructions": instructions}, headers=owner)
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()
 
 
 def test_the_answer_appears_progressively_renders_markdown_and_says_what_it_cost(page: Page, context: BrowserContext):
@@ -253,6 +260,58 @@ def test_sessions_are_searched_by_title(page: Page):
     expect(page.locator("#notices p")).to_have_count(0)
     page.locator("#sessions li a", has_text="holidays").click()
     expect(page.locator(".turn .msg.user")).to_have_text(["about holidays [[tokens=2]]"])
+
+
+def test_a_new_chat_is_answered_by_the_assistant_chosen_and_its_session_says_which(context, web_server, owner, client):
+    instructions = "You are the order desk and speak of parcels only."
+    desk = _make_assistant(client, owner, "Order desk", instructions)
+    page = _signed_in(context, web_server, owner)  # lists the caller's assistants once signed in
+    choice = page.get_by_label("Assistant")
+    expect(choice).to_have_value("")  # Default
+    choice.select_option(label="Order desk")
+    _ask(page, ECHO)
+    expect(_ended(page).locator(".msg.assistant")).to_contain_text(f'System: ["{instructions}"]. Model: ')
+    expect(page.locator("#assistant-shown")).to_have_text("Assistant: Order desk")
+    expect(choice).to_be_hidden()  # an open session's assistant is said, not chosen
+    first = page.url.split("#", 1)[1]
+    assert client.get(f"/api/sessions/{first}", headers=owner).get_json()["assistant_id"] == desk["id"]
+
+    page.locator("#new-session").click()
+    expect(page.locator("#assistant-shown")).to_be_hidden()
+    expect(choice).to_be_visible()
+    expect(choice).to_have_value("")  # a new chat starts with Default again
+    _ask(page, ECHO)
+    expect(_ended(page).locator(".msg.assistant")).to_contain_text("System: []. Model: ")
+    expect(page.locator("#assistant-shown")).to_have_text("Assistant: Default")
+    second = page.url.split("#", 1)[1]
+    assert second != first
+    assert client.get(f"/api/sessions/{second}", headers=owner).get_json()["assistant_id"] is None
+
+    # Reopened from the list, the first chat still says who answers it.
+    page.locator(f'#sessions li[data-id="{first}"] a').click()
+    expect(page.locator(".turn .msg.assistant")).to_contain_text(f'System: ["{instructions}"]')
+    expect(page.locator("#assistant-shown")).to_have_text("Assistant: Order desk")
+
+
+def test_a_session_pinned_to_a_version_says_it_and_one_whose_assistant_is_deleted_says_default(
+    context, web_server, owner, client
+):
+    desk = _make_assistant(client, owner, "Order desk", "The first instructions.")
+    newer = {"name": "Order desk", "instructions": "The second instructions."}
+    assert client.put(f"/api/assistants/{desk['id']}", json=newer, headers=owner).status_code == 200
+    pinned = client.post(
+        "/api/sessions", json={"title": "pinned", "assistant_id": desk["id"], "assistant_version": 1}, headers=owner
+    ).get_json()
+    page = _signed_in(context, f"{web_server}/#{pinned['id']}", owner)
+    expect(page.locator("#assistant-shown")).to_have_text("Assistant: Order desk v1")
+    _ask(page, ECHO)
+    expect(_ended(page).locator(".msg.assistant")).to_contain_text('System: ["The first instructions."]')
+
+    assert client.delete(f"/api/assistants/{desk['id']}", headers=owner).status_code == 204
+    page.reload()
+    expect(page.locator(".turn")).to_have_count(1)
+    expect(page.locator("#assistant-shown")).to_have_text("Assistant: Default")
+    expect(page.locator("#assistant option")).to_have_text(["Default"])  # gone from the choice too
 
 
 def test_a_phone_sized_dark_screen_used_with_the_keyboard_alone(browser, web_server, owner):

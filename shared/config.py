@@ -143,6 +143,7 @@ class Settings:
     max_streams: int
     max_replay_items: int
     max_prompt_chars: int
+    approval_timeout: int
 
     @property
     def rabbitmq(self) -> bool:
@@ -232,6 +233,7 @@ class Settings:
             max_streams=r.int("MAX_STREAMS_PER_OWNER", 200, lo=1),
             max_replay_items=r.int("MAX_REPLAY_ITEMS_PER_OWNER", 20_000, lo=1),
             max_prompt_chars=r.int("MAX_PROMPT_CHARS", 20_000, lo=1, hi=1_000_000),
+            approval_timeout=r.int("APPROVAL_TIMEOUT_SECONDS", 86_400, lo=1),
         )
         if settings.stale_running_seconds < 2 * settings.heartbeat_seconds:
             raise ConfigError("STALE_RUNNING_SECONDS must be at least twice HEARTBEAT_SECONDS.")

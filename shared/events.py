@@ -83,6 +83,26 @@ EVENT_TYPES = {
             "the tool's result; `output` holds at most 2,000 characters",
         ),
         EventType(
+            "tool.approval_required",
+            ("request_id", "call_id", "name", "server", "tool", "arguments", "deadline"),
+            "a call a person must decide before it runs (`POST /api/turns/{id}/approvals/{request_id}`)",
+        ),
+        EventType(
+            "turn.waiting",
+            ("requests", "deadline"),
+            "the turn waits for a person to decide these calls (the `request_id`s); no worker holds it",
+        ),
+        EventType(
+            "tool.approval_decided",
+            ("request_id", "call_id", "status", "decided_by", "arguments", "message"),
+            "a decision: `approved` (with `arguments` if edited), `rejected` (`message`), `expired`",
+        ),
+        EventType(
+            "turn.resumed",
+            ("text",),
+            "the turn goes on after a pause: `text` is its answer so far (replace what is shown)",
+        ),
+        EventType(
             "turn.restarted",
             ("attempt", "reason"),
             "`reason` is `redelivered` or `model_stream_broke`; drop the text of the earlier attempt",

@@ -40,6 +40,12 @@ TURNS_FINISHED = Counter(
     ["status", "error_code"],
 )
 TURN_ATTEMPTS = Counter("turnstream_turn_attempts_total", "Attempts started: a turn's first, and each one after")
+TURNS_PAUSED = Counter(
+    "turnstream_turns_paused_total", "Steps of turns that waited for a person to decide their tool calls"
+)
+TOOL_DECISIONS = Counter(
+    "turnstream_tool_decisions_total", "Decisions on tool calls a person was asked about", ["status"]
+)
 TURN_RESTARTS = Counter(
     "turnstream_turn_restarts_total",
     "Turns started again: redelivered (a worker lost it), model_stream_broke",

@@ -128,6 +128,8 @@ class ChatSession(Base):
     __tablename__ = "sessions"
     id: Mapped[str] = _id()
     owner_id: Mapped[str] = _fk("owners.id")
+    # Tools a person allowed for the rest of the session ("always for this chat").
+    approved_tools: Mapped[list[str]] = mapped_column(ARRAY(String), server_default=text("'{}'"))
     # Who answers its turns: an assistant (its latest version, or the one
     # pinned), or the default assistant (the operator's settings) if null.
     assistant_id: Mapped[str | None] = _fk("assistants.id", ondelete="SET NULL", nullable=True)
@@ -163,6 +165,10 @@ class Turn(Base):
     # foreign key: the record outlives a deleted assistant.
     assistant_id: Mapped[str | None] = mapped_column(Uuid(as_uuid=False))
     assistant_version: Mapped[int | None] = mapped_column(Integer)
+    # Where a step waiting for a person stopped (shared/approvals.py): the
+    # attempt's messages after the history, its text, usage and tools so far.
+    paused: Mapped[dict[str, Any] | None]
+    resumes: Mapped[int] = mapped_column(Integer, server_default=text("0"))  # attempts that began from a pause
     created_at: Mapped[datetime] = _now()
     started_at: Mapped[datetime | None]  # the first attempt's claim
     claimed_at: Mapped[datetime | None]  # the running attempt's claim (shared/recovery.py)
@@ -175,6 +181,35 @@ class Turn(Base):
         UniqueConstraint("owner_id", "idempotency_key"),
         Index("ix_turns_status_created", "status", "created_at"),
         Index("ix_turns_owner_status", "owner_id", "status"),
+    )
+
+
+class ToolApproval(Base):
+    """One tool call of a paused step, waiting for (or given) a person's
+    decision. Its id is the request id clients decide by."""
+
+    __tablename__ = "tool_approvals"
+    id: Mapped[str] = _id()
+    turn_id: Mapped[str] = _fk("turns.id")
+    owner_id: Mapped[str] = _fk("owners.id")
+    attempt: Mapped[int] = mapped_column(Integer)  # the attempt that paused: one step's calls share it
+    call_id: Mapped[str]  # the model's id of the call
+    name: Mapped[str]  # as the model saw it: <server>__<tool>
+    server: Mapped[str]
+    tool: Mapped[str]
+    arguments: Mapped[dict[str, Any]]  # as the model asked
+    input_schema: Mapped[dict[str, Any]]  # the tool's, to check edited arguments
+    status: Mapped[str] = mapped_column(server_default=text("'pending'"))  # pending, approved, rejected, expired
+    decided_by: Mapped[str | None]
+    decided_at: Mapped[datetime | None]
+    decided_arguments: Mapped[dict[str, Any] | None]  # approved with these instead
+    message: Mapped[str | None] = mapped_column(Text)  # a rejection's, which the model receives
+    always: Mapped[bool] = mapped_column(server_default=text("false"))
+    deadline: Mapped[datetime]
+    created_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        Index("ix_tool_approvals_pending_deadline", "deadline", postgresql_where=text("status = 'pending'")),
     )
 
 

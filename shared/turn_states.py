@@ -26,10 +26,11 @@ from sqlalchemy import ColumnElement
 
 QUEUED = "queued"  # accepted; waiting for its session's turn, its owner's share or a worker
 RUNNING = "running"  # an attempt of a worker holds it (`attempts` numbers the attempt)
+WAITING = "waiting"  # paused for a person to decide its tool calls; no worker holds it
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
-ACTIVE = (QUEUED, RUNNING)
+ACTIVE = (QUEUED, RUNNING, WAITING)
 ENDED = (SUCCEEDED, FAILED, CANCELLED)
 STATUSES = ACTIVE + ENDED
 
@@ -61,7 +62,19 @@ CLAIM = Transition("claim", (QUEUED,), RUNNING, "a worker, for its session's nex
 SUCCEED = Transition("succeed", (RUNNING,), SUCCEEDED, "the running attempt: Postgres's finish_turn()")
 FAIL = Transition("fail", (RUNNING,), FAILED, "the running attempt: Postgres's finish_turn()")
 STOP = Transition("stop", (RUNNING,), CANCELLED, "the running attempt, asked to cancel: Postgres's finish_turn()")
-CANCEL = Transition("cancel", (QUEUED,), CANCELLED, "the API, or its session deleted (shared/turns.py)")
+CANCEL = Transition("cancel", (QUEUED, WAITING), CANCELLED, "the API, or its session deleted (shared/turns.py)")
+PAUSE = Transition(
+    "pause",
+    (RUNNING,),
+    WAITING,
+    "the running attempt, at tool calls its assistant's policy has a person approve (shared/approvals.py)",
+)
+RESUME = Transition(
+    "resume",
+    (WAITING,),
+    QUEUED,
+    "the last decision of the paused step: the API, or the sweeper once APPROVAL_TIMEOUT_SECONDS passed",
+)
 REQUEUE = Transition(
     "requeue",
     (RUNNING,),
@@ -69,7 +82,7 @@ REQUEUE = Transition(
     "the sweeper (no heartbeat), a worker handing back (shutdown, Redis lost), an operator;"
     " the next claim is a new attempt",
 )
-TRANSITIONS = (SUBMIT, HOLD, CLAIM, SUCCEED, FAIL, STOP, CANCEL, REQUEUE)
+TRANSITIONS = (SUBMIT, HOLD, CLAIM, SUCCEED, FAIL, STOP, CANCEL, REQUEUE, PAUSE, RESUME)
 # How a running attempt's end is recorded, by the status it ends with.
 FINISH = {t.target: t for t in (SUCCEED, FAIL, STOP)}
 

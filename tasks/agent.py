@@ -13,18 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from shared import metrics
+from shared.approvals import APPROVED, EXPIRED, Asked, needs_approval
 from shared.assistants import Profile, default_profile
 from shared.config import Settings
 from shared.events import EventLog
-from shared.turn_states import CANCELLED, FAILED, SUCCEEDED
-from tasks.model import Completion, ModelError, Stop, StreamBroken, stream_completion
-from tasks.tools import Cancelled, Toolbox
+from shared.models import new_id
+from shared.turn_states import CANCELLED, FAILED, SUCCEEDED, WAITING
+from tasks.model import Completion, ModelError, Stop, StreamBroken, ToolCall, stream_completion
+from tasks.tools import Cancelled, Toolbox, ToolResult
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,26 @@ class Outcome:
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
     tools: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, str] | None = None
+    # A step waiting for a person (status WAITING): where it stopped, and its calls to decide.
+    paused: dict[str, Any] | None = None
+    asked: list[Asked] = field(default_factory=list)
 
     def add_usage(self, completion: Completion) -> None:
         for k in self.usage:
             self.usage[k] += completion.usage.get(k, 0)
+
+
+@dataclass
+class Approvals:
+    """How a turn meets its assistant's approval policy: the tools allowed
+    for its session (read only when a step would ask), and, for a turn that
+    waited, the transcript it stopped at, the decisions, and where to
+    record progress (so a decided step's calls never run twice)."""
+
+    allowed_for_session: Callable[[], frozenset[str]] = frozenset
+    paused: dict[str, Any] | None = None
+    decided: dict[str, Any] = field(default_factory=dict)  # call id -> its decision (a ToolApproval)
+    checkpoint: Callable[[dict[str, Any]], None] = lambda _: None
 
 
 # The worker's pause before a retry: 0.5, 1, 2, 4, 8, 8 … seconds, plus up to
@@ -57,14 +76,17 @@ def run_agent(
     attempt: int,
     accepted_at: float | None = None,
     profile: Profile | None = None,
+    approvals: Approvals | None = None,
 ) -> Outcome:
     """Run the turn as `profile` (the default assistant if None): its
-    instructions, model and tools. A stream that breaks off midway is run
-    again from the start (after `turn.restarted`), at most
-    OPENAI_MAX_RETRIES times. `accepted_at` (Unix time) times the first
-    token."""
+    instructions, model and tools, asking a person where its policy says
+    (`approvals`; a turn that waited goes on from where it stopped). A
+    stream that breaks off midway is run again from the start of this
+    attempt (after `turn.restarted`), at most OPENAI_MAX_RETRIES times.
+    `accepted_at` (Unix time) times the first token."""
     first_token = _FirstToken(accepted_at)
     profile = profile or default_profile(settings)
+    approvals = approvals or Approvals()
 
     def restart(state: RetryCallState) -> None:
         log.warning("turn %s: %s; restart %d", events.ident, state.outcome.exception(), state.attempt_number)
@@ -83,7 +105,7 @@ def run_agent(
             with run:
                 if run.retry_state.attempt_number > 1 and events.cancelled:
                     return Outcome(CANCELLED)
-                return _Run(profile.messages(history), events, toolbox, settings, first_token, profile).run()
+                return _Run(profile.messages(history), events, toolbox, settings, first_token, profile, approvals).run()
     except ModelError as exc:  # StreamBroken too, once the restarts ran out
         return Outcome(FAILED, error={"code": exc.code, "message": exc.message})
 
@@ -111,9 +133,12 @@ class _Run:
         settings: Settings,
         first_token: _FirstToken,
         profile: Profile,
+        approvals: Approvals,
     ) -> None:
+        self.start = len(history)  # the messages after it are this turn's work, kept at a pause
         self.messages = list(history)
         self.profile = profile
+        self.approvals = approvals
         self.events = events
         self.toolbox = toolbox
         self.settings = settings
@@ -139,7 +164,18 @@ class _Run:
         offer = self.offer = self.toolbox.offer(self.profile)
         if offer.unavailable:  # say so: the answer may lack what those tools would have given
             self.emit("tools.unavailable", servers=offer.unavailable)
-        for round_ in range(self.settings.max_tool_rounds + 1):
+        first = 0
+        paused = self.approvals.paused
+        if paused is not None:  # go on where the step that waited stopped
+            self.messages += paused["messages"]
+            out.text, out.usage, out.tools = paused["text"], dict(paused["usage"]), list(paused["tools"])
+            self.emit("turn.resumed", text=out.text)
+            first = paused["round"] + 1
+            if paused["pending"]:
+                if not self.run_decided_step(paused):
+                    out.status = CANCELLED
+                    return out
+        for round_ in range(first, self.settings.max_tool_rounds + 1):
             completion = stream_completion(self.messages, self.on_delta, offer.specs, self.profile)
             out.add_usage(completion)
             out.text += completion.text
@@ -157,7 +193,11 @@ class _Run:
                     "tool_calls": [c.as_message() for c in completion.tool_calls],
                 }
             )
-            if not self.run_tools(completion):
+            asked = self.to_ask(completion.tool_calls)
+            if asked:
+                out.status, out.paused, out.asked = WAITING, self.transcript(round_, pending=True), asked
+                return out
+            if not self.run_tools(completion.tool_calls):
                 out.status = CANCELLED
                 return out
         out.status = FAILED
@@ -167,34 +207,142 @@ class _Run:
         }
         return out
 
-    def run_tools(self, completion: Completion) -> bool:
-        """Run one round of tool calls at once; False if the turn was cancelled."""
-        calls = completion.tool_calls
+    def transcript(self, round_: int, *, pending: bool, started: bool = False) -> dict[str, Any]:
+        """Where this turn stands, to go on from: its work after the
+        history, what it has answered and used so far, and whether the
+        last step's calls are still to run (`pending`) or were being run
+        (`started`) when this was written."""
+        out = self.outcome
+        return {
+            "messages": self.messages[self.start :],
+            "text": out.text,
+            "usage": out.usage,
+            "tools": out.tools,
+            "round": round_,
+            "pending": pending,
+            "started": started,
+        }
+
+    def to_ask(self, calls: list[ToolCall]) -> list[Asked]:
+        """The calls of a step a person must decide; none unless the
+        assistant's policy asks for some."""
+        if (self.profile.approval or {}).get("policy", "never") == "never":
+            return []
+        allowed = self.approvals.allowed_for_session()
+        asked = []
         for call in calls:
+            target = self.offer.targets.get(call.name)
+            if target is None:  # not offered: refused when run, nothing to decide
+                continue
+            if needs_approval(self.profile, call.name, call.name in self.offer.read_only, allowed):
+                arguments = _arguments(call.arguments)
+                asked.append(
+                    Asked(
+                        new_id(),
+                        call.id,
+                        call.name,
+                        target[0].name,
+                        target[1],
+                        arguments if isinstance(arguments, dict) else {"_text": arguments},
+                        self.offer.schema(call.name),
+                    )
+                )
+        return asked
+
+    def run_decided_step(self, paused: dict[str, Any]) -> bool:
+        """Run the calls of the step that waited, as decided; record the
+        results before the model is asked again, so that an attempt after
+        a crash neither runs them again nor loses them. Calls an attempt
+        began and never reported are answered as such, not run again."""
+        calls = [
+            ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
+            for c in self.messages[-1]["tool_calls"]
+        ]
+        round_ = paused["round"]
+        if paused.get("started"):
+            lost = ToolResult(
+                False,
+                "the worker running this call stopped before it reported back: it may have run, and was not run again",
+                0,
+            )
+            results = {c.id: lost for c in calls if self._decided_to_run(c)}
+        else:
+            self.approvals.checkpoint(self.transcript(round_, pending=True, started=True))
+            results = {}
+        if not self.run_tools(calls, results):
+            return False
+        after = self.transcript(round_, pending=False)
+        self.approvals.checkpoint(after)
+        self.approvals.paused = after  # a restart of this attempt goes on from here too
+        return True
+
+    def _decided_to_run(self, call: ToolCall) -> bool:
+        decision = self.approvals.decided.get(call.id)
+        return decision is None or decision.status == APPROVED
+
+    def run_tools(self, calls: list[ToolCall], known: dict[str, ToolResult] | None = None) -> bool:
+        """Run one step's tool calls at once, as decided where a person was
+        asked (a declined call's result is the person's message); `known`
+        holds results not to run for. False if the turn was cancelled."""
+        known = dict(known or {})
+        decided = self.approvals.decided
+        run = []
+        for call in calls:
+            decision = decided.get(call.id)
+            if call.id in known:
+                continue
+            if decision is not None and decision.status != APPROVED:
+                known[call.id] = ToolResult(False, _declined(decision), 0)
+                continue
+            if decision is not None and decision.decided_arguments is not None:
+                call = ToolCall(call.id, call.name, json.dumps(decision.decided_arguments))
+            run.append(call)
+        for call in run:
             self.emit("tool.started", call_id=call.id, name=call.name, arguments=_arguments(call.arguments))
         if self.cancelled:
             return False
         try:
-            results = self.toolbox.call_all(
-                self.offer, [(c.name, c.arguments) for c in calls], self.events.cancel_requested
+            results = (
+                self.toolbox.call_all(self.offer, [(c.name, c.arguments) for c in run], self.events.cancel_requested)
+                if run
+                else []
             )
         except Cancelled:
             return False
-        for call, result in zip(calls, results, strict=True):
+        known.update({call.id: result for call, result in zip(run, results, strict=True)})
+        arguments = {call.id: call.arguments for call in run}
+        for call in calls:
+            result = known[call.id]
             short = _shorten(result.output)
             self.emit("tool.finished", call_id=call.id, name=call.name, ok=result.ok, output=short)
-            self.outcome.tools.append(
-                {
-                    "call_id": call.id,
-                    "name": call.name,
-                    "arguments": _arguments(call.arguments),
-                    "ok": result.ok,
-                    "output": short,
-                    "duration_ms": result.duration_ms,
+            record = {
+                "call_id": call.id,
+                "name": call.name,
+                "arguments": _arguments(arguments.get(call.id, call.arguments)),
+                "ok": result.ok,
+                "output": short,
+                "duration_ms": result.duration_ms,
+            }
+            decision = decided.get(call.id)
+            if decision is not None:  # who decided, when and what: the turn's history shows it
+                record["approval"] = {
+                    "request_id": decision.id,
+                    "status": decision.status,
+                    "decided_by": decision.decided_by,
+                    "decided_at": decision.decided_at.isoformat() if decision.decided_at else None,
+                    "message": decision.message,
                 }
-            )
+            self.outcome.tools.append(record)
             self.messages.append({"role": "tool", "tool_call_id": call.id, "content": result.output})
         return not self.cancelled
+
+
+def _declined(decision: Any) -> str:
+    """What the model is told of a call a person did not allow."""
+    if decision.status == EXPIRED:
+        return f"This call was not run: no one approved it in time ({decision.message})."
+    reason = f": {decision.message}" if decision.message else "."
+    return f"This call was not run: the person declined it{reason}"
 
 
 def _arguments(text: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import shared_task
 
 from shared import metrics
+from shared.approvals import expire_overdue
 from shared.broker import SWEEP_TURNS
 from shared.recovery import requeue_stale_running, resend_queued, resend_stalled_replays
 from tasks.base import TurnstreamTask
@@ -15,12 +16,13 @@ from tasks.base import TurnstreamTask
 # retries either: beat sends the next sweep soon enough.
 @shared_task(name=SWEEP_TURNS, base=TurnstreamTask, send_events=False, autoretry_for=())
 def sweep_turns() -> dict[str, int]:
-    """How many queued turns were re-sent, running ones re-queued and
-    stalled replays advanced."""
+    """How many queued turns were re-sent, running ones re-queued,
+    stalled replays advanced, and tool calls rejected past their deadline."""
     done = {
         "resent": resend_queued(),
         "requeued": requeue_stale_running(),
         "replays": resend_stalled_replays(),
+        "expired": expire_overdue(),
     }
     for action, count in done.items():
         if count:

@@ -62,6 +62,11 @@ class Offer:
     specs: list[dict[str, Any]]  # OpenAI function tools
     unavailable: list[dict[str, str]]  # {name, error} of each configured server left out
     targets: dict[str, tuple[_Server, str]] = field(default_factory=dict)  # a spec's name -> (server, tool)
+    read_only: frozenset[str] = frozenset()  # names of tools that say they change nothing (readOnlyHint)
+
+    def schema(self, name: str) -> dict[str, Any]:
+        """The input schema of an offered tool, by the name the model used."""
+        return next((s["function"]["parameters"] for s in self.specs if s["function"]["name"] == name), {})
 
 
 def tool_name(server: str, tool: str) -> str:
@@ -225,7 +230,7 @@ class Toolbox:
     async def _offer(self, profile: Profile) -> Offer:
         servers = [s for s in self._servers.values() if profile.tools is None or s.name in profile.tools]
         await asyncio.gather(*(s.open() for s in servers))
-        specs, names, unavailable = [], {}, []
+        specs, names, unavailable, read_only = [], {}, [], set()
         for server in servers:
             if server.client is None:
                 unavailable.append({"name": server.name, "error": server.error or "unavailable"})
@@ -235,6 +240,8 @@ class Toolbox:
                     continue
                 name = tool_name(server.name, tool.name)
                 names[name] = (server, tool.name)
+                if tool.annotations is not None and tool.annotations.read_only_hint:
+                    read_only.add(name)
                 specs.append(
                     {
                         "type": "function",
@@ -245,7 +252,7 @@ class Toolbox:
                         },
                     }
                 )
-        return Offer(specs, unavailable, names)
+        return Offer(specs, unavailable, names, frozenset(read_only))
 
     def call_all(self, offer: Offer, calls: list[tuple[str, str]], cancelled: Callable[[], bool]) -> list[ToolResult]:
         """Run (name, JSON arguments) calls of the offer's tools at once;

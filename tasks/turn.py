@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from sqlalchemy.orm import aliased
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from shared import logs, metrics, tracing
+from shared.approvals import allowed_for_session, decisions, pause_turn
 from shared.assistants import Profile, default_profile, load_profile
 from shared.broker import RUN_TURN, send_replay_advance, send_turn
 from shared.config import get_settings
@@ -25,9 +27,9 @@ from shared.db import autocommit_engine, committed, transaction
 from shared.events import EventLog, EventLogLost, get_publisher
 from shared.models import AssistantVersion, Message, Turn, new_id
 from shared.recovery import requeue_turn
-from shared.turn_states import CANCELLED, CLAIM, FAILED, FINISH, HOLD, SUCCEEDED, status_of
+from shared.turn_states import CANCELLED, CLAIM, FAILED, FINISH, HOLD, RUNNING, SUCCEEDED, WAITING, status_of
 from shared.turns import hold_back, next_queued_turn, running_of_owner, send_held_back
-from tasks.agent import BACKOFF, Outcome, run_agent
+from tasks.agent import BACKOFF, Approvals, Outcome, run_agent
 from tasks.base import TRANSIENT, TurnstreamTask
 from tasks.heartbeat import get_heartbeat
 from tasks.tools import get_toolbox
@@ -68,6 +70,8 @@ class Claim:
     accepted_at: float  # when the API accepted the turn (Unix time)
     origin: dict[str, Any] | None  # the request that sent it (shared/tracing.py)
     assistant: tuple[str, int] | None  # the assistant version it runs with; None: the default
+    paused: bool  # it waited for a person, and goes on from where it stopped (turns.paused)
+    resumes: int  # attempts that went on from a pause: they do not count as tries
 
     def profile(self) -> Profile | None:
         """What it runs with; None if its assistant was deleted since."""
@@ -113,6 +117,8 @@ _CLAIM = (
         Turn.origin,
         Turn.assistant_id,
         Turn.assistant_version,
+        Turn.paused.isnot(None).label("was_paused"),
+        Turn.resumes,
     )
 )
 # Why a claim found nothing to do, when the reason is the owner's running
@@ -181,6 +187,8 @@ def claim_turn(turn_id: str) -> Claim | None:
         first.created_at.timestamp(),
         first.origin,
         None if first.assistant_id is None else (first.assistant_id, first.assistant_version),
+        first.was_paused,
+        first.resumes,
     )
     metrics.TURN_ATTEMPTS.inc()
     if claim.attempt == 1:
@@ -258,6 +266,10 @@ def run_turn(turn_id: str) -> str:
                 _hand_back(claim)
                 return f"turn {turn_id}: handed back to the queue (attempt {claim.attempt})"
             current.set_attribute("turnstream.status", outcome.status)
+            if outcome.status == WAITING:
+                if not _pause(claim, events, outcome):
+                    return f"turn {turn_id}: attempt {claim.attempt} no longer owned the turn; wrote nothing"
+                return f"turn {turn_id} waits on {label} for a person to decide {len(outcome.asked)} tool calls"
             if not _finish(claim, events, outcome):
                 return f"turn {turn_id}: attempt {claim.attempt} no longer owned the turn; wrote nothing"
     finally:
@@ -270,18 +282,21 @@ def run_turn(turn_id: str) -> str:
 def _run(claim: Claim, events: EventLog, profile: Profile | None) -> Outcome | None:
     """The turn's outcome, or None if the event log failed (Redis down)."""
     settings = get_settings()
-    if claim.attempt > settings.max_attempts:
-        message = f"the turn was started {claim.attempt - 1} times without finishing (TURN_MAX_ATTEMPTS)"
+    if claim.attempt - claim.resumes > settings.max_attempts:
+        tries = claim.attempt - claim.resumes - 1
+        message = f"the turn was started {tries} times without finishing (TURN_MAX_ATTEMPTS)"
         return Outcome(FAILED, error={"code": "attempts_exhausted", "message": message})
     if profile is None:  # deleting an assistant waits for its turns to end: a row deleted by hand
         message = f"the turn's assistant {claim.assistant[0]} (version {claim.assistant[1]}) no longer exists"
         return Outcome(FAILED, error={"code": "assistant_deleted", "message": message})
     try:
-        if claim.attempt > 1:
+        if claim.attempt > 1 and not claim.paused:  # one that goes on from a pause says so itself (turn.resumed)
             metrics.TURN_RESTARTS.labels("redelivered").inc()
             events.emit("turn.restarted", attempt=claim.attempt, reason="redelivered")
         events.emit("turn.started", attempt=claim.attempt)
-        return run_agent(claim.history, events, get_toolbox(), settings, claim.attempt, claim.accepted_at, profile)
+        accepted_at = None if claim.paused else claim.accepted_at  # a first token after a pause is a person's wait
+        approvals = _approvals(claim)
+        return run_agent(claim.history, events, get_toolbox(), settings, claim.attempt, accepted_at, profile, approvals)
     except redis.RedisError as exc:  # expected when Redis restarts: no traceback per turn
         log.warning("turn %s: the event log failed (%s); handing the turn back", claim.turn_id, exc)
         return None
@@ -289,6 +304,63 @@ def _run(claim: Claim, events: EventLog, profile: Profile | None) -> Outcome | N
         log.exception("turn %s failed unexpectedly", claim.turn_id)
         error = {"code": "internal_error", "message": "the worker failed while running this turn"}
         return Outcome(FAILED, error=error)
+
+
+_PAUSED = select(Turn.paused).where(Turn.id == bindparam("turn_id"))
+_CHECKPOINT = (
+    update(Turn)
+    .where(Turn.id == bindparam("turn_id"), Turn.status == RUNNING, Turn.attempts == bindparam("attempt"))
+    .values(paused=bindparam("paused"))
+)
+
+
+def _approvals(claim: Claim) -> Approvals:
+    """The turn's side of its assistant's approval policy: for a turn that
+    waited, where it stopped and what was decided."""
+    allowed = functools.partial(allowed_for_session, claim.session_id)
+    if not claim.paused:
+        return Approvals(allowed)
+    with autocommit_engine().connect() as db:
+        paused = db.scalar(_PAUSED, {"turn_id": claim.turn_id})
+    paused_by = paused["attempt"]
+
+    def checkpoint(transcript: dict[str, Any]) -> None:
+        def write() -> None:
+            with autocommit_engine().connect() as db:
+                params = {
+                    "turn_id": claim.turn_id,
+                    "attempt": claim.attempt,
+                    "paused": {**transcript, "attempt": paused_by},
+                }
+                db.execute(_CHECKPOINT, params)
+
+        _retrying(write, f"record the progress of turn {claim.turn_id}")
+
+    return Approvals(allowed, paused, decisions(claim.turn_id, paused_by), checkpoint)
+
+
+def _pause(claim: Claim, events: EventLog, outcome: Outcome) -> bool:
+    """Record the pause and its calls, then tell clients what to decide;
+    False if this attempt no longer owned the turn."""
+    paused = {**outcome.paused, "attempt": claim.attempt}
+    seconds = get_settings().approval_timeout
+    deadline = _retrying(
+        lambda: pause_turn(
+            claim.turn_id, claim.session_id, claim.owner_id, claim.attempt, paused, outcome.asked, seconds
+        ),
+        f"record the pause of turn {claim.turn_id}",
+    )
+    if deadline is None:
+        return False
+    metrics.TURNS_PAUSED.inc()
+    try:
+        for asked in outcome.asked:
+            events.emit("tool.approval_required", **asked.event(deadline))
+        events.append("turn.waiting", requests=[a.request_id for a in outcome.asked], deadline=deadline.isoformat())
+    except redis.RedisError:  # clients read the pause from Postgres (GET …/approvals)
+        log.warning("turn %s: could not tell clients it waits", claim.turn_id, exc_info=True)
+    committed(send_held_back, claim.owner_id)  # its place among the owner's running turns is free
+    return True
 
 
 def _finish(claim: Claim, events: EventLog, outcome: Outcome) -> bool:

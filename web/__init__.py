@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     start on first use."""
     from shared.redis import new_redis
     from web import (
+        approvals,
         assistants,
         auth,
         cli,
@@ -88,7 +89,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # owner's row, once and for all).
     app.before_request(functools.partial(run_again_while_away, auth.authenticate, writes=False))
     limits.init_app(app, settings)  # after authentication: per-key limits count the caller it found
-    for module in (assistants, auth, cli, health, metrics, openapi, page, replays, sessions, turns):
+    for module in (approvals, assistants, auth, cli, health, metrics, openapi, page, replays, sessions, turns):
         app.register_blueprint(module.bp)
     headers.init_app(app, settings)
     return app

@@ -191,6 +191,7 @@ def authenticate() -> None:
         if "turnstream.local_owner" not in current_app.extensions:
             current_app.extensions["turnstream.local_owner"] = local_owner_id()
         g.owner_id = current_app.extensions["turnstream.local_owner"]
+        g.caller = LOCAL_OWNER
         return
     g.owner_id = presented_owner()
     logs.bind(owner_id=g.owner_id)
@@ -206,6 +207,7 @@ def presented_owner() -> str | None:
         caller = caller_for_key(key)
         if caller is None:
             raise ApiError(401, "unknown or revoked API key")
+        g.caller = f"key {caller.key_id}"  # who acted, where the record says (a tool call's decision)
         return caller.owner_id
     login_id = session.get("login")
     if login_id:
@@ -213,6 +215,7 @@ def presented_owner() -> str | None:
         if caller is None:
             session.clear()
             raise ApiError(401, "your login has ended: sign in again with an API key")
+        g.caller = f"key {caller.key_id}"
         return caller.owner_id
     return None
 

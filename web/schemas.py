@@ -165,6 +165,30 @@ class AssistantPage(Answer):
     next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
 
 
+class ToolApproval(Answer):
+    """A tool call a person was asked to decide, and what they decided."""
+
+    id: str = Field(description="the request id decisions name")
+    turn_id: str
+    call_id: str
+    name: str = Field(description="<server>__<tool>, as the model called it")
+    server: str
+    tool: str
+    arguments: dict[str, Any] = Field(description="as the model asked")
+    status: Literal["pending", "approved", "rejected", "expired"]
+    decided_by: str | None
+    decided_at: datetime | None
+    decided_arguments: dict[str, Any] | None = Field(description="approved with these instead")
+    message: str | None
+    always: bool
+    deadline: datetime
+    created_at: datetime
+
+
+class ToolApprovalList(Answer):
+    items: list[ToolApproval]
+
+
 class Health(Answer):
     status: Literal["ok", "unavailable"]
     checks: dict[str, Any] = Field(description="database, redis, workers, model, tools_unavailable, relay")

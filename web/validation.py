@@ -87,6 +87,17 @@ class AssistantBody(Body):
     metadata: dict = Field(default_factory=dict)
 
 
+class Decision(Body):
+    """A person's decision on a tool call that waits for one."""
+
+    decision: Literal["approve", "reject"]
+    arguments: dict | None = Field(None, description="approve with these instead (checked against the tool's schema)")
+    message: Annotated[str, StringConstraints(max_length=2000)] | None = Field(
+        None, description="a rejection's reason: the model receives it as the call's result"
+    )
+    always: bool = Field(False, description="approve this tool for the rest of the session")
+
+
 class LatestVersion(Body):
     version: Version
 

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import ToolAnnotations
 from psycopg import sql as pgsql
 
 READER_ROLE = "turnstream_reader"
@@ -160,8 +161,10 @@ def _plain(value: Any, max_chars: int) -> Any:
 
 def build_server(db: ReadOnlySQL) -> MCPServer:
     server = MCPServer("turnstream-sql", instructions="Read-only SQL over one database.")
+    # Said to clients: an assistant may let read-only tools run without asking a person.
+    reads = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 
-    @server.tool()
+    @server.tool(annotations=reads)
     async def list_tables() -> str:
         """List the tables and views you can read, with their approximate row counts."""
         result = await db.run(
@@ -175,7 +178,7 @@ def build_server(db: ReadOnlySQL) -> MCPServer:
         )
         return json.dumps(result["rows"])
 
-    @server.tool()
+    @server.tool(annotations=reads)
     async def describe_table(table: str) -> str:
         """Describe a table's columns: name, type, nullable. `table` is `name` or `schema.name`."""
         schema, _, name = table.rpartition(".")
@@ -191,7 +194,7 @@ def build_server(db: ReadOnlySQL) -> MCPServer:
             raise ToolError(f"there is no table named {table!r}; list_tables shows what exists")
         return json.dumps(result["rows"])
 
-    @server.tool()
+    @server.tool(annotations=reads)
     async def query(sql: str) -> str:
         """Run one read-only SQL statement (PostgreSQL) and return its columns and rows as JSON."""
         return json.dumps(await db.run(sql), default=str)

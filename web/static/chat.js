@@ -8,6 +8,7 @@ const $ = (id) => document.getElementById(id);
 const ENDED = new Set(["succeeded", "failed", "cancelled"]);
 const TURN_EVENTS = [
   "turn.started", "tools.unavailable", "message.delta", "tool.started", "tool.finished",
+  "tool.approval_required", "turn.waiting", "tool.approval_decided", "turn.resumed",
   "turn.restarted", "turn.snapshot", "turn.completed", "turn.failed", "turn.cancelled",
 ];
 // A session stream resumed at a turn's highest possible seq continues with
@@ -488,6 +489,7 @@ class TurnView {
     this.seen = false; // the stream has spoken of it: its state there is the newest
     this.text = "";
     this.calls = new Map();
+    this.asks = new Map(); // request id -> its approval card
     this.model = null;
     this.usage = null;
     this.error = null;
@@ -515,7 +517,27 @@ class TurnView {
     if (turn.usage && turn.usage.completion_tokens) this.usage = turn.usage;
     if (ENDED.has(turn.status)) this.end(turn.status, turn.answer, turn.error, turn.tools);
     else if (!this.seen && !this.ended) this.status = turn.status;
+    if (this.status === "waiting") this.loadApprovals();
     this.drawState();
+  }
+
+  // The calls it waits on, from Postgres: when its log no longer holds them.
+  async loadApprovals() {
+    try {
+      const { items } = await api(`/api/turns/${this.id}/approvals`);
+      for (const ask of items) {
+        const decided = ask.decided_at !== null;
+        if (!decided) this.ask({ ...ask, request_id: ask.id });
+        else this.asks.get(ask.id)?.settle(ask);
+      }
+    } catch (err) { /* the turn may be gone; its stream says so */ }
+  }
+
+  ask(d) {
+    if (this.asks.has(d.request_id)) return;
+    const card = approvalCard(this, d);
+    this.asks.set(d.request_id, card);
+    this.tools.append(card.root);
   }
 
   // One event of the turn's stream. After its end, a replayed log or a
@@ -529,6 +551,21 @@ class TurnView {
         break;
       case "message.delta":
         this.text += d.delta;
+        this.draw(this.text);
+        break;
+      case "tool.approval_required":
+        this.ask(d);
+        break;
+      case "turn.waiting":
+        this.status = "waiting";
+        askForAttention();
+        break;
+      case "tool.approval_decided":
+        this.asks.get(d.request_id)?.settle(d);
+        break;
+      case "turn.resumed":
+        this.status = "running";
+        this.text = d.text;
         this.draw(this.text);
         break;
       case "turn.restarted":
@@ -554,6 +591,7 @@ class TurnView {
         this.draw(this.text);
         if (ENDED.has(d.status)) this.end(d.status, d.text, d.error);
         else this.status = d.status;
+        if (d.status === "waiting") this.loadApprovals();
         break;
       case "turn.completed":
         if (this.text !== d.answer) console.warn(`turnstream: turn ${this.id}: the streamed text differs from its answer`);
@@ -608,6 +646,7 @@ class TurnView {
     const line = {
       queued: waiting ? "Queued behind the turn before it…" : "Queued…",
       running: this.text ? "Answering…" : "Thinking…",
+      waiting: "Waiting for your approval…",
       failed: `Failed: ${this.errorText()}`,
       cancelled: "Cancelled.",
       succeeded: "",
@@ -688,6 +727,97 @@ function assistantName(session) {
   const assistant = session.assistant_id ? assistants.get(session.assistant_id) : null;
   if (!assistant) return "Default";
   return session.assistant_version === null ? assistant.name : `${assistant.name} v${session.assistant_version}`;
+}
+
+// A tool call that waits for a person: what it would run, and the choices.
+// The decision goes to the server; the card settles when the server says
+// (here, or the decision's event from another tab).
+function approvalCard(view, ask) {
+  const card = el("section", "approval");
+  card.dataset.request = ask.request_id;
+  card.setAttribute("aria-label", `Approve ${ask.name}?`);
+  const args = el("pre", "arguments", JSON.stringify(ask.arguments, null, 2));
+  const editor = el("textarea", "arguments");
+  editor.hidden = true;
+  editor.setAttribute("aria-label", `Arguments of ${ask.name} (JSON)`);
+  const reason = el("input", "reason");
+  reason.hidden = true;
+  reason.placeholder = "Why not? The model is told.";
+  reason.setAttribute("aria-label", "Why the call is declined");
+  const outcome = el("p", "outcome");
+  outcome.setAttribute("role", "status");
+  const choices = el("div", "choices");
+  const decide = async (body) => {
+    askForAttention(true);
+    for (const b of choices.children) b.disabled = true;
+    outcome.textContent = "";
+    try {
+      settle(await api(`/api/turns/${view.id}/approvals/${ask.request_id}`, { method: "POST", body: JSON.stringify(body) }));
+    } catch (err) {
+      outcome.textContent = err.message;
+      for (const b of choices.children) b.disabled = false;
+    }
+  };
+  const edit = button("Edit", `Change the arguments of ${ask.name} before it runs`, () => {
+    if (editor.hidden) {
+      editor.value = args.textContent;
+      editor.hidden = false;
+      args.hidden = true;
+      edit.textContent = "Allow with these";
+      editor.focus();
+      return;
+    }
+    let edited;
+    try { edited = JSON.parse(editor.value); } catch { outcome.textContent = "The arguments are not valid JSON."; return; }
+    decide({ decision: "approve", arguments: edited });
+  });
+  const decline = button("Decline", `Do not run ${ask.name}; the model is told`, () => {
+    if (reason.hidden) {
+      reason.hidden = false;
+      decline.textContent = "Decline with this reason";
+      reason.focus();
+      return;
+    }
+    const message = reason.value.trim();
+    decide({ decision: "reject", ...(message ? { message } : {}) });
+  });
+  choices.append(
+    button("Allow once", `Run ${ask.name} this time`, () => decide({ decision: "approve" })),
+    button("Always for this chat", `Run ${ask.name} without asking for the rest of this chat`,
+      () => decide({ decision: "approve", always: true })),
+    edit,
+    decline,
+  );
+  card.append(el("p", "ask", `Allow ${ask.server} › ${ask.tool}?`), args, editor, reason, choices, outcome);
+  function settle(d) {
+    if (card.dataset.status) return;
+    card.dataset.status = d.status;
+    choices.hidden = editor.hidden = reason.hidden = true;
+    args.hidden = false;
+    const edited = "decided_arguments" in d ? d.decided_arguments : d.arguments;
+    if (edited) args.textContent = JSON.stringify(edited, null, 2);
+    outcome.textContent = {
+      approved: "Allowed.",
+      rejected: `Declined${d.message ? `: ${d.message}` : "."}`,
+      expired: "Declined: no one decided in time.",
+    }[d.status] || "";
+  }
+  return { root: card, settle };
+}
+
+// A turn waits for a decision: say so, and in a tab that is not looked at,
+// with a notification where the person allowed them (asked at their first
+// decision: a browser asks only on a person's gesture).
+function askForAttention(gesture = false) {
+  if (!("Notification" in window)) return;
+  if (gesture) {
+    if (Notification.permission === "default") Notification.requestPermission().catch(() => {});
+    return;
+  }
+  announce("A tool call waits for your approval.");
+  if (document.hidden && Notification.permission === "granted") {
+    new Notification("Turnstream", { body: "A tool call waits for your approval." });
+  }
 }
 
 // ---- the composer ----

@@ -362,3 +362,90 @@ def test_a_wrong_key_is_refused_with_a_reason(context, web_server):
     page.locator("#login button").click()
     expect(page.locator("#login-error")).not_to_be_empty()
     expect(page.locator("#login")).to_be_visible()
+
+
+def _approving_session(web_server: str, owner: dict, title: str) -> str:
+    """A session whose assistant has a person approve every tool call."""
+    body = {"name": f"careful-{time.monotonic_ns()}", "tools": {"kit": ["shout"]}, "approval": {"policy": "always"}}
+    assistant = httpx.post(f"{web_server}/api/assistants", json=body, headers=owner).json()
+    made = httpx.post(
+        f"{web_server}/api/sessions", json={"title": title, "assistant_id": assistant["id"]}, headers=owner
+    )
+    return made.json()["id"]
+
+
+def test_the_approval_card_allows_edits_and_declines_each_call_of_a_step(page: Page, web_server, owner):
+    page.goto(f"{web_server}/#{_approving_session(web_server, owner, 'approvals')}")
+    _ask(page, " ".join(f'[[call=kit__shout {{"text": "{w}"}}]]' for w in ("one", "two", "three")))
+    turn = _last_turn(page)
+    expect(turn).to_have_attribute("data-status", "waiting", timeout=20_000)
+    expect(turn.locator(".state")).to_have_text("Waiting for your approval…")
+    cards = turn.locator(".approval")
+    expect(cards).to_have_count(3)
+    one, two, three = (cards.nth(i) for i in range(3))  # in the order the model called them
+    for card, word in ((one, "one"), (two, "two"), (three, "three")):
+        expect(card.locator("pre")).to_contain_text(f'"{word}"')
+    expect(one.locator(".ask")).to_have_text("Allow kit › shout?")
+
+    one.get_by_role("button", name="Run kit__shout this time").click()
+    expect(one.locator(".outcome")).to_have_text("Allowed.")
+    assert turn.get_attribute("data-status") == "waiting"  # two still to decide
+
+    edit = two.get_by_role("button", name="Change the arguments of kit__shout before it runs")
+    edit.click()
+    two.locator("textarea").fill("{not json")
+    edit.click()
+    expect(two.locator(".outcome")).to_have_text("The arguments are not valid JSON.")
+    two.locator("textarea").fill('{"text": "edited"}')
+    edit.click()
+    expect(two.locator(".outcome")).to_have_text("Allowed.")
+    expect(two.locator("pre")).to_contain_text('"edited"')
+
+    decline = three.get_by_role("button", name="Do not run kit__shout; the model is told")
+    decline.click()
+    three.locator("input.reason").fill("not that one")
+    decline.click()
+    expect(three.locator(".outcome")).to_have_text("Declined: not that one")
+
+    expect(turn).to_have_attribute("data-status", "succeeded", timeout=20_000)
+    answer = turn.locator(".msg.assistant")
+    expect(answer).to_contain_text("kit__shout returned: ONE.")
+    expect(answer).to_contain_text("kit__shout returned: EDITED.")
+    expect(answer).to_contain_text("the person declined it: not that one")
+    expect(turn.locator(".approval .choices:visible")).to_have_count(0)
+
+    # "Always for this chat": the next call of that tool in this chat runs without a card
+    _ask(page, '[[call=kit__shout {"text": "ask once"}]]')
+    second = _last_turn(page)
+    expect(second).to_have_attribute("data-status", "waiting", timeout=20_000)
+    second.get_by_role("button", name="Run kit__shout without asking for the rest of this chat").click()
+    expect(second).to_have_attribute("data-status", "succeeded", timeout=20_000)
+    _ask(page, '[[call=kit__shout {"text": "never asked"}]]')
+    third = _ended(page)
+    expect(third.locator(".msg.assistant")).to_contain_text("kit__shout returned: NEVER ASKED.")
+    expect(third.locator(".approval")).to_have_count(0)
+
+
+def test_a_tab_not_looked_at_is_told_a_turn_waits_and_a_reload_draws_the_card(context, web_server, owner):
+    context.grant_permissions(["notifications"])
+    # A tab in the background, with the browser's notifications recorded.
+    context.add_init_script(
+        "Object.defineProperty(document, 'hidden', {get: () => true});"
+        "window.shown = []; window.Notification = class { constructor(title, options) {"
+        " window.shown.push(options.body); } static permission = 'granted';"
+        " static requestPermission() { return Promise.resolve('granted'); } };"
+    )
+    session_id = _approving_session(web_server, owner, "background")
+    page = _signed_in(context, f"{web_server}/#{session_id}", owner)
+    _ask(page, '[[call=kit__shout {"text": "psst"}]]')
+    turn = _last_turn(page)
+    expect(turn).to_have_attribute("data-status", "waiting", timeout=20_000)
+    page.wait_for_function("window.shown.length > 0")
+    assert page.evaluate("window.shown") == ["A tool call waits for your approval."]
+    expect(page.locator("#announce")).to_have_text("A tool call waits for your approval.")
+
+    page.reload()  # the card comes back from the log, or from Postgres
+    card = page.locator(".turn").last.locator(".approval")
+    expect(card).to_have_count(1)
+    card.get_by_role("button", name="Run kit__shout this time").click()
+    expect(page.locator(".turn").last).to_have_attribute("data-status", "succeeded", timeout=20_000)

@@ -911,15 +911,16 @@ document.addEventListener("keydown", (e) => {
 document.querySelector("main").addEventListener("click", closeMenu);
 
 async function start() {
+  // The address's session opens at once: a question asked while the list
+  // loads goes to it. Else, unless a session was opened meanwhile (a
+  // question sent at once after signing in makes its own), the newest.
+  const wanted = location.hash.slice(1);
+  // (again, if a start before signing in opened it and was refused)
+  const opened = wanted && (!current || current.id === wanted) ? openSession(wanted) : null;
   const items = await loadSessions();
   loadAssistants().catch(() => {});
-  // Unless a session was opened meanwhile (a question sent at once after
-  // signing in makes its own), open the address's, else the newest.
-  if (!current) {
-    const wanted = location.hash.slice(1);
-    if (wanted) await openSession(wanted);
-    else if (items.length) await openSession(items[0].id);
-  }
+  if (opened) await opened;
+  else if (!current && items.length) await openSession(items[0].id);
   showNotices().catch(() => {});
 }
 

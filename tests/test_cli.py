@@ -48,7 +48,7 @@ def test_a_new_database_is_migrated_and_its_empty_lists_say_so(stack):
         db.execute(f"CREATE DATABASE {name}")
     env = {**stack["env"], "DATABASE_URL": f"postgres://turnstream@127.0.0.1:{stack['db_port']}/{name}"}
     assert _flask(env, "db", "upgrade").stdout.strip() == "database at head"
-    assert _flask(env, "turns", "list").stdout.strip() == "no queued or running turns"
+    assert _flask(env, "turns", "list").stdout.strip() == "no queued, running or waiting turns"
     assert _flask(env, "turns", "list", "--status", "failed").stdout.strip() == "no failed turns"
     assert _flask(env, "keys", "list").stdout.startswith("no keys")
 

@@ -359,7 +359,8 @@ def turns_list(statuses: tuple[str, ...], limit: int) -> None:
             .limit(limit)
         ).all()
     if not rows:
-        click.echo(f"no {' or '.join(statuses)} turns")
+        named = " or ".join(statuses) if len(statuses) < 3 else f"{', '.join(statuses[:-1])} or {statuses[-1]}"
+        click.echo(f"no {named} turns")
         return
     beats = alive([r.id for r in rows])
     click.echo(f"{'id':36}  {'status':9}  {'attempts':>8}  {'age s':>8}  {'heartbeat':9}  error")

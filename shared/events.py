@@ -45,6 +45,13 @@ class EventType:
     logged: bool = True  # False: made for one client (no seq, no id), never in a log
 
 
+# Why a running turn is asked to stop (its cancel flag's value).
+STOP_CANCEL, STOP_INTERRUPT, STOP_ROLLBACK = "cancel", "interrupt", "rollback"
+# An attempt number above any a turn reaches: the last word on a turn that is
+# gone (rolled back), after which its log drops what its running attempt
+# still sends, and tells that attempt to stop.
+LAST_WORD = 1 << 20
+
 _REPLAY_FIELDS = (
     "id",
     "status",
@@ -117,6 +124,18 @@ EVENT_TYPES = {
         EventType("turn.completed", ("answer", "usage", "tools"), "the answer", ending=True),
         EventType("turn.failed", ("error",), "`{code, message}`", ending=True),
         EventType("turn.cancelled", (), "cancelled by request, or its session was deleted", ending=True),
+        EventType(
+            "turn.interrupted",
+            ("answer",),
+            "it gave way to a newer message (multitask `interrupt`): `answer` is what it had said, kept in history",
+            ending=True,
+        ),
+        EventType(
+            "turn.rolled_back",
+            (),
+            "it and its question were removed for a newer message (multitask `rollback`), as if never sent",
+            ending=True,
+        ),
         EventType("replay.progress", _REPLAY_FIELDS, "the Replay, after each of its turns ends"),
         EventType("replay.finished", _REPLAY_FIELDS, "the Replay, once every item ended", ending=True),
         EventType("replay.snapshot", _REPLAY_FIELDS, "the Replay from Postgres, when the log is gone", logged=False),
@@ -325,8 +344,16 @@ class EventLog:
     def cancel_requested(self) -> bool:
         return bool(self.redis.exists(self.cancel_key))
 
-    def request_cancel(self) -> None:
-        self.redis.set(self.cancel_key, "1", ex=get_settings().event_log_ttl)
+    def request_cancel(self, reason: str = STOP_CANCEL) -> None:
+        """Ask the turn's running attempt to stop, and say why: STOP_CANCEL,
+        STOP_INTERRUPT (end it, keeping its answer so far) or STOP_ROLLBACK
+        (it is gone)."""
+        self.redis.set(self.cancel_key, reason, ex=get_settings().event_log_ttl)
+
+    def stop_reason(self) -> str:
+        """Why the running attempt was asked to stop (STOP_CANCEL if it was not)."""
+        reason = self.redis.get(self.cancel_key)
+        return reason.decode() if reason else STOP_CANCEL
 
 
 class Publisher:

@@ -30,8 +30,9 @@ WAITING = "waiting"  # paused for a person to decide its tool calls; no worker h
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
+INTERRUPTED = "interrupted"  # gave way to a newer message of its session, its answer so far kept
 ACTIVE = (QUEUED, RUNNING, WAITING)
-ENDED = (SUCCEEDED, FAILED, CANCELLED)
+ENDED = (SUCCEEDED, FAILED, CANCELLED, INTERRUPTED)
 STATUSES = ACTIVE + ENDED
 
 
@@ -82,9 +83,16 @@ REQUEUE = Transition(
     "the sweeper (no heartbeat), a worker handing back (shutdown, Redis lost), an operator;"
     " the next claim is a new attempt",
 )
-TRANSITIONS = (SUBMIT, HOLD, CLAIM, SUCCEED, FAIL, STOP, CANCEL, REQUEUE, PAUSE, RESUME)
+INTERRUPT = Transition(
+    "interrupt",
+    (RUNNING, WAITING),
+    INTERRUPTED,
+    "a message sent with multitask interrupt: the running attempt, asked to stop (Postgres's finish_turn());"
+    " a waiting turn, the API at once (shared/turns.py)",
+)
+TRANSITIONS = (SUBMIT, HOLD, CLAIM, SUCCEED, FAIL, STOP, CANCEL, REQUEUE, PAUSE, RESUME, INTERRUPT)
 # How a running attempt's end is recorded, by the status it ends with.
-FINISH = {t.target: t for t in (SUCCEED, FAIL, STOP)}
+FINISH = {t.target: t for t in (SUCCEED, FAIL, STOP, INTERRUPT)}
 
 
 def allowed(source: str | None, target: str) -> bool:

@@ -22,11 +22,11 @@ from sqlalchemy.types import Uuid
 from shared import metrics
 from shared.broker import send_turn
 from shared.db import after_commit
-from shared.events import EventLog, announce_turn
-from shared.models import ChatSession, Turn, new_id
+from shared.events import LAST_WORD, STOP_INTERRUPT, STOP_ROLLBACK, EventLog, announce_turn
+from shared.models import ChatSession, Message, Turn, new_id
 from shared.redis import get_redis, key
 from shared.tracing import origin
-from shared.turn_states import ACTIVE, CANCEL, RUNNING, status_of
+from shared.turn_states import ACTIVE, CANCEL, INTERRUPT, RUNNING, WAITING, status_of
 
 
 class TurnConflict(Exception):
@@ -187,6 +187,49 @@ def schedule_next(db: Session, session_id: str) -> None:
     nxt = next_queued(db, session_id)
     if nxt is not None:
         after_commit(db, send_turn, nxt)
+
+
+def give_way(db: Session, session_id: str, owner_id: str, how: str) -> str | None:
+    """A message sent with multitask `interrupt` or `rollback`: the turn of
+    the session that runs, or waits for a person, gives way to it. Interrupt
+    ends it keeping its answer so far (a running attempt stops at its next
+    event and ends INTERRUPTED; a waiting turn ends here); rollback removes
+    it and its question, as if never sent (a running attempt's end then
+    writes nothing). Returns its id, if any. Call in the transaction that
+    submitted the new turn: the session's row lock is held."""
+    turn = db.scalar(
+        select(Turn).where(Turn.session_id == session_id, Turn.status.in_((RUNNING, WAITING))).with_for_update()
+    )
+    if turn is None:
+        return None
+    log = EventLog("turn", turn.id)
+    running = turn.status == RUNNING
+    if how == STOP_ROLLBACK:
+        created_at = turn.created_at.timestamp()
+        db.delete(turn)  # its messages and tool calls go with it (foreign keys)
+        db.flush()
+        if running:
+            after_commit(db, log.request_cancel, STOP_ROLLBACK)
+            after_commit(db, send_held_back, owner_id)  # its owner's place is free
+        after_commit(db, EventLog("turn", turn.id, attempt=LAST_WORD).append, "turn.rolled_back")
+        after_commit(db, metrics.turn_ended, "rolled_back", None, created_at)
+        schedule_next(db, session_id)
+    elif running:  # its attempt ends it as INTERRUPT, and sends the next
+        after_commit(db, log.request_cancel, STOP_INTERRUPT)
+    else:
+        said = (turn.paused or {}).get("text", "")
+        db.execute(
+            update(Turn)
+            .where(Turn.id == turn.id, INTERRUPT.allows(status_of(Turn)))
+            .values(status=INTERRUPT.target, answer=said, finished_at=func.now())
+        )
+        if said:
+            db.add(Message(session_id=session_id, turn_id=turn.id, role="assistant", content=said))
+        db.flush()
+        after_commit(db, log.append, "turn.interrupted", answer=said)
+        after_commit(db, metrics.turn_ended, INTERRUPT.target, None, turn.created_at.timestamp())
+        schedule_next(db, session_id)
+    return turn.id
 
 
 def cancel_turn(db: Session, turn: Turn, *, send_next: bool = True) -> None:

@@ -23,9 +23,9 @@ from shared import metrics
 from shared.approvals import APPROVED, EXPIRED, Asked, needs_approval
 from shared.assistants import Profile, default_profile
 from shared.config import Settings
-from shared.events import EventLog
+from shared.events import STOP_INTERRUPT, EventLog
 from shared.models import new_id
-from shared.turn_states import CANCELLED, FAILED, SUCCEEDED, WAITING
+from shared.turn_states import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, WAITING
 from tasks.model import Completion, ModelError, Stop, StreamBroken, ToolCall, stream_completion
 from tasks.tools import Cancelled, Toolbox, ToolResult
 
@@ -104,7 +104,7 @@ def run_agent(
         for run in restarts:
             with run:
                 if run.retry_state.attempt_number > 1 and events.cancelled:
-                    return Outcome(CANCELLED)
+                    return Outcome(stopped_as(events))
                 return _Run(profile.messages(history), events, toolbox, settings, first_token, profile, approvals).run()
     except ModelError as exc:  # StreamBroken too, once the restarts ran out
         return Outcome(FAILED, error={"code": exc.code, "message": exc.message})
@@ -173,15 +173,13 @@ class _Run:
             first = paused["round"] + 1
             if paused["pending"]:
                 if not self.run_decided_step(paused):
-                    out.status = CANCELLED
-                    return out
+                    return self.stopped()
         for round_ in range(first, self.settings.max_tool_rounds + 1):
             completion = stream_completion(self.messages, self.on_delta, offer.specs, self.profile)
             out.add_usage(completion)
             out.text += completion.text
             if completion.stopped or self.cancelled:
-                out.status = CANCELLED
-                return out
+                return self.stopped()
             if not completion.tool_calls:
                 return out
             if round_ == self.settings.max_tool_rounds:
@@ -198,14 +196,18 @@ class _Run:
                 out.status, out.paused, out.asked = WAITING, self.transcript(round_, pending=True), asked
                 return out
             if not self.run_tools(completion.tool_calls):
-                out.status = CANCELLED
-                return out
+                return self.stopped()
         out.status = FAILED
         out.error = {
             "code": "tool_rounds_exceeded",
             "message": f"the model still called tools after {self.settings.max_tool_rounds} rounds (MAX_TOOL_ROUNDS)",
         }
         return out
+
+    def stopped(self) -> Outcome:
+        """The turn was asked to stop: its outcome, with the text so far."""
+        self.outcome.status = stopped_as(self.events)
+        return self.outcome
 
     def transcript(self, round_: int, *, pending: bool, started: bool = False) -> dict[str, Any]:
         """Where this turn stands, to go on from: its work after the
@@ -335,6 +337,13 @@ class _Run:
             self.outcome.tools.append(record)
             self.messages.append({"role": "tool", "tool_call_id": call.id, "content": result.output})
         return not self.cancelled
+
+
+def stopped_as(events: EventLog) -> str:
+    """How an attempt asked to stop ends: interrupted by a newer message
+    (its answer so far kept), else cancelled (a rolled-back turn's row is
+    gone: its end writes nothing either way)."""
+    return INTERRUPTED if events.stop_reason() == STOP_INTERRUPT else CANCELLED
 
 
 def _declined(decision: Any) -> str:

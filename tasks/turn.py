@@ -27,7 +27,18 @@ from shared.db import autocommit_engine, committed, transaction
 from shared.events import EventLog, EventLogLost, get_publisher
 from shared.models import AssistantVersion, Message, Turn, new_id
 from shared.recovery import requeue_turn
-from shared.turn_states import CANCELLED, CLAIM, FAILED, FINISH, HOLD, RUNNING, SUCCEEDED, WAITING, status_of
+from shared.turn_states import (
+    CANCELLED,
+    CLAIM,
+    FAILED,
+    FINISH,
+    HOLD,
+    INTERRUPTED,
+    RUNNING,
+    SUCCEEDED,
+    WAITING,
+    status_of,
+)
 from shared.turns import hold_back, next_queued_turn, running_of_owner, send_held_back
 from tasks.agent import BACKOFF, Approvals, Outcome, run_agent
 from tasks.base import TRANSIENT, TurnstreamTask
@@ -52,7 +63,7 @@ class TurnFailed(Exception):
 
     def __str__(self) -> str:
         turn_id, status, error, assistant = self.args
-        detail = f"{error['code']}: {error['message']}" if error else "cancelled by request"
+        detail = f"{error['code']}: {error['message']}" if error else f"{status} by request"
         return f"turn {turn_id} {status} on {assistant} ({detail})"
 
     def __repr__(self) -> str:
@@ -231,6 +242,8 @@ def finish_turn(claim: Claim, outcome: Outcome) -> tuple[str, dict[str, Any]] | 
         return "turn.completed", {"answer": outcome.text, "usage": outcome.usage, "tools": outcome.tools}
     if status == FAILED:
         return "turn.failed", {"error": outcome.error}
+    if status == INTERRUPTED:
+        return "turn.interrupted", {"answer": outcome.text}
     return "turn.cancelled", {}
 
 

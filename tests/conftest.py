@@ -13,6 +13,7 @@ import uuid
 import httpx
 import pytest
 
+from shared.turn_states import ENDED
 from tests import services
 
 # Settings the test session runs with; nothing is read until a fixture asks.
@@ -154,7 +155,7 @@ def wait_turn(client, headers: dict, turn_id: str, timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         turn = client.get(f"/api/turns/{turn_id}", headers=headers).get_json()
-        if turn["status"] in ("succeeded", "failed", "cancelled"):
+        if turn["status"] in ENDED:
             end = EventLog("turn", turn_id).last_event()
             if end is not None and end.ending:
                 return turn

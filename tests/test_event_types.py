@@ -45,4 +45,11 @@ def test_an_event_outside_the_schema_is_refused_before_it_is_sent():
 
 
 def test_the_ending_types_are_the_ends_of_turns_and_replays():
-    assert ENDING_TYPES == {"turn.completed", "turn.failed", "turn.cancelled", "replay.finished"}
+    assert ENDING_TYPES == {
+        "turn.completed",
+        "turn.failed",
+        "turn.cancelled",
+        "turn.interrupted",
+        "turn.rolled_back",
+        "replay.finished",
+    }

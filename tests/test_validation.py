@@ -39,7 +39,7 @@ def test_a_good_body_comes_back_typed_and_trimmed():
         ({"message": "   "}, 422, "validation_error", "message"),
         ({"message": "hi", "extra": 1}, 422, "validation_error", "extra"),
         ({"message": 5}, 422, "validation_error", "message"),  # strict: no coercion
-        ({"message": "hi", "multitask": "interrupt"}, 422, "validation_error", "multitask"),
+        ({"message": "hi", "multitask": "later"}, 422, "validation_error", "multitask"),
         ({"message": "a\x00b"}, 422, "validation_error", "message"),  # Postgres cannot store NUL
         ('{"message": "\\ud800"}', 422, "validation_error", "message"),  # nor a lone surrogate
         ("[1, 2]", 400, "bad_request", None),

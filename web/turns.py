@@ -12,11 +12,11 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from shared.db import autocommit_engine, transaction
-from shared.events import EventLog
+from shared.events import STOP_INTERRUPT, STOP_ROLLBACK, EventLog
 from shared.models import ChatSession, Turn
 from shared.overrides.gunicorn_direct_write import writable_socket
 from shared.turn_states import ENDED
-from shared.turns import TurnConflict, active_turns, cancel_turn, lock_session, submit_turn
+from shared.turns import TurnConflict, active_turns, cancel_turn, give_way, lock_session, submit_turn
 from web import schemas
 from web.assistants import chosen
 from web.errors import ApiError
@@ -47,7 +47,10 @@ def create_turn(session_id: str):
     if key is not None and len(key) > 200:
         raise ApiError(422, "Idempotency-Key must be at most 200 characters", {"field": "Idempotency-Key"})
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
-    with autocommit_engine().connect() as conn:  # one statement: one round trip
+    gives_way = body.multitask in (STOP_INTERRUPT, STOP_ROLLBACK)
+    # One statement (one round trip) in autocommit; a message that makes the
+    # running turn give way does that under the same session lock.
+    with transaction() if gives_way else autocommit_engine().connect() as conn:
         _within_quota(conn, settings.max_active_turns)
         try:
             submitted = submit_turn(
@@ -68,6 +71,8 @@ def create_turn(session_id: str):
             # locked its own session, found no turn with the key, and one
             # insert lost on the key's unique index.
             raise ApiError(409, "Idempotency-Key is in use by a request at the same moment") from None
+        if gives_way and submitted is not None and submitted[1]:
+            give_way(conn, submitted[0].session_id, g.owner_id, body.multitask)
     if submitted is None:
         raise ApiError(404, "no such session")
     turn, created = submitted

@@ -104,7 +104,11 @@ class LatestVersion(Body):
 
 class TurnCreate(Body):
     message: Text
-    multitask: Literal["enqueue", "reject"] = "enqueue"
+    multitask: Literal["enqueue", "reject", "interrupt", "rollback"] = Field(
+        "enqueue",
+        description="while another turn of the session is active: wait behind it (enqueue), refuse (reject, 409),"
+        " end the running one keeping its answer so far (interrupt), or remove it and its question (rollback)",
+    )
 
 
 class ChatRequest(Body):

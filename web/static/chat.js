@@ -5,11 +5,12 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const ENDED = new Set(["succeeded", "failed", "cancelled"]);
+const ENDED = new Set(["succeeded", "failed", "cancelled", "interrupted"]);
 const TURN_EVENTS = [
   "turn.started", "tools.unavailable", "message.delta", "tool.started", "tool.finished",
   "tool.approval_required", "turn.waiting", "tool.approval_decided", "turn.resumed",
   "turn.restarted", "turn.snapshot", "turn.completed", "turn.failed", "turn.cancelled",
+  "turn.interrupted", "turn.rolled_back",
 ];
 // A session stream resumed at a turn's highest possible seq continues with
 // the turn after it: "every event of this turn is here already".
@@ -604,15 +605,35 @@ class TurnView {
       case "turn.cancelled":
         this.end("cancelled");
         break;
+      case "turn.interrupted":
+        this.end("interrupted", d.answer);
+        break;
+      case "turn.rolled_back":
+        this.remove();
+        return;
     }
     if (this.ended) {
-      announce({ succeeded: "Answer complete.", failed: `The answer failed: ${this.errorText()}`, cancelled: "Cancelled." }[this.status]);
+      announce({
+        succeeded: "Answer complete.",
+        failed: `The answer failed: ${this.errorText()}`,
+        cancelled: "Cancelled.",
+        interrupted: "Interrupted by a newer message.",
+      }[this.status]);
       this.details();
     }
     this.drawState();
   }
 
   errorText() { return this.error ? this.error.message : "unknown error"; }
+
+  // It and its question were taken back (a newer message sent with rollback).
+  remove() {
+    this.ended = true;
+    this.root.remove();
+    this.conversation.views.delete(this.id);
+    for (const v of this.conversation.views.values()) v.drawState();
+    announce("The earlier question was taken back.");
+  }
 
   end(status, answer, error, tools) {
     if (this.ended) return;
@@ -649,6 +670,7 @@ class TurnView {
       waiting: "Waiting for your approval…",
       failed: `Failed: ${this.errorText()}`,
       cancelled: "Cancelled.",
+      interrupted: "Interrupted by a newer message.",
       succeeded: "",
     }[this.status];
     if (line) parts.push(el("span", "label", line));

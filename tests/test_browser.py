@@ -449,3 +449,39 @@ def test_a_tab_not_looked_at_is_told_a_turn_waits_and_a_reload_draws_the_card(co
     expect(card).to_have_count(1)
     card.get_by_role("button", name="Run kit__shout this time").click()
     expect(page.locator(".turn").last).to_have_attribute("data-status", "succeeded", timeout=20_000)
+
+
+def test_a_turn_interrupted_stays_with_its_answer_and_one_rolled_back_leaves_the_page(page: Page, web_server, owner):
+    _ask(page, "the first [[tokens=200]] [[delay=0.05]]")
+    first = page.locator(".turn").nth(0)
+    expect(first.locator(".msg.assistant")).to_contain_text("You said")  # streaming
+    session_id = page.url.rsplit("#", 1)[1]
+    sent = httpx.post(
+        f"{web_server}/api/sessions/{session_id}/turns",
+        json={"message": "instead, this", "multitask": "interrupt"},
+        headers=owner,
+    )
+    assert sent.status_code == 202
+    expect(first).to_have_attribute("data-status", "interrupted", timeout=10_000)
+    expect(first.locator(".state .label")).to_have_text("Interrupted by a newer message.")
+    kept = first.locator(".msg.assistant").text_content()
+    assert kept.startswith("You said")
+    second = page.locator(".turn").nth(1)
+    expect(second).to_have_attribute("data-status", "succeeded", timeout=20_000)
+    expect(second.locator(".msg.user")).to_have_text("instead, this")
+
+    _ask(page, "a third [[tokens=200]] [[delay=0.05]]")
+    third = page.locator(".turn").nth(2)
+    expect(third.locator(".msg.assistant")).to_contain_text("You said")
+    httpx.post(
+        f"{web_server}/api/sessions/{session_id}/turns",
+        json={"message": "start that over", "multitask": "rollback"},
+        headers=owner,
+    )
+    expect(page.locator(".turn")).to_have_count(3)  # the third went, the fourth came
+    expect(page.locator(".turn").nth(2).locator(".msg.user")).to_have_text("start that over")
+    expect(page.locator(".turn").nth(2)).to_have_attribute("data-status", "succeeded", timeout=20_000)
+    expect(page.locator(".turn").nth(2).locator(".msg.assistant")).to_contain_text(
+        'Before that you said: "instead, this".'
+    )
+    assert first.locator(".msg.assistant").text_content() == kept

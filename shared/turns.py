@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from sqlalchemy import Boolean, ColumnElement, Connection, Row, bindparam, column, func, select, text, update
+from sqlalchemy import Boolean, ColumnElement, Connection, Row, bindparam, case, column, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.types import Uuid
@@ -26,7 +26,7 @@ from shared.events import LAST_WORD, STOP_INTERRUPT, STOP_ROLLBACK, EventLog, an
 from shared.models import ChatSession, Message, Turn, new_id
 from shared.redis import get_redis, key
 from shared.tracing import origin
-from shared.turn_states import ACTIVE, CANCEL, INTERRUPT, RUNNING, WAITING, status_of
+from shared.turn_states import ACTIVE, CANCEL, INTERRUPT, QUEUED, RUNNING, WAITING, status_of
 
 
 class TurnConflict(Exception):
@@ -230,6 +230,27 @@ def give_way(db: Session, session_id: str, owner_id: str, how: str) -> str | Non
         after_commit(db, metrics.turn_ended, INTERRUPT.target, None, turn.created_at.timestamp())
         schedule_next(db, session_id)
     return turn.id
+
+
+def send_now(db: Session, turn: Turn, owner_id: str) -> None:
+    """A queued turn goes first: ahead of the session's other queued turns
+    (their numbers, which order the session, move up by one), and the turn
+    that runs or waits for a person is interrupted for it (`give_way`).
+    Call with the session's row locked and `turn` read after the lock."""
+    session_id = turn.session_id
+    first = db.scalar(select(func.min(Turn.number)).where(Turn.session_id == session_id, Turn.status == QUEUED))
+    if first is not None and first < turn.number:
+        # In two steps: (session_id, number) is unique, checked row by row.
+        moved = (Turn.session_id == session_id, Turn.number.between(first, turn.number))
+        db.execute(update(Turn).where(*moved).values(number=-Turn.number))
+        db.execute(
+            update(Turn)
+            .where(Turn.session_id == session_id, Turn.number < 0)
+            .values(number=case((Turn.id == turn.id, first), else_=1 - Turn.number))
+        )
+        db.refresh(turn)
+    if give_way(db, session_id, owner_id, STOP_INTERRUPT) is None:
+        schedule_next(db, session_id)
 
 
 def cancel_turn(db: Session, turn: Turn, *, send_next: bool = True) -> None:

@@ -485,3 +485,22 @@ def test_a_turn_interrupted_stays_with_its_answer_and_one_rolled_back_leaves_the
         'Before that you said: "instead, this".'
     )
     assert first.locator(".msg.assistant").text_content() == kept
+
+
+def test_the_queue_of_a_chat_cancels_a_question_and_sends_another_now(page: Page):
+    _ask(page, "the first [[tokens=300]] [[delay=0.05]]")
+    first = page.locator(".turn").nth(0)
+    expect(first.locator(".msg.assistant")).to_contain_text("You said")
+    _ask(page, "the second")
+    _ask(page, "the third")
+    second, third = page.locator(".turn").nth(1), page.locator(".turn").nth(2)
+    expect(second.locator(".state .label")).to_have_text("Queued behind the turn before it…")
+    second.get_by_role("button", name="Take this question out of the queue").click()
+    expect(second).to_have_attribute("data-status", "cancelled")
+    third.get_by_role("button", name=re.compile("^Send this question now")).click()
+    turns = page.locator(".turn")
+    expect(turns.nth(0)).to_have_attribute("data-status", "interrupted", timeout=10_000)
+    expect(turns.nth(2).locator(".msg.user")).to_have_text("the third")
+    expect(turns.nth(2)).to_have_attribute("data-status", "succeeded", timeout=20_000)
+    expect(turns.nth(2).locator(".msg.assistant")).to_contain_text('Before that you said: "the second".')
+    expect(turns).to_have_count(3)

@@ -156,3 +156,32 @@ def test_interrupts_and_rollbacks_under_load_answer_every_message_once(client, o
                 assert gone.get_json()["status"] == "succeeded"
             else:
                 assert [turn_id for turn_id, _, _ in history] == [new["id"], new["id"]], history
+
+
+def test_the_sessions_queue_is_listed_and_send_now_runs_a_queued_turn_next(client, owner):
+    sid = _session(client, owner)
+    running = _send(client, owner, sid, LONG)
+    _streaming(running["id"])
+    queued = [_send(client, owner, sid, f"queued {i}") for i in range(3)]
+    listed = client.get(f"/api/sessions/{sid}/turns?status=queued", headers=owner).get_json()["items"]
+    assert [t["id"] for t in listed] == [t["id"] for t in queued]
+    assert client.get(f"/api/sessions/{sid}/turns?status=later", headers=owner).status_code == 422
+    cancelled = client.post(f"/api/turns/{queued[0]['id']}/cancel", headers=owner).get_json()
+    assert cancelled["status"] == "cancelled"
+
+    sent = client.post(f"/api/turns/{queued[2]['id']}/send-now", headers=owner)
+    assert sent.status_code == 202 and sent.get_json()["number"] == 3  # ahead of the queued, behind the cancelled
+    assert wait_turn(client, owner, running["id"])["status"] == "interrupted"
+    now, later = wait_turn(client, owner, queued[2]["id"]), wait_turn(client, owner, queued[1]["id"])
+    assert now["status"] == later["status"] == "succeeded"
+    assert now["started_at"] < later["started_at"]
+    assert 'You said: "queued 1". Before that you said: "queued 2".' in later["answer"]  # it saw the one sent now
+    turns = client.get(f"/api/sessions/{sid}/turns", headers=owner).get_json()["items"]
+    assert [(t["message"], t["status"]) for t in turns] == [
+        (LONG, "interrupted"),
+        ("queued 0", "cancelled"),
+        ("queued 2", "succeeded"),
+        ("queued 1", "succeeded"),
+    ]
+    again = client.post(f"/api/turns/{queued[2]['id']}/send-now", headers=owner)
+    assert again.status_code == 409 and "queued" in again.get_json()["error"]["message"]

@@ -15,7 +15,7 @@ from shared.db import transaction
 from shared.events import EventLog
 from shared.models import ChatSession, Message, Turn
 from shared.redis import key
-from shared.turn_states import ACTIVE, ENDED
+from shared.turn_states import ACTIVE, ENDED, STATUSES
 from shared.turns import cancel_turn
 from web import schemas
 from web.assistants import chosen
@@ -153,22 +153,32 @@ def list_messages(session_id: str):
 
 @bp.get("/api/sessions/<session_id>/turns")
 @operation(
-    "A session's turns with their questions, oldest first: what a chat page shows",
+    "A session's turns with their questions, in the order they run: what a chat page shows; `status=queued`: its queue",
     {200: schemas.SessionTurnPage},
-    query={"limit": {"type": "integer", "minimum": 1, "maximum": 100}, "cursor": {"type": "string"}},
+    query={
+        "limit": {"type": "integer", "minimum": 1, "maximum": 100},
+        "cursor": {"type": "string"},
+        "status": {"enum": list(STATUSES)},
+    },
 )
 def list_turns(session_id: str):
     limit = int_arg("limit", 100, 1, 100)
     after = _int_cursor(request.args.get("cursor"))
+    status = request.args.get("status")
+    if status is not None and status not in STATUSES:
+        raise ApiError(422, f"status must be one of {', '.join(STATUSES)}", {"field": "status"})
     with transaction() as db:
         chat = owned(db, ChatSession, session_id)
-        rows = db.execute(
+        query = (
             select(Turn, Message.content)
             .join(Message, and_(Message.turn_id == Turn.id, Message.role == "user"))
             .where(Turn.session_id == chat.id, Turn.number > after)
             .order_by(Turn.number)
             .limit(limit + 1)
-        ).all()
+        )
+        if status is not None:
+            query = query.where(Turn.status == status)
+        rows = db.execute(query).all()
         items = [turn_json(turn) | {"message": question} for turn, question in rows[:limit]]
     next_cursor = str(rows[limit - 1][0].number) if len(rows) > limit else None
     return jsonify({"items": items, "next_cursor": next_cursor})

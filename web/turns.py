@@ -15,8 +15,8 @@ from shared.db import autocommit_engine, transaction
 from shared.events import STOP_INTERRUPT, STOP_ROLLBACK, EventLog
 from shared.models import ChatSession, Turn
 from shared.overrides.gunicorn_direct_write import writable_socket
-from shared.turn_states import ENDED
-from shared.turns import TurnConflict, active_turns, cancel_turn, give_way, lock_session, submit_turn
+from shared.turn_states import ENDED, QUEUED
+from shared.turns import TurnConflict, active_turns, cancel_turn, give_way, lock_session, send_now, submit_turn
 from web import schemas
 from web.assistants import chosen
 from web.errors import ApiError
@@ -97,6 +97,26 @@ def cancel(turn_id: str):
             raise ApiError(404, "no such turn")
         db.refresh(turn)
         cancel_turn(db, turn)
+        data = turn_json(turn)
+    return jsonify(data), 202
+
+
+@bp.post("/api/turns/<turn_id>/send-now")
+@operation(
+    "Send a queued turn now: it goes ahead of its session's other queued turns, and the turn running (or"
+    " waiting for a person) is interrupted for it, keeping its answer so far",
+    {202: schemas.Turn},
+    errors=(409,),
+)
+def send_turn_now(turn_id: str):
+    with transaction() as db:
+        turn = owned(db, Turn, turn_id)
+        if lock_session(db, turn.session_id, g.owner_id) is None:
+            raise ApiError(404, "no such turn")
+        db.refresh(turn)
+        if turn.status != QUEUED:
+            raise ApiError(409, f"only a queued turn can be sent now; this one is {turn.status}")
+        send_now(db, turn, g.owner_id)
         data = turn_json(turn)
     return jsonify(data), 202
 

@@ -626,6 +626,24 @@ class TurnView {
 
   errorText() { return this.error ? this.error.message : "unknown error"; }
 
+  // Ahead of the session's other queued questions, the running one
+  // interrupted for it: the session is drawn again in its new order.
+  async sendNow() {
+    try {
+      await api(`/api/turns/${this.id}/send-now`, { method: "POST" });
+      tell({ kind: "turn", session: this.conversation.id });
+      if (current === this.conversation) await openSession(this.conversation.id);
+    } catch (err) { showError(err); }
+  }
+
+  async cancel() {
+    try {
+      const turn = await api(`/api/turns/${this.id}/cancel`, { method: "POST" });
+      if (ENDED.has(turn.status)) this.end(turn.status, turn.answer, turn.error);
+      this.drawState();
+    } catch (err) { showError(err); }
+  }
+
   // It and its question were taken back (a newer message sent with rollback).
   remove() {
     this.ended = true;
@@ -677,6 +695,13 @@ class TurnView {
     if (this.ended && this.model) {
       const used = this.usage ? ` · ${this.usage.prompt_tokens} tokens in, ${this.usage.completion_tokens} out` : "";
       parts.push(el("span", "meta", `${this.model}${used}`));
+    }
+    if (this.status === "queued" && waiting) { // the session's queue: take it out, or send it now
+      parts.push(
+        button("Send now", "Send this question now: the answer being written stops, keeping what it said",
+          () => this.sendNow(), "send-now"),
+        button("Cancel", "Take this question out of the queue", () => this.cancel(), "cancel"),
+      );
     }
     if ((this.status === "failed" || this.status === "cancelled") && this.message !== null) {
       parts.push(button("Retry", "Ask this again", () => send(this.message), "retry"));

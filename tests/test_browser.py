@@ -134,7 +134,7 @@ def test_a_turn_sent_while_one_runs_says_it_waits_then_runs(page: Page):
     _ask(page, "the first [[tokens=40]] [[delay=0.03]]")
     _ask(page, "the second")
     first, second = page.locator(".turn").nth(0), page.locator(".turn").nth(1)
-    expect(second.locator(".state")).to_have_text("Queued behind the turn before it…")
+    expect(second.locator(".state .label")).to_have_text("Queued behind the turn before it…")
     expect(first).to_have_attribute("data-status", "running")
     assert second.get_attribute("data-status") == "queued"
     expect(second).to_have_attribute("data-status", "succeeded", timeout=20_000)

@@ -21,6 +21,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from shared.broker import get_celery
 from shared.db import transaction
 from shared.models import Turn
 from shared.turn_states import ENDED
@@ -234,6 +235,10 @@ def test_what_the_broker_keeps_of_queued_turns_across_its_crash(chaos_stack):
         first = chaos.start_worker(supervised=False)
         services.wait_for_worker(first)
         first.stop()
+        # Only these turns' messages: the tests before left thousands of
+        # their sweeper's re-sends (each a "nothing to run") in the queue.
+        with get_celery().connection_for_write() as conn:
+            conn.default_channel.queue_purge("turns")
         with httpx.Client(base_url=chaos.base, headers=chaos.headers, timeout=10) as http:
             ids = []
             for _ in range(20):

@@ -1,7 +1,7 @@
 """Pipeline benchmark: what Turnstream adds on top of bare Celery.
 
     python -m tests.bench.pipeline [--samples 100] [--concurrent 100] [--turns 1000] [--load-seconds 15]
-        [--workers 1] [--webs 1] [--out .bench/pipeline.json]
+        [--workers 1] [--webs 1] [--assistant default|named|both] [--out .bench/pipeline.json]
 
 Starts Postgres, Redis, the offline model (instant: no first-token delay, no
 token delay), one `gunicorn -k gevent` web process (`--webs` for more, on
@@ -28,6 +28,13 @@ sides of a ratio alike:
    this measures the load; with each service's CPU use meanwhile (% of one
    core: a worker near 100% is bound by its interpreter lock).
 6. Redis round trips per event in the worker (its publisher's counters).
+
+Turns run on the default assistant (the operator's settings); `--assistant
+named` runs them on one made for the run (ASSISTANT: instructions, no
+tools), and `--assistant both` on each, taken in turn within every phase
+(see turnstream()), and reports the named one's figures over the default's.
+`--assistant aa` runs as `both` with the default on both sides: the ratios
+it gives are what the machine's noise alone makes.
 
 Prints a table, writes JSON, and exits non-zero if a turn was lost.
 """
@@ -76,28 +83,39 @@ PACED_SECONDS = 3.0
 # as a lone user's does: every figure is higher than back to back (the bare
 # round trip 2.4-3.1 ms against 1.5-2), the ratios steadier.
 SETTLE = 0.01
+# The named assistant of `--assistant named` or `both`: the default's model
+# and endpoint, with instructions (sent first) and no tools.
+ASSISTANT = {"name": "bench", "instructions": "You are the benchmark's assistant."}
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu(pid: int) -> float:
-    """CPU seconds used by a process and its live descendants (a service and,
-    for Postgres, its backends)."""
+    """CPU seconds used by a process and its descendants (a service and, for
+    Postgres, its backends), those that ended too: a process's children's
+    time once it has reaped them (Postgres's backends on connections its
+    clients' pools closed come and go in a run)."""
     stats = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    tree, total = {pid}, 0
-    for child in sorted(stats):  # children have larger pids than their parents, mostly
-        if stats[child][0] in tree:
+        # ppid; utime + stime + cutime + cstime
+        stats[int(stat.parent.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]))
+    children: dict[int, list[int]] = {}
+    for child, (parent, _ticks) in stats.items():
+        children.setdefault(parent, []).append(child)
+    # Followed down from the root, not by pid order: pids wrap (at 32768 here,
+    # within minutes when the machine is busy), and a backend started after
+    # that has a smaller pid than its postmaster.
+    tree, todo = {pid}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
             tree.add(child)
-    for member in tree:
-        total += stats.get(member, (0, 0))[1]
-    return total / CLK_TCK
+            todo.append(child)
+    return sum(stats.get(member, (0, 0))[1] for member in tree) / CLK_TCK
 
 
 def cpu_by_service(procs: list[services.Proc]) -> dict[str, float]:
@@ -218,19 +236,20 @@ class Client:
         status, headers = await self._head(reader)
         return status, json.loads(await reader.readexactly(int(headers["content-length"])))
 
-    async def session(self) -> str:
+    async def session(self, assistant_id: str | None = None) -> str:
+        """A new session, answered by the assistant (None: the default)."""
         reader, writer = await asyncio.open_connection(self.host, self.port)
         try:
-            self._send(writer, "POST", "/api/sessions", {})
+            self._send(writer, "POST", "/api/sessions", {"assistant_id": assistant_id} if assistant_id else {})
             return (await self._json(reader))[1]["id"]
         finally:
             writer.close()
 
-    async def sessions(self, n: int) -> list[str]:
+    async def sessions(self, n: int, assistant_id: str | None = None) -> list[str]:
         """n new sessions, made 50 at a time (setup, not measured)."""
         made: list[str] = []
         while len(made) < n:
-            made += await asyncio.gather(*(self.session() for _ in range(min(50, n - len(made)))))
+            made += await asyncio.gather(*(self.session(assistant_id) for _ in range(min(50, n - len(made)))))
         return made
 
     async def turn(
@@ -262,10 +281,10 @@ class Client:
         raise SystemExit(f"turn {turn['id']}: the stream ended before {until} (HTTP {status}): {seen[-8:]}")
 
 
-async def ttft(client: Client, concurrent: int, rounds: int) -> list[float]:
+async def ttft(client: Client, concurrent: int, rounds: int, assistant_id: str | None = None) -> list[float]:
     times = []
     for _ in range(rounds):
-        sessions = await client.sessions(concurrent)
+        sessions = await client.sessions(concurrent, assistant_id)
         results = await asyncio.gather(*(client.turn(s, "message.delta") for s in sessions))
         times += [t for t, _id in results]
     return times
@@ -290,27 +309,32 @@ async def throughput(
 
 
 async def under_load(
-    client: Client, concurrent: int, seconds: float, procs: list[services.Proc]
-) -> tuple[list[float], list[str], dict[str, float]]:
+    client: Client, assistants: dict[str, str | None], concurrent: int, seconds: float, procs: list[services.Proc]
+) -> tuple[dict[str, list[float]], list[str], dict[str, float]]:
     """Time to first token with `concurrent` turns in flight: as many
     clients each run turns back to back (a fresh session each) with a paced
-    model (PACED: about 3 s a turn), starting spread over one turn's length.
-    Returns the times of the turns started after that ramp, every id, and
-    each service's CPU use after the ramp (% of one core)."""
-    sessions = await client.sessions(int(seconds * concurrent / PACED_SECONDS * 1.5) + concurrent)
-    times: list[float] = []
+    model (PACED: about 3 s a turn), starting spread over one turn's length,
+    each client taking the assistants in turn (client i starting at the
+    i-th), so that every kind of turn sees the same load. Returns the times
+    of the turns started after that ramp, by assistant, every id, and each
+    service's CPU use after the ramp (% of one core)."""
+    n = int(seconds * concurrent / PACED_SECONDS * 1.5) + concurrent
+    sessions = {kind: await client.sessions(n, assistant_id) for kind, assistant_id in assistants.items()}
+    kinds = list(assistants)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     ids: list[str] = []
     start = time.perf_counter()
     ramped, deadline = start + PACED_SECONDS, start + seconds
 
     async def loop(i: int) -> None:
         await asyncio.sleep(i * PACED_SECONDS / concurrent)
-        while sessions and time.perf_counter() < deadline:
+        while sessions[kind := kinds[i % len(kinds)]] and time.perf_counter() < deadline:
+            i += 1
             began = time.perf_counter()
-            t, turn_id = await client.turn(sessions.pop(), "turn.completed", PACED, mark="message.delta")
+            t, turn_id = await client.turn(sessions[kind].pop(), "turn.completed", PACED, mark="message.delta")
             ids.append(turn_id)
             if began >= ramped:
-                times.append(t)
+                times[kind].append(t)
 
     async def busy() -> dict[str, float]:
         await asyncio.sleep(ramped - time.perf_counter())
@@ -349,6 +373,7 @@ async def turnstream(
     base: str,
     headers: dict,
     bare: Bare,
+    assistants: dict[str, str | None],
     samples: int,
     concurrent: int,
     turns: int,
@@ -361,27 +386,59 @@ async def turnstream(
     the model's own first token and a turn's, in rotation, each once the
     one before has ended (a turn is read to its end, then SETTLE); the bare
     burst both before and after the turns' throughput run. (The sync
-    samples block this loop for a moment: nothing else runs then.)"""
+    samples block this loop for a moment: nothing else runs then.)
+
+    Turns run on each of `assistants` (kind -> assistant id, None for the
+    default), taken in turn the same way: in the rotation (the first kind
+    first in even rounds, last in odd ones), a burst of each, the
+    throughput run in quarters ordered ABBABAAB (each kind `turns` turns,
+    its CPU its own), and mixed among the turns in flight. Figures by kind."""
     client = Client(base, headers)
-    sessions = await client.sessions(turns)
-    await ttft(client, 1, 10)  # warm-up
-    one, trips, model = [], [], []
-    for session_id in await client.sessions(samples):
+    kinds = list(assistants)
+    # ABBA BAAB: the kinds alike in the mean and spread of their places in
+    # the run, and each at one of its ends (a run's first and last parts ran
+    # dearer in CPU per turn with both kinds the default, ABBA giving 0.87).
+    order = kinds if len(kinds) == 1 else [*kinds, *kinds[::-1], *kinds[::-1], *kinds]
+    per = turns * len(kinds) // len(order)
+    sessions = {kind: await client.sessions(turns, assistant_id) for kind, assistant_id in assistants.items()}
+    one: dict[str, list[float]] = {kind: [] for kind in kinds}
+    many: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for assistant_id in assistants.values():
+        await ttft(client, 1, 10, assistant_id)  # warm-up (and the worker's read of the assistant)
+    rotation = {kind: await client.sessions(samples, assistant_id) for kind, assistant_id in assistants.items()}
+    trips, model = [], []
+    for i in range(samples):
         trips.append(bare.round_trip())
         await asyncio.sleep(SETTLE)
         model.append(model_ttft())
         await asyncio.sleep(SETTLE)
-        one.append((await client.turn(session_id, "turn.completed", mark="message.delta"))[0])
-        await asyncio.sleep(SETTLE)
-    many = await ttft(client, concurrent, 3)
-    print(f"turnstream: {turns} turns, {concurrent} in flight, between two bare bursts …", flush=True)
+        for kind in kinds if i % 2 == 0 else reversed(kinds):
+            one[kind].append((await client.turn(rotation[kind][i], "turn.completed", mark="message.delta"))[0])
+            await asyncio.sleep(SETTLE)
+    for round_ in range(3):
+        for kind in kinds if round_ % 2 == 0 else reversed(kinds):
+            many[kind] += await ttft(client, concurrent, 1, assistants[kind])
+    each = " of each kind" if len(kinds) > 1 else ""
+    print(f"turnstream: {turns} turns{each}, {concurrent} in flight, between two bare bursts …", flush=True)
     rate_before, bare_cpu = bare.burst(turns, procs)
-    wall, ids, cpu = await throughput(client, sessions, concurrent, procs)
+    wall = {kind: 0.0 for kind in kinds}
+    ids: dict[str, list[str]] = {kind: [] for kind in kinds}
+    cpu: dict[str, dict[str, float]] = {kind: {} for kind in kinds}
+    for kind in order:
+        chunk, sessions[kind] = sessions[kind][:per], sessions[kind][per:]
+        seconds, chunk_ids, spent = await throughput(client, chunk, concurrent, procs)
+        wall[kind] += seconds
+        ids[kind] += chunk_ids
+        cpu[kind] = {name: cpu[kind].get(name, 0) + used for name, used in spent.items()}
     rate_after, bare_cpu_after = bare.burst(turns, procs)
-    cpu_ms_per_turn = {name: round(seconds / len(ids) * 1000, 2) for name, seconds in cpu.items()}
-    cpu_ms_per_task = {name: round((bare_cpu[name] + bare_cpu_after[name]) / (2 * turns) * 1000, 2) for name in cpu}
+    cpu_ms_per_turn = {
+        kind: {name: round(seconds / len(ids[kind]) * 1000, 2) for name, seconds in cpu[kind].items()} for kind in kinds
+    }
+    cpu_ms_per_task = {
+        name: round((bare_cpu[name] + bare_cpu_after[name]) / (2 * turns) * 1000, 2) for name in bare_cpu
+    }
     print(f"turnstream: time to first token with {concurrent} paced turns in flight …", flush=True)
-    loaded, load_ids, load_cpu = await under_load(client, concurrent, load_seconds, procs)
+    loaded, load_ids, load_cpu = await under_load(client, assistants, concurrent, load_seconds, procs)
     return {
         "trips": trips,
         "bare_rates": (rate_before, rate_after),
@@ -398,6 +455,38 @@ async def turnstream(
     }
 
 
+def turn_figures(run: dict, kind: str, model: float, c: int) -> dict:
+    """One kind's turn figures (see turnstream())."""
+    one, many, loaded = run["one"][kind], run["many"][kind], run["loaded"][kind]
+    added_one, added_many, added_loaded = ([t - model for t in times] for times in (one, many, loaded))
+    return {
+        "ttft_1": {"p50_ms": ms(statistics.median(one)), "p99_ms": ms(p(one, 99))},
+        "added_ttft_1": {"p50_ms": ms(statistics.median(added_one)), "p99_ms": ms(p(added_one, 99))},
+        f"ttft_{c}": {"p50_ms": ms(statistics.median(many)), "p99_ms": ms(p(many, 99))},
+        f"added_ttft_{c}": {"p50_ms": ms(statistics.median(added_many)), "p99_ms": ms(p(added_many, 99))},
+        f"added_ttft_{c}_in_flight": {
+            "p50_ms": ms(statistics.median(added_loaded)),
+            "p99_ms": ms(p(added_loaded, 99)),
+            "turns_measured": len(added_loaded),
+            "model": PACED,
+        },
+        "turns": len(run["ids"][kind]),
+        "turns_per_s": round(len(run["ids"][kind]) / run["wall"][kind], 1),
+        "cpu_ms_per_turn_by_service": run["cpu_ms_per_turn"][kind],
+    }
+
+
+def over(named: dict, default: dict) -> dict:
+    """named / default, figure by figure (nested alike); counts left out."""
+    ratios = {}
+    for key, value in named.items():
+        if isinstance(value, dict):
+            ratios[key] = over(value, default[key])
+        elif isinstance(value, float) and default[key]:
+            ratios[key] = round(value / default[key], 3)
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=100)
@@ -409,6 +498,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes (the baseline task uses them too)")
     parser.add_argument("--webs", type=int, default=1, help="web processes (gunicorn workers, one port)")
     parser.add_argument("--load-seconds", type=float, default=15, help="the run with paced turns in flight")
+    parser.add_argument(
+        "--assistant",
+        choices=("default", "named", "both", "aa"),
+        default="default",
+        help="whose turns: the default assistant's, a named one's (made for the run: short instructions, no tools),"
+        " or both, taken in turn, with the named one's figures over the default's; aa: as both, but the 'named'"
+        " side on the default assistant too (an A/A run: the ratios that noise alone gives)",
+    )
     parser.add_argument("--out", default=".bench/pipeline.json")
     args = parser.parse_args()
     # A turn holds its thread until its task returns, a little after the
@@ -434,21 +531,41 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         services.wait_until(lambda: httpx.get(f"{base}/api/health", timeout=2).status_code == 200, 30, "web")
         headers = {"Authorization": f"Bearer {create_key('bench-' + uuid.uuid4().hex[:8])}"}
+        assistants: dict[str, str | None] = {"default": None}
+        if args.assistant in ("named", "both"):
+            made = httpx.post(f"{base}/api/assistants", json=ASSISTANT, headers=headers, timeout=10)
+            assistants["named"] = made.raise_for_status().json()["id"]
+            if args.assistant == "named":
+                del assistants["default"]
+        elif args.assistant == "aa":
+            assistants["named"] = None
 
         print("one at a time: the bare task, the model, a turn, in rotation …", flush=True)
         bare = Bare()
         run = asyncio.run(
-            turnstream(base, headers, bare, args.samples, args.concurrent, args.turns, args.load_seconds, info["procs"])
+            turnstream(
+                base,
+                headers,
+                bare,
+                assistants,
+                args.samples,
+                args.concurrent,
+                args.turns,
+                args.load_seconds,
+                info["procs"],
+            )
         )
         bare.close()
-        every_id = run["ids"] + run["load_ids"]
+        every_id = [turn_id for ids in run["ids"].values() for turn_id in ids] + run["load_ids"]
         stored = succeeded(every_id)
         for worker in workers:
             worker.stop()
         counters = publisher_counters(workers)
 
-    one, many, trips = run["one"], run["many"], run["trips"]
+    trips, c = run["trips"], args.concurrent
     model = statistics.median(run["model"])
+    figures = {kind: turn_figures(run, kind, model, c) for kind in assistants}
+    first = figures[next(iter(assistants))]
     bare_rate = statistics.mean(run["bare_rates"])
     base_figures = {
         "round_trip_ms_p50": ms(statistics.median(trips)),
@@ -458,42 +575,42 @@ def main() -> None:
         "tasks_per_s_before_and_after_the_turns": [round(rate, 1) for rate in run["bare_rates"]],
         "cpu_ms_per_task_by_service": run["cpu_ms_per_task"],
     }
-    added_one = [t - model for t in one]
-    added_many = [t - model for t in many]
-    added_loaded = [t - model for t in run["loaded"]]
-    turns_per_s = len(run["ids"]) / run["wall"]
     results = {
         "worker_processes": args.workers,
         "worker_threads": args.threads,
         "web_processes": args.webs,
+        "assistant": args.assistant,
         "baseline": base_figures,
         "model_ttft_ms_p50": ms(model),
-        "ttft_1": {"p50_ms": ms(statistics.median(one)), "p99_ms": ms(p(one, 99))},
-        "added_ttft_1": {"p50_ms": ms(statistics.median(added_one)), "p99_ms": ms(p(added_one, 99))},
-        f"ttft_{args.concurrent}": {"p50_ms": ms(statistics.median(many)), "p99_ms": ms(p(many, 99))},
-        f"added_ttft_{args.concurrent}": {"p50_ms": ms(statistics.median(added_many)), "p99_ms": ms(p(added_many, 99))},
-        f"added_ttft_{args.concurrent}_in_flight": {
-            "p50_ms": ms(statistics.median(added_loaded)),
-            "p99_ms": ms(p(added_loaded, 99)),
-            "turns_measured": len(added_loaded),
-            "model": PACED,
-        },
-        "turns": len(run["ids"]),
+        **first,
         "turns_completed_by_client": len(every_id),
         "turns_succeeded_in_postgres": stored,
-        "turns_per_s": round(turns_per_s, 1),
         "ratios": {
             "added_ttft_p50_over_baseline_round_trip_p50": round(
-                statistics.median(added_one) / (base_figures["round_trip_ms_p50"] / 1000), 2
+                first["added_ttft_1"]["p50_ms"] / base_figures["round_trip_ms_p50"], 2
             ),
-            "turns_per_s_over_baseline_tasks_per_s": round(turns_per_s / base_figures["tasks_per_s"], 3),
+            "turns_per_s_over_baseline_tasks_per_s": round(first["turns_per_s"] / base_figures["tasks_per_s"], 3),
         },
         "publisher": counters,
-        "cpu_ms_per_turn_by_service": run["cpu_ms_per_turn"],
         "cpu_percent_of_a_core_in_flight": run["load_cpu"],
     }
-    c = args.concurrent
+    if len(figures) > 1:
+        results["named"] = figures["named"]
+        results["named_over_default"] = {
+            **over(figures["named"], figures["default"]),
+            "cpu_ms_per_turn_all_services": round(
+                sum(figures["named"]["cpu_ms_per_turn_by_service"].values())
+                / sum(figures["default"]["cpu_ms_per_turn_by_service"].values()),
+                3,
+            ),
+        }
     rows = [
+        (
+            "turns on",
+            {"both": "the default assistant, a named one's over it", "aa": "the default, twice (A/A)"}.get(
+                args.assistant, args.assistant
+            ),
+        ),
         (
             "baseline round trip, ms p50 / p99",
             f"{base_figures['round_trip_ms_p50']} / {base_figures['round_trip_ms_p99']}",
@@ -523,7 +640,7 @@ def main() -> None:
         (
             f"added TTFT with {c} paced turns in flight, ms p50 / p99 (target p99 <= 50)",
             f"{results[f'added_ttft_{c}_in_flight']['p50_ms']} / {results[f'added_ttft_{c}_in_flight']['p99_ms']}"
-            f" ({len(added_loaded)} turns)",
+            f" ({results[f'added_ttft_{c}_in_flight']['turns_measured']} turns)",
         ),
         (f"Turnstream completed turns/s ({c} clients)", results["turns_per_s"]),
         ("turns: completed (client) / succeeded (Postgres)", f"{len(every_id)} / {stored}"),
@@ -539,8 +656,33 @@ def main() -> None:
         ),
     ]
     rows += [(f"CPU ms per baseline task: {name}", v) for name, v in base_figures["cpu_ms_per_task_by_service"].items()]
-    rows += [(f"CPU ms per completed turn: {name}", v) for name, v in run["cpu_ms_per_turn"].items()]
+    rows += [(f"CPU ms per completed turn: {name}", v) for name, v in first["cpu_ms_per_turn_by_service"].items()]
     rows += [(f"CPU % of a core with {c} paced turns in flight: {name}", v) for name, v in run["load_cpu"].items()]
+    if len(figures) > 1:
+        named, ratio = figures["named"], results["named_over_default"]
+
+        def pair(key: str) -> str:
+            return f"{named[key]['p50_ms']} / {named[key]['p99_ms']} ({ratio[key]['p50_ms']} / {ratio[key]['p99_ms']})"
+
+        rows += [
+            ("named: added TTFT, 1 at a time, ms p50 / p99 (named / default)", pair("added_ttft_1")),
+            (f"named: added TTFT, {c} sent at once, ms p50 / p99 (named / default)", pair(f"added_ttft_{c}")),
+            (
+                f"named: added TTFT, {c} paced in flight, ms p50 / p99 (named / default)",
+                pair(f"added_ttft_{c}_in_flight"),
+            ),
+            ("named: completed turns/s (named / default)", f"{named['turns_per_s']} ({ratio['turns_per_s']})"),
+        ]
+        rows += [
+            (
+                f"named: CPU ms per completed turn: {name} (named / default)",
+                f"{v} ({ratio['cpu_ms_per_turn_by_service'].get(name)})",
+            )
+            for name, v in named["cpu_ms_per_turn_by_service"].items()
+        ]
+        rows.append(
+            ("named: CPU per completed turn, all services, named / default", ratio["cpu_ms_per_turn_all_services"])
+        )
     report(rows, results, args.out)
     if stored != len(every_id):
         raise SystemExit(f"{len(every_id) - stored} turns were lost")

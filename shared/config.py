@@ -43,6 +43,7 @@ OVERRIDES = (
     "kombu_redis",
     "openai_drain",
     "openai_dict_chunks",
+    "httpcore_stoppable",
     "redis_pipelined",
     "redis_pubsub",
     "gunicorn_direct_write",

@@ -344,6 +344,13 @@ class EventLog:
     def cancel_requested(self) -> bool:
         return bool(self.redis.exists(self.cancel_key))
 
+    def stop_requested(self) -> bool:
+        """`cancelled`, asking Redis when no append has said so yet: for a
+        turn that waits on something that emits nothing (a silent model, a
+        tool)."""
+        self.cancelled = self.cancelled or self.cancel_requested()
+        return self.cancelled
+
     def request_cancel(self, reason: str = STOP_CANCEL) -> None:
         """Ask the turn's running attempt to stop, and say why: STOP_CANCEL,
         STOP_INTERRUPT (end it, keeping its answer so far) or STOP_ROLLBACK

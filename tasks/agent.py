@@ -175,7 +175,9 @@ class _Run:
                 if not self.run_decided_step(paused):
                     return self.stopped()
         for round_ in range(first, self.settings.max_tool_rounds + 1):
-            completion = stream_completion(self.messages, self.on_delta, offer.specs, self.profile)
+            completion = stream_completion(
+                self.messages, self.on_delta, offer.specs, self.profile, self.events.stop_requested
+            )
             out.add_usage(completion)
             out.text += completion.text
             if completion.stopped or self.cancelled:
@@ -305,7 +307,7 @@ class _Run:
             return False
         try:
             results = (
-                self.toolbox.call_all(self.offer, [(c.name, c.arguments) for c in run], self.events.cancel_requested)
+                self.toolbox.call_all(self.offer, [(c.name, c.arguments) for c in run], self.events.stop_requested)
                 if run
                 else []
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -16,7 +17,7 @@ from opentelemetry.trace import SpanKind
 from shared import metrics, overrides, tracing
 from shared.assistants import Profile, default_profile
 from shared.config import DEFAULT_ENDPOINT, OFFLINE_MODEL_NAME, OFFLINE_MODEL_OWNER, ModelEndpoint, get_settings, redact
-from shared.overrides import openai_stream
+from shared.overrides import httpcore_stoppable, openai_stream
 from shared.status import record_model
 
 
@@ -71,14 +72,17 @@ def get_client(name: str = DEFAULT_ENDPOINT) -> OpenAI:
     # The client retries 408/409/429/5xx and connection errors itself, with
     # exponential backoff and jitter; we bound how often.
     client_class = openai_stream.DrainingClient if overrides.enabled("openai_drain") else OpenAI
+    http_client = openai.DefaultHttpx2Client(
+        event_hooks={"request": [_retries.on_request], "response": [_retries.on_response]}
+    )
+    if overrides.enabled("httpcore_stoppable"):
+        httpcore_stoppable.install(http_client)
     return client_class(
         base_url=where.base_url,
         api_key=where.api_key,
         max_retries=s.openai_max_retries,
         timeout=s.openai_timeout,
-        http_client=openai.DefaultHttpx2Client(
-            event_hooks={"request": [_retries.on_request], "response": [_retries.on_response]}
-        ),
+        http_client=http_client,
     )
 
 
@@ -161,10 +165,13 @@ def stream_completion(
     on_delta: Callable[[str], None],
     tools: list[dict[str, Any]] | None = None,
     profile: Profile | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Completion:
     """See _stream_completion; reports the default endpoint's health as it
     changes, and the request's duration and outcome as metrics. `profile`
-    (the default assistant if None) says which endpoint, model and sampling."""
+    (the default assistant if None) says which endpoint, model and sampling;
+    `stop()`, asked while the model keeps the thread waiting, ends the
+    completion as on_delta's Stop does (shared/overrides/httpcore_stoppable.py)."""
     profile = profile or default_profile(get_settings())
     model = profile.model
     # What /api/health says is the default endpoint's; an assistant's own
@@ -176,7 +183,7 @@ def stream_completion(
         f"chat {model}", kind=SpanKind.CLIENT, attributes={"gen_ai.request.model": model}
     ) as span:
         try:
-            result = _stream_completion(messages, on_delta, tools, profile)
+            result = _stream_completion(messages, on_delta, tools, profile, stop)
             outcome = "stopped" if result.stopped else "ok"
             span.set_attribute("gen_ai.usage.input_tokens", result.usage["prompt_tokens"])
             span.set_attribute("gen_ai.usage.output_tokens", result.usage["completion_tokens"])
@@ -201,6 +208,7 @@ def _stream_completion(
     on_delta: Callable[[str], None],
     tools: list[dict[str, Any]] | None,
     profile: Profile,
+    stop: Callable[[], bool] | None = None,
 ) -> Completion:
     """Stream one completion, calling on_delta for every piece of text, and
     gather the tool calls the model makes (their arguments arrive in pieces).
@@ -228,34 +236,19 @@ def _stream_completion(
     if tools:
         body["tools"] = tools
     where = endpoint(profile.endpoint)
+    watch = (
+        httpcore_stoppable.watching(stop)
+        if stop is not None and overrides.enabled("httpcore_stoppable")
+        else contextlib.nullcontext()
+    )
     try:
-        stream = _chunks(body, where.name)
-        started = True
-        with stream:
-            for chunk in stream:
-                if hasattr(chunk, "model_dump"):  # the client's typed chunks (openai_dict_chunks off)
-                    chunk = chunk.model_dump()
-                if not isinstance(chunk, dict):
-                    raise ModelError("model_error", f"the model sent a chunk that is not an object: {chunk!r:.200}")
-                usage = chunk.get("usage")
-                if usage:
-                    result.usage = {
-                        "prompt_tokens": usage.get("prompt_tokens") or 0,
-                        "completion_tokens": usage.get("completion_tokens") or 0,
-                    }
-                for choice in chunk.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    for piece in delta.get("tool_calls") or ():
-                        call = calls.setdefault(piece.get("index", 0), ToolCall("", "", ""))
-                        call.id = piece.get("id") or call.id
-                        function = piece.get("function") or {}
-                        call.name += function.get("name") or ""
-                        call.arguments += function.get("arguments") or ""
-                    content = delta.get("content")
-                    if content:
-                        parts.append(content)
-                        on_delta(content)
-    except Stop:
+        with watch:
+            stream = _chunks(body, where.name)
+            started = True
+            with stream:
+                for chunk in stream:
+                    _take(chunk, result, calls, parts, on_delta)
+    except (Stop, httpcore_stoppable.Stopped):
         result.stopped = True
     except openai.APIConnectionError as exc:  # includes APITimeoutError
         timeout = isinstance(exc, openai.APITimeoutError)
@@ -275,6 +268,34 @@ def _stream_completion(
     for i, call in enumerate(result.tool_calls):
         call.id = call.id or f"call_{i}"
     return result
+
+
+def _take(
+    chunk: Any, result: Completion, calls: dict[int, ToolCall], parts: list[str], on_delta: Callable[[str], None]
+) -> None:
+    """One chunk of the stream: its usage, its pieces of tool calls, its text."""
+    if hasattr(chunk, "model_dump"):  # the client's typed chunks (openai_dict_chunks off)
+        chunk = chunk.model_dump()
+    if not isinstance(chunk, dict):
+        raise ModelError("model_error", f"the model sent a chunk that is not an object: {chunk!r:.200}")
+    usage = chunk.get("usage")
+    if usage:
+        result.usage = {
+            "prompt_tokens": usage.get("prompt_tokens") or 0,
+            "completion_tokens": usage.get("completion_tokens") or 0,
+        }
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        for piece in delta.get("tool_calls") or ():
+            call = calls.setdefault(piece.get("index", 0), ToolCall("", "", ""))
+            call.id = piece.get("id") or call.id
+            function = piece.get("function") or {}
+            call.name += function.get("name") or ""
+            call.arguments += function.get("arguments") or ""
+        content = delta.get("content")
+        if content:
+            parts.append(content)
+            on_delta(content)
 
 
 def _chunks(body: dict[str, Any], name: str) -> Stream[Any]:

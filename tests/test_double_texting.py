@@ -32,11 +32,11 @@ def _send(client, owner, sid: str, message: str, multitask: str = "enqueue") -> 
     return made.get_json()
 
 
-def _streaming(turn_id: str, timeout: float = 20) -> None:
+def _streaming(turn_id: str, timeout: float = 20, sign: str = "message.delta") -> None:
     log = EventLog("turn", turn_id)
     deadline = time.monotonic() + timeout
-    while not any(e.type == "message.delta" for e in log.read_after(0)):
-        assert time.monotonic() < deadline, f"turn {turn_id} did not start streaming"
+    while not any(e.type == sign for e in log.read_after(0)):
+        assert time.monotonic() < deadline, f"turn {turn_id} did not show {sign}"
         time.sleep(0.02)
 
 
@@ -75,6 +75,25 @@ def test_interrupt_ends_the_running_turn_keeping_its_answer_for_the_next(client,
         (second["id"], "user", "never mind, this instead"),
         (second["id"], "assistant", done["answer"]),
     ]
+
+
+def test_an_interrupt_stops_a_turn_whose_model_is_silent(client, owner):
+    """The model sent its headers and then nothing (thinking, or stalled):
+    the worker's wait for its next bytes ends at the interrupt, not at
+    OPENAI_TIMEOUT (10 s in the tests)."""
+    sid = _session(client, owner)
+    first = _send(client, owner, sid, "think it over [[fault=stall]]")
+    _streaming(first["id"], sign="turn.started")
+    time.sleep(0.5)  # into the silent part
+    asked = time.monotonic()
+    second = _send(client, owner, sid, "never mind", "interrupt")
+    log = EventLog("turn", first["id"])
+    while (end := log.last_event()) is None or end.type != "turn.interrupted":
+        assert time.monotonic() - asked < 5, log.read_after(0)
+        time.sleep(0.02)
+    print(f"stopped {time.monotonic() - asked:.2f} s after the interrupt")
+    assert wait_turn(client, owner, first["id"])["status"] == "interrupted"
+    assert wait_turn(client, owner, second["id"])["status"] == "succeeded"
 
 
 def test_rollback_removes_the_running_turn_and_its_question(client, owner):

@@ -4,17 +4,19 @@ still there. When upstream changes, these fail: drop or fix the override."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
+import httpcore2
 import pytest
 import redis
 from kombu import Connection
 from kombu.transport import redis as upstream_redis
-from openai import OpenAI
+from openai import APITimeoutError, DefaultHttpx2Client, OpenAI
 
 from shared import overrides
 from shared.config import OVERRIDES, Settings
-from shared.overrides import kombu_redis, openai_stream
+from shared.overrides import httpcore_stoppable, kombu_redis, openai_stream
 
 
 def _clients_built(stack, transport, monkeypatch) -> tuple[int, list[int]]:
@@ -106,6 +108,49 @@ def test_openai_dict_chunks_are_the_dicts_the_client_decoded(stack):
     with client.chat.completions.create(**_BODY) as stream:  # what the override spares: a typed object per chunk
         typed = [c.model_dump() for c in stream]
     assert text == "".join(c["choices"][0]["delta"]["content"] or "" for c in typed if c["choices"])
+
+
+def _stoppable_client(stack, timeout: float) -> OpenAI:
+    http_client = httpcore_stoppable.install(DefaultHttpx2Client())
+    return OpenAI(
+        base_url=f"http://127.0.0.1:{stack['model_port']}/v1",
+        api_key="x",
+        max_retries=0,
+        timeout=timeout,
+        http_client=http_client,
+    )
+
+
+def test_httpcore_stoppable_ends_a_silent_read_when_told_and_leaves_others_alone(stack):
+    client = _stoppable_client(stack, timeout=30)
+    asked = []
+
+    def not_yet() -> bool:
+        asked.append(1)
+        return False
+
+    with httpcore_stoppable.watching(not_yet):
+        assert list(openai_stream.dict_chunks(client, _BODY))  # it streams: nothing to ask
+    assert not asked
+    stalled = {**_BODY, "messages": [{"role": "user", "content": "hi [[fault=stall]]"}]}
+    started = time.monotonic()
+    with pytest.raises(httpcore_stoppable.Stopped):
+        with httpcore_stoppable.watching(lambda: time.monotonic() - started > 0.5):
+            list(openai_stream.dict_chunks(client, stalled))
+    assert 0.5 < time.monotonic() - started < 5  # told, long before the client's 30 s
+    started = time.monotonic()  # unwatched, a silent read waits for the client's timeout
+    with pytest.raises(APITimeoutError):
+        list(openai_stream.dict_chunks(_stoppable_client(stack, timeout=1), stalled))
+    assert time.monotonic() - started >= 1
+
+
+def test_httpcore_stoppable_reaches_the_pool_of_the_clients_transport():
+    client = DefaultHttpx2Client()
+    assert type(client._transport._pool._network_backend) is httpcore2.SyncBackend, (
+        "httpx2's transport builds its pool differently: shared/overrides/httpcore_stoppable.py must follow"
+    )
+    httpcore_stoppable.install(client)
+    assert isinstance(client._transport._pool._network_backend, httpcore_stoppable._Backend)
 
 
 def test_redis_pipelined_relies_on_every_command_passing_through_execute_command(stack):

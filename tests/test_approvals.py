@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+import redis
 from sqlalchemy import func, select, update
 
 from shared.db import transaction
@@ -202,21 +203,44 @@ def own_stack():
         yield info
 
 
+def _own_worker(own_stack, name: str):
+    """A client of the app on the module's own stack, an owner and a worker."""
+    from web import create_app
+    from web.auth import create_key
+
+    owner = {"Authorization": f"Bearer {create_key(f'own-{uuid.uuid4().hex[:8]}')}"}
+    worker = services.start_worker(own_stack["logdir"], own_stack["env"], name)
+    own_stack["procs"].append(worker)
+    services.wait_for_worker(worker)
+    return create_app().test_client(), owner, worker
+
+
+def test_a_pause_survives_redis_losing_its_data(own_stack):
+    """Redis emptied while the turn waits (the broker's queues, the event
+    log, the held places, the heartbeats): the pause is Postgres's, so the
+    decision still resumes it, and the approved call runs once."""
+    client, owner, worker = _own_worker(own_stack, "approvals-flush")
+    turn = _submit(client, owner, '[[call=kit__shout {"text": "kept"}]]', assistant_id=_assistant(client, owner))
+    (asked,) = _waiting(client, owner, turn["id"], 1)
+    redis.Redis(port=own_stack["redis_port"]).flushall()
+    assert _decide(client, owner, turn["id"], asked["id"], decision="approve").status_code == 200
+    done = wait_turn(client, owner, turn["id"], timeout=60)
+    assert done["status"] == "succeeded", done
+    assert [(t["name"], t["ok"]) for t in done["tools"]] == [("kit__shout", True)]
+    assert done["answer"].count("returned: KEPT") == 1
+    with transaction() as db:
+        assert db.get(Turn, turn["id"]).attempts == 2  # the first, paused; the resumed one
+    worker.stop()  # the next test's worker must be the only one
+
+
 def test_a_pause_survives_a_worker_sigkill_and_no_decided_call_runs_twice(own_stack):
     """Killed while waiting: nothing is lost (the pause is in Postgres).
     Killed while the approved calls run: the next attempt answers them as
     interrupted and never runs them again."""
     from shared.recovery import requeue_stale_running
-    from web import create_app
 
-    client = create_app().test_client()
+    client, owner, worker = _own_worker(own_stack, "approvals-1")
     env = own_stack["env"]
-    from web.auth import create_key
-
-    owner = {"Authorization": f"Bearer {create_key(f'kill-{uuid.uuid4().hex[:8]}')}"}
-    worker = services.start_worker(own_stack["logdir"], env, "approvals-1")
-    own_stack["procs"].append(worker)
-    services.wait_for_worker(worker)
     turn = _submit(
         client,
         owner,

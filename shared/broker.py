@@ -85,6 +85,13 @@ def send_turn(turn_id: str) -> None:
     _sender().submit((RUN_TURN, turn_id))
 
 
+def send_turns(turn_ids: list[str]) -> None:
+    """Send many turns without waiting for each: one that is lost is sent
+    again by the sweeper."""
+    for turn_id in turn_ids:
+        _sender().submit((RUN_TURN, turn_id), wait=False)
+
+
 def send_replay_advance(replay_id: str) -> None:
     _sender().submit((ADVANCE_REPLAY, replay_id))
 
@@ -95,6 +102,15 @@ def sent_key(turn_id: str) -> str:
     send one whose send failed (shared/recovery.py). It lives in Redis: when
     Redis, as the broker, loses the queue, it loses these too."""
     return key("turn", turn_id, "sent")
+
+
+def mark_sent(*turn_ids: str, later: float = 0.0) -> None:
+    """Set the turns' sent marks, for STALE_QUEUED_SECONDS after `later` seconds."""
+    ttl = int(get_settings().stale_queued_seconds + later)
+    pipe = get_redis().pipeline(transaction=False)
+    for turn_id in turn_ids:
+        pipe.set(sent_key(turn_id), 1, ex=ttl)
+    pipe.execute()
 
 
 @functools.cache
@@ -132,12 +148,8 @@ def _send_tasks(tasks: list[tuple[str, str]]) -> list[None]:
             app.send_task(name, args=[ident], producer=producer)
     turns = [ident for name, ident in tasks if name == RUN_TURN]
     if turns:
-        ttl = get_settings().stale_queued_seconds
         try:
-            pipe = get_redis().pipeline(transaction=False)
-            for turn_id in turns:
-                pipe.set(sent_key(turn_id), 1, ex=ttl)
-            pipe.execute()
+            mark_sent(*turns)
         except redis.RedisError as exc:
             log.warning("could not mark %d turns sent: %s", len(turns), exc)
     return [None] * len(tasks)

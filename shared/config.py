@@ -145,6 +145,12 @@ class Settings:
     max_replay_items: int
     max_prompt_chars: int
     approval_timeout: int
+    # Circuit breakers (shared/breakers.py).
+    breaker_window: float
+    breaker_min_failures: int
+    breaker_failure_rate: float
+    breaker_cooldown: float
+    model_wait: int
 
     @property
     def rabbitmq(self) -> bool:
@@ -235,6 +241,11 @@ class Settings:
             max_replay_items=r.int("MAX_REPLAY_ITEMS_PER_OWNER", 20_000, lo=1),
             max_prompt_chars=r.int("MAX_PROMPT_CHARS", 20_000, lo=1, hi=1_000_000),
             approval_timeout=r.int("APPROVAL_TIMEOUT_SECONDS", 86_400, lo=1),
+            breaker_window=r.float("BREAKER_WINDOW_SECONDS", 30.0, lo=1.0, hi=3600.0),
+            breaker_min_failures=r.int("BREAKER_MIN_FAILURES", 5, lo=1),
+            breaker_failure_rate=r.float("BREAKER_FAILURE_RATE", 0.5, lo=0.01, hi=1.0),
+            breaker_cooldown=r.float("BREAKER_COOLDOWN_SECONDS", 15.0, lo=0.1, hi=3600.0),
+            model_wait=r.int("MODEL_WAIT_SECONDS", 300, lo=0),
         )
         if settings.stale_running_seconds < 2 * settings.heartbeat_seconds:
             raise ConfigError("STALE_RUNNING_SECONDS must be at least twice HEARTBEAT_SECONDS.")

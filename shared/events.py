@@ -105,6 +105,12 @@ EVENT_TYPES = {
             "a decision: `approved` (with `arguments` if edited), `rejected` (`message`), `expired`",
         ),
         EventType(
+            "turn.delayed",
+            ("endpoint", "reason", "retry_at"),
+            "its model endpoint's breaker is open: the turn waits in the queue, no worker holding it, and"
+            " tries again at `retry_at` or as soon as the endpoint answers a probe (`turn.resumed` then)",
+        ),
+        EventType(
             "turn.resumed",
             ("text",),
             "the turn goes on after a pause: `text` is its answer so far (replace what is shown)",

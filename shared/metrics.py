@@ -43,6 +43,11 @@ TURN_ATTEMPTS = Counter("turnstream_turn_attempts_total", "Attempts started: a t
 TURNS_PAUSED = Counter(
     "turnstream_turns_paused_total", "Steps of turns that waited for a person to decide their tool calls"
 )
+TURNS_DELAYED = Counter(
+    "turnstream_turns_delayed_total",
+    "Times a turn went back to the queue to wait for its model endpoint's breaker to close",
+    ["endpoint"],
+)
 TOOL_DECISIONS = Counter(
     "turnstream_tool_decisions_total", "Decisions on tool calls a person was asked about", ["status"]
 )

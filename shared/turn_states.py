@@ -83,6 +83,13 @@ REQUEUE = Transition(
     "the sweeper (no heartbeat), a worker handing back (shutdown, Redis lost), an operator;"
     " the next claim is a new attempt",
 )
+DEFER = Transition(
+    "defer",
+    (RUNNING,),
+    QUEUED,
+    "the running attempt, when its model endpoint's breaker is open: it waits in the queue, no worker"
+    " holding it, and goes on from where it stopped (tasks/turn.py)",
+)
 INTERRUPT = Transition(
     "interrupt",
     (RUNNING, WAITING),
@@ -90,7 +97,7 @@ INTERRUPT = Transition(
     "a message sent with multitask interrupt: the running attempt, asked to stop (Postgres's finish_turn());"
     " a waiting turn, the API at once (shared/turns.py)",
 )
-TRANSITIONS = (SUBMIT, HOLD, CLAIM, SUCCEED, FAIL, STOP, CANCEL, REQUEUE, PAUSE, RESUME, INTERRUPT)
+TRANSITIONS = (SUBMIT, HOLD, CLAIM, SUCCEED, FAIL, STOP, CANCEL, REQUEUE, DEFER, PAUSE, RESUME, INTERRUPT)
 # How a running attempt's end is recorded, by the status it ends with.
 FINISH = {t.target: t for t in (SUCCEED, FAIL, STOP, INTERRUPT)}
 

@@ -22,10 +22,11 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 from shared import metrics
 from shared.approvals import APPROVED, EXPIRED, Asked, needs_approval
 from shared.assistants import Profile, default_profile
+from shared.breakers import Unavailable
 from shared.config import Settings
 from shared.events import STOP_INTERRUPT, EventLog
 from shared.models import new_id
-from shared.turn_states import CANCELLED, FAILED, INTERRUPTED, SUCCEEDED, WAITING
+from shared.turn_states import CANCELLED, FAILED, INTERRUPTED, QUEUED, SUCCEEDED, WAITING
 from tasks.model import Completion, ModelError, Stop, StreamBroken, ToolCall, stream_completion
 from tasks.tools import Cancelled, Toolbox, ToolResult
 
@@ -41,9 +42,11 @@ class Outcome:
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0})
     tools: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, str] | None = None
-    # A step waiting for a person (status WAITING): where it stopped, and its calls to decide.
+    # A step waiting for a person (status WAITING): where it stopped, and its calls to decide;
+    # or (status QUEUED) waiting for its model endpoint's breaker to close: where it stopped, and why.
     paused: dict[str, Any] | None = None
     asked: list[Asked] = field(default_factory=list)
+    unavailable: Unavailable | None = None
 
     def add_usage(self, completion: Completion) -> None:
         for k in self.usage:
@@ -174,10 +177,19 @@ class _Run:
             if paused["pending"]:
                 if not self.run_decided_step(paused):
                     return self.stopped()
+        # since when the turn has waited for its model endpoint, across attempts
+        delayed_since = (paused or {}).get("delayed_since")
         for round_ in range(first, self.settings.max_tool_rounds + 1):
-            completion = stream_completion(
-                self.messages, self.on_delta, offer.specs, self.profile, self.events.stop_requested
-            )
+            try:
+                completion = stream_completion(
+                    self.messages, self.on_delta, offer.specs, self.profile, self.events.stop_requested
+                )
+            except Unavailable as exc:  # go on from here once the endpoint is back
+                out.status, out.unavailable = QUEUED, exc
+                out.paused = self.transcript(round_ - 1, pending=False)
+                out.paused["delayed_since"] = delayed_since or time.time()
+                return out
+            delayed_since = None
             out.add_usage(completion)
             out.text += completion.text
             if completion.stopped or self.cancelled:

@@ -16,9 +16,14 @@ from opentelemetry.trace import SpanKind
 
 from shared import metrics, overrides, tracing
 from shared.assistants import Profile, default_profile
+from shared.breakers import CLOSED, Breaker, Unavailable, model_breaker
+from shared.broker import send_turns
 from shared.config import DEFAULT_ENDPOINT, OFFLINE_MODEL_NAME, OFFLINE_MODEL_OWNER, ModelEndpoint, get_settings, redact
 from shared.overrides import httpcore_stoppable, openai_stream
 from shared.status import record_model
+
+# Failures of the endpoint, not of the request: these count against its breaker.
+BREAKING = frozenset({"model_timeout", "model_unavailable", "model_rate_limited"})
 
 
 class ModelError(Exception):
@@ -72,8 +77,9 @@ def get_client(name: str = DEFAULT_ENDPOINT) -> OpenAI:
     # The client retries 408/409/429/5xx and connection errors itself, with
     # exponential backoff and jitter; we bound how often.
     client_class = openai_stream.DrainingClient if overrides.enabled("openai_drain") else OpenAI
+    retries = _Retries(model_breaker(where.name))
     http_client = openai.DefaultHttpx2Client(
-        event_hooks={"request": [_retries.on_request], "response": [_retries.on_response]}
+        event_hooks={"request": [retries.on_request], "response": [retries.on_response]}
     )
     if overrides.enabled("httpcore_stoppable"):
         httpcore_stoppable.install(http_client)
@@ -90,22 +96,27 @@ class _Retries:
     """Counts the client's retries by what the request before got, from its
     own HTTP client's hooks: each request says how many retries it is
     (`x-stainless-retry-count`), and each response its status; a retry
-    after no response followed a connection error or a timeout."""
+    after no response followed a connection error or a timeout. A retry is
+    not sent once the endpoint's breaker has opened: the call ends
+    Unavailable, and its turn waits in the queue."""
 
-    def __init__(self) -> None:
+    def __init__(self, breaker: Breaker) -> None:
         self._last = threading.local()
+        self._breaker = breaker
 
     def on_request(self, request: Any) -> None:
         if request.headers.get("x-stainless-retry-count", "0") != "0":
             status = getattr(self._last, "status", None)
             metrics.MODEL_RETRIES.labels("connection" if status is None else f"http_{status}").inc()
+            state = self._breaker.state()
+            if state["state"] != CLOSED:
+                until = state["retry_at"] or time.time()
+                raise Unavailable(self._breaker, until, state["last_error"] or "", max(until - time.time(), 0.0))
         self._last.status = None
 
     def on_response(self, response: Any) -> None:
         self._last.status = response.status_code
 
-
-_retries = _Retries()
 
 
 class _ModelHealth:
@@ -177,22 +188,40 @@ def stream_completion(
     # What /api/health says is the default endpoint's; an assistant's own
     # endpoint failing does not make the default one look down.
     health = _health if profile.endpoint == DEFAULT_ENDPOINT else _Unreported
+    breaker = model_breaker(profile.endpoint)
+    probe = breaker.before()  # Unavailable while it is open: nothing is sent
     started = time.monotonic()
     outcome = "internal_error"
     with tracing.tracer.start_as_current_span(
         f"chat {model}", kind=SpanKind.CLIENT, attributes={"gen_ai.request.model": model}
     ) as span:
         try:
-            result = _stream_completion(messages, on_delta, tools, profile, stop)
+            answered = functools.partial(_answered, breaker) if probe else None
+            result = _stream_completion(messages, on_delta, tools, profile, stop, answered)
             outcome = "stopped" if result.stopped else "ok"
             span.set_attribute("gen_ai.usage.input_tokens", result.usage["prompt_tokens"])
             span.set_attribute("gen_ai.usage.output_tokens", result.usage["completion_tokens"])
-        except StreamBroken:  # passing: the attempt is redone
+        except StreamBroken as exc:  # passing: the attempt is redone, unless the breaker opened
             outcome = "stream_broke"
+            wait = breaker.failed(exc.message, probe)
+            if wait.open:
+                raise wait from exc
             raise
         except ModelError as exc:
             outcome = exc.code
             health.report(exc)
+            if exc.code in BREAKING:
+                # The endpoint failed (after the client's own retries): the
+                # turn waits for it in the queue, up to MODEL_WAIT_SECONDS.
+                wait = breaker.failed(exc.message, probe)
+                if wait.open or get_settings().model_wait > 0:
+                    outcome = "unavailable"
+                    raise wait from exc
+            elif probe:  # it answered: the request was at fault, not the endpoint
+                _answered(breaker)
+            raise
+        except Unavailable:  # a retry refused: the breaker opened meanwhile
+            outcome = "unavailable"
             raise
         finally:
             span.set_attribute("turnstream.outcome", outcome)
@@ -209,6 +238,7 @@ def _stream_completion(
     tools: list[dict[str, Any]] | None,
     profile: Profile,
     stop: Callable[[], bool] | None = None,
+    answered: Callable[[], None] | None = None,
 ) -> Completion:
     """Stream one completion, calling on_delta for every piece of text, and
     gather the tool calls the model makes (their arguments arrive in pieces).
@@ -217,7 +247,9 @@ def _stream_completion(
     Errors before the first chunk were already retried by the client (429,
     5xx, timeouts, connection errors: exponential backoff with jitter, at
     most OPENAI_MAX_RETRIES times) and raise ModelError; a break after the
-    stream started raises StreamBroken.
+    stream started raises StreamBroken. A probe of the endpoint's breaker
+    (`answered` given) is sent without retries, and `answered()` is called
+    once the answer starts.
     """
     result = Completion()
     parts: list[str] = []
@@ -243,8 +275,10 @@ def _stream_completion(
     )
     try:
         with watch:
-            stream = _chunks(body, where.name)
+            stream = _chunks(body, where.name, retries=answered is None)
             started = True
+            if answered is not None:
+                answered()
             with stream:
                 for chunk in stream:
                     _take(chunk, result, calls, parts, on_delta)
@@ -298,12 +332,19 @@ def _take(
             on_delta(content)
 
 
-def _chunks(body: dict[str, Any], name: str) -> Stream[Any]:
+def _chunks(body: dict[str, Any], name: str, retries: bool = True) -> Stream[Any]:
     """The completion's chunks: dicts (shared/overrides/openai_stream.py), or
     the client's typed chunks with that override off."""
+    client = get_client(name) if retries else get_client(name).with_options(max_retries=0)
     if overrides.enabled("openai_dict_chunks"):
-        return openai_stream.dict_chunks(get_client(name), body)
-    return get_client(name).chat.completions.create(**body)
+        return openai_stream.dict_chunks(client, body)
+    return client.chat.completions.create(**body)
+
+
+def _answered(breaker: Breaker) -> None:
+    """The probe was answered: close the breaker, and send again the turns
+    that waited on it."""
+    send_turns(breaker.succeeded())
 
 
 def _unreachable(exc: openai.APIConnectionError, timeout: bool, at: ModelEndpoint) -> ModelError:

@@ -33,6 +33,7 @@ from opentelemetry import context as otel_context
 
 from shared import metrics, tracing
 from shared.assistants import Profile
+from shared.breakers import Breaker, Unavailable, tool_breaker
 from shared.config import get_settings, redact
 from shared.status import record_tool_server
 
@@ -53,6 +54,7 @@ class ToolResult:
     ok: bool
     output: str
     duration_ms: int
+    broke: bool = False  # the server failed (not the tool): counts against its breaker
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,11 @@ class _Server:
         def done(ok: bool, output: str) -> ToolResult:
             return ToolResult(ok, output, int((time.monotonic() - start) * 1000))
 
+        def broke(output: str) -> ToolResult:
+            return ToolResult(False, output, int((time.monotonic() - start) * 1000), broke=True)
+
         if not await self.open():
-            return done(False, f"the tool server {self.name!r} is unavailable")
+            return broke(f"the tool server {self.name!r} is unavailable")
         client = self.client
         try:
             # The SDK's own timeout sends the server a cancellation; wait_for
@@ -169,15 +174,44 @@ class _Server:
         except (MCPError, TimeoutError) as exc:
             code = getattr(exc, "code", mcp_types.REQUEST_TIMEOUT)
             if code == mcp_types.REQUEST_TIMEOUT:
-                return done(False, f"the tool did not answer within {timeout:g} seconds")
+                return broke(f"the tool did not answer within {timeout:g} seconds")
             if code == mcp_types.CONNECTION_CLOSED:
                 self.close()  # opened again on next use
-                return done(False, f"the tool server {self.name!r} closed the connection; it restarts on next use")
+                return broke(f"the tool server {self.name!r} closed the connection; it restarts on next use")
             return done(False, f"the tool failed: {exc}")
         except Exception as exc:  # noqa: BLE001 - a tool's failure goes back to the model, never fails the turn
             self.close()
-            return done(False, f"the tool server {self.name!r} failed: {exc}")
+            return broke(f"the tool server {self.name!r} failed: {exc}")
         return done(not result.is_error, _output_text(result))
+
+
+def _gate(server: str, calls: int) -> bool | Unavailable:
+    """Ask the server's breaker for `calls` calls: True to go as its probe,
+    False to go, or why not."""
+    try:
+        return tool_breaker(server).before(calls)
+    except Unavailable as exc:
+        return exc
+
+
+def _account(breaker: Breaker, results: list[ToolResult], probe: bool) -> None:
+    """Tell the breaker how its server's calls went: each failure of the
+    server counts; a probe that reached the server closes it."""
+    broken = [r for r in results if r.broke]
+    for i, result in enumerate(broken):
+        breaker.failed(result.output, probe and i == 0)
+    if probe and not broken:
+        breaker.succeeded()
+
+
+def _refused(exc: Unavailable) -> ToolResult:
+    retry_at = time.strftime("%H:%M:%S UTC", time.gmtime(exc.until))
+    return ToolResult(
+        False,
+        f"the tool server {exc.breaker.name!r} is unavailable: its recent calls failed (the last: {exc.error})."
+        f" It is tried again after {retry_at}; answer without it or say it is unavailable.",
+        0,
+    )
 
 
 def _describe_failure(config: dict[str, Any], exc: BaseException) -> str:
@@ -257,15 +291,24 @@ class Toolbox:
     def call_all(self, offer: Offer, calls: list[tuple[str, str]], cancelled: Callable[[], bool]) -> list[ToolResult]:
         """Run (name, JSON arguments) calls of the offer's tools at once;
         raise Cancelled as soon as `cancelled()` turns true, stopping the
-        calls still running."""
-        future = self._run(self._call_all(offer, calls, otel_context.get_current()))
+        calls still running. A call to a server whose breaker is open is not
+        made: its result tells the model the server is unavailable."""
+        servers = [None if offer.targets.get(name) is None else offer.targets[name][0].name for name, _ in calls]
+        gates = {server: _gate(server, servers.count(server)) for server in set(servers) - {None}}
+        going = [i for i, server in enumerate(servers) if not isinstance(gates.get(server), Unavailable)]
+        future = self._run(self._call_all(offer, [calls[i] for i in going], otel_context.get_current()))
         while True:
             try:
-                return future.result(timeout=0.2)
+                ran = dict(zip(going, future.result(timeout=0.2), strict=True))
+                break
             except TimeoutError:
                 if cancelled():
                     future.cancel()
                     raise Cancelled from None
+        for server, gate in gates.items():
+            if not isinstance(gate, Unavailable):
+                _account(tool_breaker(server), [ran[i] for i in going if servers[i] == server], gate)
+        return [ran[i] if i in ran else _refused(gates[server]) for i, server in enumerate(servers)]
 
     async def _call_all(
         self, offer: Offer, calls: list[tuple[str, str]], trace_context: otel_context.Context

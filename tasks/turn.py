@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import kombu.exceptions
@@ -21,7 +22,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 from shared import logs, metrics, tracing
 from shared.approvals import allowed_for_session, decisions, pause_turn
 from shared.assistants import Profile, default_profile, load_profile
-from shared.broker import RUN_TURN, send_replay_advance, send_turn
+from shared.broker import RUN_TURN, mark_sent, send_replay_advance, send_turn
 from shared.config import get_settings
 from shared.db import autocommit_engine, committed, transaction
 from shared.events import EventLog, EventLogLost, get_publisher
@@ -30,10 +31,12 @@ from shared.recovery import requeue_turn
 from shared.turn_states import (
     CANCELLED,
     CLAIM,
+    DEFER,
     FAILED,
     FINISH,
     HOLD,
     INTERRUPTED,
+    QUEUED,
     RUNNING,
     SUCCEEDED,
     WAITING,
@@ -44,6 +47,7 @@ from tasks.agent import BACKOFF, Approvals, Outcome, run_agent
 from tasks.base import TRANSIENT, TurnstreamTask
 from tasks.heartbeat import get_heartbeat
 from tasks.tools import get_toolbox
+from tasks.waker import get_waker
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +283,12 @@ def run_turn(turn_id: str) -> str:
                 _hand_back(claim)
                 return f"turn {turn_id}: handed back to the queue (attempt {claim.attempt})"
             current.set_attribute("turnstream.status", outcome.status)
+            if outcome.status == QUEUED:
+                outcome = _wait_for_endpoint(claim, events, outcome)
+            if outcome.status == QUEUED:
+                if not _deferred(claim, events, outcome):
+                    return f"turn {turn_id}: attempt {claim.attempt} no longer owned the turn; wrote nothing"
+                return f"turn {turn_id} waits in the queue: {outcome.unavailable}"
             if outcome.status == WAITING:
                 if not _pause(claim, events, outcome):
                     return f"turn {turn_id}: attempt {claim.attempt} no longer owned the turn; wrote nothing"
@@ -372,6 +382,65 @@ def _pause(claim: Claim, events: EventLog, outcome: Outcome) -> bool:
         events.append("turn.waiting", requests=[a.request_id for a in outcome.asked], deadline=deadline.isoformat())
     except redis.RedisError:  # clients read the pause from Postgres (GET …/approvals)
         log.warning("turn %s: could not tell clients it waits", claim.turn_id, exc_info=True)
+    committed(send_held_back, claim.owner_id)  # its place among the owner's running turns is free
+    return True
+
+
+_DEFER = (
+    update(Turn)
+    .where(Turn.id == bindparam("turn_id"), DEFER.allows(status_of(Turn)), Turn.attempts == bindparam("attempt"))
+    .values(status=DEFER.target, paused=bindparam("paused"), resumes=Turn.resumes + 1)
+)
+
+
+def _wait_for_endpoint(claim: Claim, events: EventLog, outcome: Outcome) -> Outcome:
+    """A turn whose model endpoint's breaker is open waits in the queue, for
+    MODEL_WAIT_SECONDS at most from when it first found it open; past that
+    it fails `model_unavailable`."""
+    waited = time.time() - outcome.paused["delayed_since"]
+    if waited <= get_settings().model_wait:
+        return outcome
+    exc = outcome.unavailable
+    message = (
+        f"the {exc.breaker.describe()} stayed unavailable for MODEL_WAIT_SECONDS ({get_settings().model_wait} s);"
+        f" its last error: {exc.error or 'none recorded'}"
+    )
+    return Outcome(
+        FAILED, outcome.text, outcome.usage, outcome.tools, {"code": "model_unavailable", "message": message}
+    )
+
+
+def _deferred(claim: Claim, events: EventLog, outcome: Outcome) -> bool:
+    """Hand the turn back to the queue to wait for its endpoint, going on
+    from where it stopped when it runs again (a deferral is not a try:
+    `resumes`); False if this attempt no longer owned the turn."""
+    exc = outcome.unavailable
+    params = {
+        "turn_id": claim.turn_id,
+        "attempt": claim.attempt,
+        "paused": {**outcome.paused, "attempt": claim.attempt},
+    }
+
+    def write() -> bool:
+        with autocommit_engine().connect() as db:
+            return db.execute(_DEFER, params).rowcount == 1
+
+    if not _retrying(write, f"hand back turn {claim.turn_id} to wait for its model endpoint"):
+        return False
+    metrics.TURNS_DELAYED.labels(exc.breaker.name).inc()
+    retry_at = datetime.fromtimestamp(exc.until, UTC).isoformat()
+    try:
+        exc.breaker.wait(claim.turn_id, exc.until)
+        mark_sent(claim.turn_id, later=exc.seconds)  # the sweeper leaves it alone while it is expected to wait
+        events.emit(
+            "turn.delayed",
+            endpoint=exc.breaker.name,
+            reason=f"{exc.breaker.describe()} unavailable, retrying at {retry_at}",
+            retry_at=retry_at,
+        )
+    except redis.RedisError:  # without its mark, the sweeper sends it again
+        log.warning("turn %s: could not record that it waits", claim.turn_id, exc_info=True)
+    get_waker().at(exc.breaker, exc.seconds)
     committed(send_held_back, claim.owner_id)  # its place among the owner's running turns is free
     return True
 

@@ -35,6 +35,13 @@ TEST_ENV = {
     # The suite sends far more than a person would from one address and key;
     # tests/test_limits.py turns limits on in apps of its own.
     "RATE_LIMITS": "off",
+    # Tests make the model and the tools fail on purpose, many in a row:
+    # breakers would open and hold the next tests' turns. tests/test_breakers.py
+    # runs them on a stack of its own.
+    "BREAKER_MIN_FAILURES": "1000000",
+    # and a turn whose model failed fails at once, with the model's error,
+    # rather than wait in the queue for it to come back.
+    "MODEL_WAIT_SECONDS": "0",
     "MAX_STREAMS_PER_OWNER": "100000",
     "MAX_ACTIVE_TURNS_PER_OWNER": "100000",
     # Many workers and beats share this machine: each that exports its

@@ -18,6 +18,7 @@ class Proxy:
         self.listener = socket.create_server(listen)
         self.port = self.listener.getsockname()[1]
         self.down_until = 0.0
+        self.refused: list[float] = []  # when each connection was refused (time.monotonic())
         self.live: set[socket.socket] = set()
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -30,6 +31,7 @@ class Proxy:
                 return
             upstream = None if time.monotonic() < self.down_until else self._connect()
             if upstream is None:
+                self.refused.append(time.monotonic())
                 client.close()
                 continue
             with self.lock:

@@ -1,8 +1,9 @@
 """Health, public and cheap, for a platform's probes: database, Redis, the
 worker processes alive, what the workers last saw of the model and the tool
-servers, and this web process's SSE streams. A failing check names where it
-looked and the setting. `?detail=1` adds what is costly to gather (a walk of
-the heap), for a caller with a key or on this machine."""
+servers, the breakers not closed, and this web process's SSE streams. A
+failing check names where it looked and the setting. `?detail=1` adds each
+breaker's state and what is costly to gather (a walk of the heap), for a
+caller with a key or on this machine."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from flask import Blueprint, current_app, jsonify, request
 from greenlet import greenlet
 from sqlalchemy import text
 
+from shared import breakers
 from shared.db import get_engine
 from shared.redis import get_redis
 from shared.status import (
@@ -57,6 +59,10 @@ def health():
         checks["model"] = {True: "ok", False: "error", None: "unknown"}[model.get("ok")]
         tools = tool_status(current_app.extensions["turnstream.settings"].mcp_servers)
         checks["tools_unavailable"] = [name for name, status in tools.items() if status["ok"] is False]
+        found = breakers.states()
+        checks["breakers_open"] = [name for name, state in found.items() if state["state"] != breakers.CLOSED]
+        if detail:
+            checks["breakers"] = found
     except REDIS_ERRORS as exc:
         checks["redis"] = f"error: {describe_outage(exc)}"
     checks["relay"] = current_app.extensions["turnstream.relay"].stats()  # this process's streams

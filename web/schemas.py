@@ -191,7 +191,10 @@ class ToolApprovalList(Answer):
 
 class Health(Answer):
     status: Literal["ok", "unavailable"]
-    checks: dict[str, Any] = Field(description="database, redis, workers, model, tools_unavailable, relay")
+    checks: dict[str, Any] = Field(
+        description="database, redis, workers, model, tools_unavailable, breakers_open, relay;"
+        " with detail, breakers (each one's state, retry_at, last_error, opens, probes)"
+    )
 
 
 class CheckedStatus(Answer):

@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const ENDED = new Set(["succeeded", "failed", "cancelled", "interrupted"]);
 const TURN_EVENTS = [
   "turn.started", "tools.unavailable", "message.delta", "tool.started", "tool.finished",
-  "tool.approval_required", "turn.waiting", "tool.approval_decided", "turn.resumed",
+  "tool.approval_required", "turn.waiting", "tool.approval_decided", "turn.delayed", "turn.resumed",
   "turn.restarted", "turn.snapshot", "turn.completed", "turn.failed", "turn.cancelled",
   "turn.interrupted", "turn.rolled_back",
 ];
@@ -491,6 +491,7 @@ class TurnView {
     this.text = "";
     this.calls = new Map();
     this.asks = new Map(); // request id -> its approval card
+    this.delay = null; // turn.delayed: why it waits in the queue, and until when
     this.model = null;
     this.usage = null;
     this.error = null;
@@ -549,6 +550,7 @@ class TurnView {
     switch (type) {
       case "turn.started":
         this.status = "running";
+        this.delay = null;
         break;
       case "message.delta":
         this.text += d.delta;
@@ -564,8 +566,13 @@ class TurnView {
       case "tool.approval_decided":
         this.asks.get(d.request_id)?.settle(d);
         break;
+      case "turn.delayed":
+        this.status = "queued";
+        this.delay = d;
+        break;
       case "turn.resumed":
         this.status = "running";
+        this.delay = null;
         this.text = d.text;
         this.draw(this.text);
         break;
@@ -683,7 +690,8 @@ class TurnView {
     const parts = [];
     const waiting = [...this.conversation.views.values()].some((v) => v !== this && !v.ended && v.number !== null && v.number < this.number);
     const line = {
-      queued: waiting ? "Queued behind the turn before it…" : "Queued…",
+      queued: this.delay ? delayText(this.delay)
+        : waiting ? "Queued behind the turn before it…" : "Queued…",
       running: this.text ? "Answering…" : "Thinking…",
       waiting: "Waiting for your approval…",
       failed: `Failed: ${this.errorText()}`,
@@ -712,6 +720,12 @@ class TurnView {
     this.answer.classList.toggle("failed", this.status === "failed");
     if (!this.ended) this.answer.hidden = false;
   }
+}
+
+// A turn waiting in the queue for its model endpoint, and until when.
+function delayText(d) {
+  const at = new Date(d.retry_at).toLocaleTimeString();
+  return `Model endpoint ${d.endpoint} unavailable; waiting in the queue, retrying at ${at}…`;
 }
 
 // One tool call: its name and arguments, then (folded) what it returned.

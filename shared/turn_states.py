@@ -87,8 +87,8 @@ DEFER = Transition(
     "defer",
     (RUNNING,),
     QUEUED,
-    "the running attempt, when its model endpoint's breaker is open: it waits in the queue, no worker"
-    " holding it, and goes on from where it stopped (tasks/turn.py)",
+    "the running attempt, when its model endpoint failed or its breaker is open: it waits in the queue,"
+    " no worker holding it, and goes on from where it stopped (tasks/turn.py)",
 )
 INTERRUPT = Transition(
     "interrupt",

@@ -13,6 +13,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
+from tests import services
 from tests.proxy import Proxy
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (deploy/setup.sh): no browser download
@@ -158,6 +159,19 @@ def test_a_failed_turn_says_why_and_retry_asks_again(page: Page, stack):
     expect(page.locator(".turn")).to_have_count(2)
     assert retried.locator(".msg.user").text_content() == "try this [[tokens=4]]"
     expect(retried.locator(".msg.assistant")).to_contain_text('You said: "try this".')
+
+
+def test_a_turn_whose_model_endpoint_fails_says_it_waits_in_the_queue_and_until_when(page: Page, stack):
+    settings = {"MODEL_WAIT_SECONDS": "60", "BREAKER_COOLDOWN_SECONDS": "30"}
+    with services.sole_worker(stack, "worker-delayed", settings, concurrency=2):
+        _ask(page, "is anyone there [[fault=503]]")
+        turn = _last_turn(page)
+        expect(turn.locator(".state")).to_contain_text(
+            "Model endpoint default unavailable; waiting in the queue, retrying at", timeout=20_000
+        )
+        expect(turn).to_have_attribute("data-status", "queued")
+        page.locator("#stop").click()  # it can be taken out of the queue meanwhile
+        expect(turn).to_have_attribute("data-status", "cancelled", timeout=5_000)
 
 
 def test_hostile_text_from_people_models_and_tools_runs_no_script_and_loads_nothing_remote(page: Page):

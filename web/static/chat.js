@@ -672,6 +672,7 @@ class TurnView {
       for (const call of tools) toolCall(this.tools, call).finish(call);
     }
     this.answer.setAttribute("aria-busy", "false");
+    this.drawState();
     // the next turn's "queued behind" line changes now
     for (const v of this.conversation.views.values()) if (v !== this) v.drawState();
   }

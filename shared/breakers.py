@@ -264,10 +264,3 @@ def _lease(kind: str) -> float:
 @functools.cache
 def _script(source: str) -> Any:
     return get_redis().register_script(source)
-
-
-def now() -> float:
-    """Redis's clock, which breakers' times are in."""
-    seconds, micros = get_redis().time()
-    return seconds + micros / 1e6
-

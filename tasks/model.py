@@ -118,7 +118,6 @@ class _Retries:
         self._last.status = response.status_code
 
 
-
 class _ModelHealth:
     """What this process last told web about the model (shared/status.py):
     it writes when that changes, and again at most every REFRESH_SECONDS

@@ -126,6 +126,27 @@ local waiting = redis.call('ZRANGE', KEYS[2], 0, -1)
 redis.call('DEL', KEYS[2])
 return waiting
 """
+# KEYS: the breaker's hash, its waiting turns. ARGV: turn id, until, lease,
+# refused (1: by the breaker open, 0: after a failed call). Returns the
+# seconds until the turn is due, or false to go now: refused by a breaker
+# that has closed since (the probe that closed it sent the turns waiting
+# then, and this one was not among them). Only the first turn to wait for
+# a cool-down's end is due then, to probe; the others wait for the probe to
+# close the breaker, or else a lease longer (so that a prober that went
+# away is replaced), not all to be refused again at each cool-down's end.
+_WAIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local state = redis.call('HGET', KEYS[1], 'state')
+local at = tonumber(ARGV[2])
+if not state or state == 'closed' then
+    if ARGV[4] == '1' then return false end
+elseif #redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2], 'LIMIT', 0, 1) > 0 then
+    at = at + tonumber(ARGV[3])
+end
+redis.call('ZADD', KEYS[2], at, ARGV[1])
+return tostring(math.max(at - now, 0))
+"""
 # KEYS: a breaker's waiting turns. ARGV: how many at most. Pops those due by
 # Redis's clock; returns {seconds until the next is due or '', turn ids...}.
 _DUE = """
@@ -204,9 +225,12 @@ class Breaker:
         log.warning("%s closed: its probe succeeded; %d waiting turns go on", self.describe(), len(waiting))
         return [t.decode() for t in waiting]
 
-    def wait(self, turn_id: str, until: float) -> None:
-        """Record a turn that waits on it, to try again at `until`."""
-        get_redis().zadd(self.waiting_key, {turn_id: until})
+    def wait(self, turn_id: str, until: float, refused: bool) -> float | None:
+        """Record a turn that waits on it, to try again at `until` (or
+        later: see _WAIT); returns in how many seconds it is due, or None
+        if it is to go now."""
+        due = _script(_WAIT)(keys=[self.key, self.waiting_key], args=[turn_id, until, _lease(self.kind), int(refused)])
+        return None if due is None else float(due)
 
     def due(self, most: int = 500) -> tuple[list[str], float | None]:
         """Take the waiting turns due now; also in how many seconds the next one is."""

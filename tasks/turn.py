@@ -430,17 +430,20 @@ def _deferred(claim: Claim, events: EventLog, outcome: Outcome) -> bool:
     metrics.TURNS_DELAYED.labels(exc.breaker.name).inc()
     retry_at = datetime.fromtimestamp(exc.until, UTC).isoformat()
     try:
-        exc.breaker.wait(claim.turn_id, exc.until)
-        mark_sent(claim.turn_id, later=exc.seconds)  # the sweeper leaves it alone while it is expected to wait
-        events.emit(
-            "turn.delayed",
-            endpoint=exc.breaker.name,
-            reason=f"{exc.breaker.describe()} unavailable, retrying at {retry_at}",
-            retry_at=retry_at,
-        )
+        due_in = exc.breaker.wait(claim.turn_id, exc.until, exc.open)
+        if due_in is None:  # the breaker closed since it refused the turn: no wait
+            send_turn(claim.turn_id)
+        else:
+            mark_sent(claim.turn_id, later=due_in)  # the sweeper leaves it alone while it waits
+            events.emit(
+                "turn.delayed",
+                endpoint=exc.breaker.name,
+                reason=f"{exc.breaker.describe()} unavailable, retrying at {retry_at}",
+                retry_at=retry_at,
+            )
+            get_waker().at(exc.breaker, due_in)
     except redis.RedisError:  # without its mark, the sweeper sends it again
         log.warning("turn %s: could not record that it waits", claim.turn_id, exc_info=True)
-    get_waker().at(exc.breaker, exc.seconds)
     committed(send_held_back, claim.owner_id)  # its place among the owner's running turns is free
     return True
 

@@ -167,11 +167,11 @@ class FirstDelta:
 
 def redis_offset() -> float:
     """Redis's clock minus this process's monotonic clock."""
-    from shared.breakers import now
+    from shared.redis import get_redis
 
     before = time.monotonic()
-    redis_now = now()
-    return redis_now - (before + time.monotonic()) / 2
+    seconds, micros = get_redis().time()
+    return seconds + micros / 1e6 - (before + time.monotonic()) / 2
 
 
 def statuses(ids: list[str]) -> dict[str, int]:

@@ -107,8 +107,8 @@ EVENT_TYPES = {
         EventType(
             "turn.delayed",
             ("endpoint", "reason", "retry_at"),
-            "its model endpoint's breaker is open: the turn waits in the queue, no worker holding it, and"
-            " tries again at `retry_at` or as soon as the endpoint answers a probe (`turn.resumed` then)",
+            "its model endpoint failed or its breaker is open: the turn waits in the queue, no worker holding it,"
+            " and tries again at `retry_at` or as soon as the endpoint answers a probe (`turn.resumed` then)",
         ),
         EventType(
             "turn.resumed",

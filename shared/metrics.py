@@ -45,7 +45,7 @@ TURNS_PAUSED = Counter(
 )
 TURNS_DELAYED = Counter(
     "turnstream_turns_delayed_total",
-    "Times a turn went back to the queue to wait for its model endpoint's breaker to close",
+    "Times a turn went back to the queue to wait for its model endpoint",
     ["endpoint"],
 )
 TOOL_DECISIONS = Counter(

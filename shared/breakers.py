@@ -285,6 +285,11 @@ def _lease(kind: str) -> float:
     return s.openai_timeout + 5 if kind == MODEL else s.tool_timeout + 5
 
 
-@functools.cache
 def _script(source: str) -> Any:
-    return get_redis().register_script(source)
+    """The script on the process's Redis client (sent as EVALSHA, loaded on first use)."""
+    return _registered(get_redis(), source)
+
+
+@functools.cache
+def _registered(client: Any, source: str) -> Any:
+    return client.register_script(source)

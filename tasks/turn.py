@@ -14,7 +14,7 @@ import kombu.exceptions
 import redis
 from celery import shared_task
 from opentelemetry.trace import SpanKind
-from sqlalchemy import Boolean, Integer, String, and_, bindparam, column, func, join, select, text, update
+from sqlalchemy import Boolean, Integer, String, and_, bindparam, column, func, join, or_, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import aliased
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
@@ -153,7 +153,12 @@ _CLAIM_WITH_HISTORY = (
     select(_claimed, Message.role, Message.content)
     .outerjoin(
         join(Message, _past, _past.id == Message.turn_id),
-        and_(Message.session_id == _claimed.c.session_id, _past.number <= _claimed.c.number),
+        and_(
+            Message.session_id == _claimed.c.session_id,
+            _past.number <= _claimed.c.number,
+            # a question taken out of the queue before it ran is no part of the conversation
+            or_(_past.started_at.isnot(None), _past.status != CANCELLED),
+        ),
     )
     .order_by(_past.number, Message.role.desc())  # 'user' before 'assistant'
 )

@@ -195,6 +195,9 @@ def test_the_sessions_queue_is_listed_and_send_now_runs_a_queued_turn_next(clien
     assert now["status"] == later["status"] == "succeeded"
     assert now["started_at"] < later["started_at"]
     assert 'You said: "queued 1". Before that you said: "queued 2".' in later["answer"]  # it saw the one sent now
+    # the question taken out of the queue before it ran is no part of the conversation
+    assert 'You said: "queued 2". Before that you said: "the first question".' in now["answer"]
+    assert "queued 0" not in now["answer"] + later["answer"]
     turns = client.get(f"/api/sessions/{sid}/turns", headers=owner).get_json()["items"]
     assert [(t["message"], t["status"]) for t in turns] == [
         (LONG, "interrupted"),

@@ -67,7 +67,7 @@ end
 -- open past its cool-down, or half-open with its probe's lease run out
 redis.call('HSET', KEYS[1], 'state', 'half_open', 'until', tostring(now + tonumber(ARGV[2])))
 redis.call('HINCRBY', KEYS[1], 'probes', 1)
-return {'probe'}
+return {'probe', redis.call('HGET', KEYS[1], 'error') or ''}
 """
 )
 # KEYS: the breaker's hash. ARGV: window, min failures, rate, cool-down,
@@ -195,7 +195,7 @@ class Breaker:
         if reply[0] == b"wait":
             raise Unavailable(self, float(reply[1]), reply[2].decode(), float(reply[3]))
         if reply[0] == b"probe":
-            log.warning("%s: cool-down over, one call probes it", self.describe())
+            log.warning("%s: cool-down over, one call probes it. Last error: %s", self.describe(), reply[1].decode())
             return True
         return False
 

@@ -1,5 +1,5 @@
 """Reads of a model's answer that end when the turn is asked to stop.
-Targets httpx2 2.16 and httpcore2 1.0 (`Client._transport._pool` and the
+Targets httpx2 2.16 and httpcore2 2.16 (`Client._transport._pool` and the
 pool's `_network_backend`, which httpx2's transport does not let a caller
 pass).
 

@@ -18,7 +18,7 @@ worker_pool = "threads"
 broker_connection_retry_on_startup = True
 # The worker's start and stop, and the task modules: imported by the worker
 # when it starts (beat's loader imports them too; never the web tier).
-include = ["tasks.worker", "tasks.turn", "tasks.replay", "tasks.sweeper"]
+include = ["tasks.worker", "tasks.turn", "tasks.replay", "tasks.sweeper", "tasks.webhooks"]
 # With Redis as the broker, the one visibility timeout (there is no result
 # backend to set it on too, and beat, Flower and the web tier build the same
 # app, so all of them use it): how long an unacknowledged message waits
@@ -66,7 +66,11 @@ task_send_sent_event = False
 # The queues (task_queues) are shared.broker.QUEUES, declared for the broker
 # in use: quorum queues on RabbitMQ.
 task_default_queue = "turns"
-task_routes = {"tasks.sweep_turns": {"queue": "maintenance"}}
+task_routes = {
+    "tasks.sweep_turns": {"queue": "maintenance"},
+    "tasks.dispatch_webhooks": {"queue": "webhooks"},
+    "tasks.deliver_webhook": {"queue": "webhooks"},
+}
 timezone = "UTC"
 # No task time limits: the threads pool cannot enforce them. A turn is bounded
 # by OPENAI_TIMEOUT per model read, TOOL_TIMEOUT_SECONDS per tool call and

@@ -28,9 +28,13 @@ log = logging.getLogger(__name__)
 RUN_TURN = "tasks.run_turn"
 ADVANCE_REPLAY = "tasks.advance_replay"
 SWEEP_TURNS = "tasks.sweep_turns"
+DISPATCH_WEBHOOKS = "tasks.dispatch_webhooks"
+DELIVER_WEBHOOK = "tasks.deliver_webhook"
+WEBHOOKS_QUEUE = "webhooks"
 # Turns, and the sweeper's own queue, which every worker also consumes: it
-# must not wait behind a long queue of turns (it is what re-sends lost ones).
-QUEUES = ("turns", "maintenance")
+# must not wait behind a long queue of turns (it is what re-sends lost ones);
+# and webhooks, which only the webhook worker consumes (the Procfile).
+QUEUES = ("turns", "maintenance", WEBHOOKS_QUEUE)
 
 
 @functools.cache
@@ -58,7 +62,11 @@ def get_celery() -> Celery:
             "socket_keepalive": True,
             "socket_keepalive_options": TCP_OPTIONS,
         }
-    app.conf.beat_schedule = {"sweep-turns": {"task": SWEEP_TURNS, "schedule": settings.sweep_seconds}}
+    app.conf.beat_schedule = {
+        "sweep-turns": {"task": SWEEP_TURNS, "schedule": settings.sweep_seconds},
+        # Each second; one not taken within two (no webhook worker running) is dropped.
+        "dispatch-webhooks": {"task": DISPATCH_WEBHOOKS, "schedule": 1.0, "options": {"expires": 2}},
+    }
     return app
 
 

@@ -151,6 +151,11 @@ class Settings:
     breaker_failure_rate: float
     breaker_cooldown: float
     model_wait: int
+    # Webhooks (shared/webhooks.py).
+    production: bool
+    webhook_allow_private: bool
+    webhook_timeout: float
+    webhook_retry_schedule: tuple[float, ...]
 
     @property
     def rabbitmq(self) -> bool:
@@ -246,6 +251,10 @@ class Settings:
             breaker_failure_rate=r.float("BREAKER_FAILURE_RATE", 0.5, lo=0.01, hi=1.0),
             breaker_cooldown=r.float("BREAKER_COOLDOWN_SECONDS", 15.0, lo=0.1, hi=3600.0),
             model_wait=r.int("MODEL_WAIT_SECONDS", 300, lo=0),
+            production=not development,
+            webhook_allow_private=r.choice("WEBHOOK_ALLOW_PRIVATE", ("on", "off"), "off") == "on",
+            webhook_timeout=r.float("WEBHOOK_TIMEOUT_SECONDS", 15.0, lo=0.1, hi=60.0),
+            webhook_retry_schedule=_schedule(r.str("WEBHOOK_RETRY_SCHEDULE", DEFAULT_RETRY_SCHEDULE)),
         )
         if settings.stale_running_seconds < 2 * settings.heartbeat_seconds:
             raise ConfigError("STALE_RUNNING_SECONDS must be at least twice HEARTBEAT_SECONDS.")
@@ -409,6 +418,25 @@ def _origins(value: str) -> tuple[str, ...]:
             raise ConfigError(f"ALLOWED_ORIGINS: {raw.strip()!r} is not an origin like https://chat.example.com.")
         origins.append(origin)
     return tuple(origins)
+
+
+# Seconds before each retry of a webhook after a failed attempt (the first
+# attempt goes at once): the Standard Webhooks specification's, about 28
+# hours in all.
+DEFAULT_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,36000"
+
+
+def _schedule(value: str) -> tuple[float, ...]:
+    """WEBHOOK_RETRY_SCHEDULE: comma-separated seconds, each at most a day."""
+    try:
+        waits = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        waits = ()
+    if not waits or any(not 0 <= w <= 86400 for w in waits) or len(waits) > 20:
+        raise ConfigError(
+            f"WEBHOOK_RETRY_SCHEDULE must be up to 20 comma-separated seconds, each 0 to 86400; got {value!r}."
+        )
+    return waits
 
 
 def _overrides(value: str) -> frozenset[str]:

@@ -257,3 +257,53 @@ class ReplayItem(Base):
     turn_id: Mapped[str | None] = _fk("turns.id", ondelete="SET NULL", nullable=True)
 
     __table_args__ = (UniqueConstraint("replay_id", "index"),)
+
+
+class WebhookEndpoint(Base):
+    """Where an owner wants to be told of events (shared/webhooks.py). The
+    secret signs each delivery; during a rotation the one before signs too,
+    until `previous_secret_until`."""
+
+    __tablename__ = "webhook_endpoints"
+    id: Mapped[str] = _id()
+    owner_id: Mapped[str] = _fk("owners.id")
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list[str]] = mapped_column(ARRAY(String))
+    secret: Mapped[str]
+    previous_secret: Mapped[str | None]
+    previous_secret_until: Mapped[datetime | None]
+    enabled: Mapped[bool] = mapped_column(server_default=text("true"))
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint, written with the change that caused it
+    (the outbox: Postgres triggers, migration 0015) and sent until it is
+    delivered or its retries run out."""
+
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[str] = mapped_column(primary_key=True)  # the webhook-id header, the same on every attempt
+    endpoint_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    event_type: Mapped[str]
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(server_default=text("'pending'"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = _now()
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None]
+
+
+class WebhookAttempt(Base):
+    __tablename__ = "webhook_attempts"
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = _now()
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)

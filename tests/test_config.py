@@ -180,11 +180,11 @@ def test_the_broker_and_its_queues_follow_broker_url(broker_url):
         types = {q.name: (q.queue_arguments or {}).get("x-queue-type") for q in conf.task_queues}
         if broker_url:
             assert settings.rabbitmq and conf.broker_url == broker_url
-            assert types == {"turns": "quorum", "maintenance": "quorum"}
+            assert types == {"turns": "quorum", "maintenance": "quorum", "webhooks": "quorum"}
             assert broker._sender_producer().connection.transport_options.get("confirm_publish") is True
         else:
             assert not settings.rabbitmq and conf.broker_url == "redis://r:1/0"
-            assert types == {"turns": None, "maintenance": None}
+            assert types == {"turns": None, "maintenance": None, "webhooks": None}
             assert conf.broker_transport_options["global_keyprefix"] == settings.redis_prefix
             assert "confirm_publish" not in broker._sender_producer().connection.transport_options
     finally:

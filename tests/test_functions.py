@@ -15,7 +15,15 @@ def _body(sql: str) -> str:
 
 def test_the_database_runs_the_newest_version_of_each_function(stack):
     newest = current_versions()
-    assert set(newest) == {"submit_turn", "finish_turn", "next_queued_turn", "owner_may_run", "turn_status_change"}
+    assert set(newest) == {
+        "submit_turn",
+        "finish_turn",
+        "next_queued_turn",
+        "owner_may_run",
+        "turn_status_change",
+        "webhook_turn_event",
+        "webhook_replay_event",
+    }
     with get_engine().connect() as conn:
         for name, version in newest.items():
             running = conn.execute(text("SELECT prosrc FROM pg_proc WHERE proname = :n"), {"n": name}).scalars().all()

@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         replays,
         sessions,
         turns,
+        webhooks,
     )
     from web.errors import register_error_handlers
     from web.relay.hub import Relay
@@ -89,7 +90,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     # owner's row, once and for all).
     app.before_request(functools.partial(run_again_while_away, auth.authenticate, writes=False))
     limits.init_app(app, settings)  # after authentication: per-key limits count the caller it found
-    for module in (approvals, assistants, auth, cli, health, metrics, openapi, page, replays, sessions, turns):
+    modules = (approvals, assistants, auth, cli, health, metrics, openapi, page, replays, sessions, turns, webhooks)
+    for module in modules:
         app.register_blueprint(module.bp)
     headers.init_app(app, settings)
     return app

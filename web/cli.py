@@ -1,5 +1,5 @@
 """Operator commands: `flask --app web db upgrade | keys create/list/revoke | assistants list/create/show |
-replay | turns`."""
+webhooks list/create/deliveries | replay | turns`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from shared.broker import send_turn
 from shared.config import get_settings
 from shared.db import transaction
-from shared.models import ApiKey, Assistant, AssistantVersion, Owner, Replay, Turn
+from shared.models import ApiKey, Assistant, AssistantVersion, Owner, Replay, Turn, WebhookDelivery, WebhookEndpoint
 from shared.recovery import alive, claimed_lately, requeue_stale_running, requeue_turn, resend_queued
 from shared.replays import create_replay, item_rows, summary
 from shared.status import describe_outage
@@ -245,6 +245,70 @@ def _is_uuid(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@bp.cli.group("webhooks", cls=OperatorGroup)
+def webhooks_group() -> None:
+    """Webhook endpoints: where an owner's other systems are told of events."""
+
+
+@webhooks_group.command("list")
+@_OWNER
+def webhooks_list(owner: str) -> None:
+    """The owner's endpoints: id, enabled, event types, URL."""
+    query = (
+        select(WebhookEndpoint)
+        .join(Owner, Owner.id == WebhookEndpoint.owner_id)
+        .where(Owner.name == owner)
+        .order_by(WebhookEndpoint.created_at)
+    )
+    with transaction() as db:
+        endpoints = db.scalars(query).all()
+    if not endpoints:
+        click.echo(f"{owner} has no webhook endpoints: add one with `webhooks create URL --event turn.completed`")
+        return
+    for e in endpoints:
+        state = "enabled" if e.enabled else f"disabled ({e.disabled_reason or 'by request'})"
+        click.echo(f"{e.id}  {state}  {','.join(e.event_types)}  {e.url}")
+
+
+@webhooks_group.command("create")
+@click.argument("url")
+@_OWNER
+@click.option("--event", "events", multiple=True, required=True, help="An event type to send (repeat for more).")
+def webhooks_create(url: str, owner: str, events: tuple[str, ...]) -> None:
+    """Add an endpoint for the owner; print it as JSON, with its secret (shown this once)."""
+    from web.auth import get_or_create_owner
+    from web.errors import ApiError
+    from web.validation import WebhookCreate, validate
+    from web.webhooks import create_endpoint
+
+    try:
+        with transaction() as db:
+            body = validate(WebhookCreate, {"url": url, "event_types": list(events)})
+            data = create_endpoint(db, get_or_create_owner(db, owner).id, body)
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(data, indent=2))
+
+
+@webhooks_group.command("deliveries")
+@click.argument("endpoint_id")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+def webhooks_deliveries(endpoint_id: str, limit: int) -> None:
+    """An endpoint's latest deliveries: id, event type, status, attempts, the last answer."""
+    if not _is_uuid(endpoint_id):
+        raise click.BadParameter(f"{endpoint_id!r} is not an endpoint's id (`webhooks list` shows them)")
+    with transaction() as db:
+        rows = db.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.endpoint_id == endpoint_id)
+            .order_by(WebhookDelivery.created_at.desc())
+            .limit(limit)
+        ).all()
+    for d in rows:
+        last = d.last_error or (f"HTTP {d.last_status}" if d.last_status else "-")
+        click.echo(f"{d.id}  {d.event_type:18}  {d.status:9}  {d.attempts} attempts  {last}")
 
 
 @bp.cli.command("replay", cls=OperatorCommand)

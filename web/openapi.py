@@ -85,6 +85,7 @@ _ID_OF = {
     schemas.Turn: "turn_id",
     schemas.Replay: "replay_id",
     schemas.Assistant: "assistant_id",
+    schemas.WebhookEndpoint: "webhook_id",
 }
 
 

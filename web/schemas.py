@@ -214,3 +214,46 @@ class Info(Answer):
     model_status: CheckedStatus
     tools: list[ToolServer]
     auth: bool
+
+
+class WebhookEndpoint(Answer):
+    """Where the caller is told of events; `secret` only when made or rotated."""
+
+    id: str
+    url: str
+    event_types: list[str]
+    enabled: bool
+    disabled_reason: str | None = Field(description="why it was disabled, if it was (a 410 from the receiver)")
+    secret: str | None = Field(None, description="whsec_…: shown once, when made or rotated")
+    previous_secret_until: datetime | None = Field(description="while set, the secret before signs too")
+    created_at: datetime
+    updated_at: datetime
+
+
+class WebhookEndpointPage(Answer):
+    items: list[WebhookEndpoint]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class WebhookAttempt(Answer):
+    number: int
+    at: datetime
+    status_code: int | None = Field(description="the receiver's; null when it gave no answer")
+    duration_ms: int
+    error: str | None
+
+
+class WebhookDelivery(Answer):
+    id: str = Field(description="the webhook-id header: the same on every attempt")
+    event_type: str
+    payload: dict[str, Any]
+    status: Literal["pending", "delivered", "failed"]
+    attempts: list[WebhookAttempt]
+    next_attempt_at: datetime | None = Field(description="while pending")
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class WebhookDeliveryPage(Answer):
+    items: list[WebhookDelivery]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")

@@ -102,6 +102,32 @@ class LatestVersion(Body):
     version: Version
 
 
+EventTypeName = Literal[
+    "turn.completed", "turn.failed", "turn.cancelled", "turn.interrupted", "turn.waiting", "replay.finished"
+]
+WebhookUrl = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+
+
+class WebhookCreate(Body):
+    url: WebhookUrl = Field(description="https (in production), to a host with a public address")
+    event_types: Annotated[list[EventTypeName], Field(min_length=1, max_length=6)]
+    enabled: bool = True
+
+
+class WebhookUpdate(Body):
+    """What a PATCH changes: the fields it names, nothing else."""
+
+    url: WebhookUrl | None = None
+    event_types: Annotated[list[EventTypeName], Field(min_length=1, max_length=6)] | None = None
+    enabled: bool | None = None
+
+
+class SecretRotation(Body):
+    overlap_seconds: Annotated[int, Field(ge=0, le=7 * 86400)] = Field(
+        86400, description="how long the secret before still signs, beside the new one"
+    )
+
+
 class TurnCreate(Body):
     message: Text
     multitask: Literal["enqueue", "reject", "interrupt", "rollback"] = Field(

@@ -68,7 +68,7 @@ task_send_sent_event = False
 task_default_queue = "turns"
 task_routes = {
     "tasks.sweep_turns": {"queue": "maintenance"},
-    "tasks.dispatch_webhooks": {"queue": "webhooks"},
+    "tasks.dispatch_webhooks": {"queue": "maintenance"},
     "tasks.deliver_webhook": {"queue": "webhooks"},
 }
 timezone = "UTC"

@@ -64,7 +64,9 @@ def get_celery() -> Celery:
         }
     app.conf.beat_schedule = {
         "sweep-turns": {"task": SWEEP_TURNS, "schedule": settings.sweep_seconds},
-        # Each second; one not taken within two (no webhook worker running) is dropped.
+        # Each second, on the maintenance queue: the turn workers take the due
+        # webhooks (a query on a partial index) and only their sending goes to
+        # the webhooks process; nothing piles up where none runs.
         "dispatch-webhooks": {"task": DISPATCH_WEBHOOKS, "schedule": 1.0, "options": {"expires": 2}},
     }
     return app

@@ -1,8 +1,9 @@
-"""The webhook worker's tasks, on the `webhooks` queue, which only the
-Procfile's `webhooks` process consumes: a slow receiver never holds a turn
-worker's thread.
+"""Sending webhooks. Each attempt (`deliver_webhook`) runs on the `webhooks`
+queue, which only the Procfile's `webhooks` process consumes: a slow
+receiver never holds a turn worker's thread.
 
-Beat sends `dispatch_webhooks` every second. It takes the deliveries that
+Beat sends `dispatch_webhooks` every second, on the maintenance queue (the
+turn workers', as the sweeper: it is one query). It takes the deliveries that
 are due (`FOR UPDATE SKIP LOCKED`: two dispatchers never take the same),
 leaves them alone for a lease (four WEBHOOK_TIMEOUT_SECONDS) and sends
 `deliver_webhook` for each, with its count of attempts. An attempt claims

@@ -1,7 +1,7 @@
 """Pipeline benchmark: what Turnstream adds on top of bare Celery.
 
     python -m tests.bench.pipeline [--samples 100] [--concurrent 100] [--turns 1000] [--load-seconds 15]
-        [--workers 1] [--webs 1] [--assistant default|named|both] [--out .bench/pipeline.json]
+        [--workers 1] [--webs 1] [--assistant default|named|both] [--webhook] [--out .bench/pipeline.json]
 
 Starts Postgres, Redis, the offline model (instant: no first-token delay, no
 token delay), one `gunicorn -k gevent` web process (`--webs` for more, on
@@ -35,6 +35,18 @@ tools), and `--assistant both` on each, taken in turn within every phase
 (see turnstream()), and reports the named one's figures over the default's.
 `--assistant aa` runs as `both` with the default on both sides: the ratios
 it gives are what the machine's noise alone makes.
+
+`--webhook` gives the run's owner a webhook endpoint (`POST /api/webhooks`,
+`turn.completed` and `turn.failed`) pointing at a receiver on a thread of
+this process (tests/receiver.py), the issue 37 point 6 cost on the turn
+path: run the same command without it and with it, taken in turn, and
+compare; Postgres times the trigger's calls itself (track_functions),
+the figure least moved by noise. No webhook worker runs and beat is not started: the turn path's
+cost is the trigger's INSERT into webhook_deliveries in the transaction
+that ends the turn (migration 0015), whoever sends it later (see
+tests/bench/webhooks.py for that). Without `--webhook` the trigger still
+runs and looks for the owner's endpoints, finding none. The rows left
+pending are counted at the end: one per turn that ended.
 
 Prints a table, writes JSON, and exits non-zero if a turn was lost.
 """
@@ -72,6 +84,9 @@ ENV = {
     "OPENAI_MAX_RETRIES": "0",
     "OPENAI_TIMEOUT": "60",
     "SECRET_KEY": "bench-" + "x" * 32,
+    # `--webhook`'s receiver is on this machine; set on both sides so that
+    # the two commands differ only in the endpoint.
+    "WEBHOOK_ALLOW_PRIVATE": "on",
 }
 MESSAGE = "pipeline [[tokens=10]]"
 # A model at a chat model's pace: 60 tokens, 50 ms apart.
@@ -355,6 +370,51 @@ def succeeded(ids: list[str]) -> int:
         return db.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.status == "succeeded"))
 
 
+def track_triggers() -> None:
+    """Postgres times each PL/pgSQL function's calls (track_functions), so
+    the turns' webhook trigger is timed inside the transactions it runs in:
+    a figure the machine's noise moves far less than the run's."""
+    from sqlalchemy import text
+
+    from shared.db import autocommit_engine
+
+    with autocommit_engine().connect() as conn:
+        conn.execute(text("ALTER SYSTEM SET track_functions = 'pl'"))
+        conn.execute(text("SELECT pg_reload_conf()"))
+
+
+def trigger_time() -> dict:
+    """The turns' webhook trigger (webhook_turn_event): calls, and ms in all
+    and per turn, once the workers have stopped (a backend's counts reach
+    the statistics when it ends, or within seconds after its last commit)."""
+    from sqlalchemy import text
+
+    from shared.db import transaction
+
+    with transaction() as db:
+        turns = db.scalar(text("SELECT count(*) FROM turns"))
+        row = db.execute(
+            text("SELECT calls, total_time FROM pg_stat_user_functions WHERE funcname = 'webhook_turn_event'")
+        ).one_or_none()
+    calls, total = row if row else (0, 0.0)
+    return {
+        "turns_in_postgres": turns,
+        "calls": calls,
+        "ms_in_all": round(total, 1),
+        "us_per_call": round(total / calls * 1000, 1) if calls else None,
+        "us_per_turn": round(total / turns * 1000, 1) if turns else None,
+    }
+
+
+def webhook_deliveries(endpoint_id: str) -> int:
+    """The deliveries the turns' trigger wrote for the endpoint (none is sent)."""
+    from shared.db import transaction
+    from shared.models import WebhookDelivery
+
+    with transaction() as db:
+        return db.scalar(select(func.count()).where(WebhookDelivery.endpoint_id == endpoint_id))
+
+
 def publisher_counters(workers: list[services.Proc]) -> dict:
     pattern = r"event publisher: (\d+) events submitted, (\d+) sent, in (\d+) round trips"
     found = [re.findall(pattern, worker.log_tail(400)) for worker in workers]
@@ -506,6 +566,12 @@ def main() -> None:
         " or both, taken in turn, with the named one's figures over the default's; aa: as both, but the 'named'"
         " side on the default assistant too (an A/A run: the ratios that noise alone gives)",
     )
+    parser.add_argument(
+        "--webhook",
+        action="store_true",
+        help="the run's owner has a webhook endpoint for turn.completed and turn.failed (no webhook worker runs:"
+        " the turn path's cost is the trigger's insert)",
+    )
     parser.add_argument("--out", default=".bench/pipeline.json")
     args = parser.parse_args()
     # A turn holds its thread until its task returns, a little after the
@@ -518,6 +584,7 @@ def main() -> None:
     with services.stack("turnstream-bench-pipeline-", ENV, model_args, mcp=False) as info:
         from web.auth import create_key
 
+        track_triggers()
         logdir, env = info["logdir"], info["env"]
         workers = [
             services.start_worker(logdir, env, name, args.threads, extra=("--include", "tests.bench.bare"))
@@ -539,6 +606,18 @@ def main() -> None:
                 del assistants["default"]
         elif args.assistant == "aa":
             assistants["named"] = None
+        receiver = hook = None
+        if args.webhook:
+            from tests.receiver import Receiver
+
+            receiver = Receiver()
+            made = httpx.post(
+                f"{base}/api/webhooks",
+                json={"url": f"{receiver.url}/pipeline", "event_types": ["turn.completed", "turn.failed"]},
+                headers=headers,
+                timeout=10,
+            )
+            hook = made.raise_for_status().json()["id"]
 
         print("one at a time: the bare task, the model, a turn, in rotation …", flush=True)
         bare = Bare()
@@ -558,9 +637,14 @@ def main() -> None:
         bare.close()
         every_id = [turn_id for ids in run["ids"].values() for turn_id in ids] + run["load_ids"]
         stored = succeeded(every_id)
+        pending_deliveries = webhook_deliveries(hook) if hook else None
+        if receiver is not None:
+            receiver.close()
         for worker in workers:
             worker.stop()
         counters = publisher_counters(workers)
+        time.sleep(1)  # the workers' backends' last statistics
+        trigger = trigger_time()
 
     trips, c = run["trips"], args.concurrent
     model = statistics.median(run["model"])
@@ -593,6 +677,13 @@ def main() -> None:
         },
         "publisher": counters,
         "cpu_percent_of_a_core_in_flight": run["load_cpu"],
+        # The services', not this process's: Postgres, Redis, the model, workers, web.
+        "cpu_ms_per_turn_all_services": round(
+            sum(v for name, v in first["cpu_ms_per_turn_by_service"].items() if name != "bench client"), 2
+        ),
+        "webhook_endpoint": args.webhook,
+        "webhook_deliveries_written": pending_deliveries,
+        "webhook_trigger": trigger,
     }
     if len(figures) > 1:
         results["named"] = figures["named"]
@@ -641,6 +732,11 @@ def main() -> None:
             f"added TTFT with {c} paced turns in flight, ms p50 / p99 (target p99 <= 50)",
             f"{results[f'added_ttft_{c}_in_flight']['p50_ms']} / {results[f'added_ttft_{c}_in_flight']['p99_ms']}"
             f" ({results[f'added_ttft_{c}_in_flight']['turns_measured']} turns)",
+        ),
+        ("webhook endpoint for the owner (deliveries written)", f"{args.webhook} ({pending_deliveries})"),
+        (
+            "webhook trigger: calls / us per call / us per turn (Postgres's timing)",
+            f"{trigger['calls']} / {trigger['us_per_call']} / {trigger['us_per_turn']}",
         ),
         (f"Turnstream completed turns/s ({c} clients)", results["turns_per_s"]),
         ("turns: completed (client) / succeeded (Postgres)", f"{len(every_id)} / {stored}"),

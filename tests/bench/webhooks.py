@@ -7,9 +7,10 @@ to a local receiver (issue 37, point 6; the cost on the turn path is
 
 Starts Postgres, Redis, the offline model (unused), ONE webhook worker from
 the Procfile's `webhooks` line with `-c --threads` after it (the last -c
-wins: 16, the Procfile's own, by default) and beat from its line (it sends
-`dispatch_webhooks` each second, which takes at most 500 due deliveries:
-tasks/webhooks.py's BATCH). The receiver runs on a thread of this process:
+wins: 16, the Procfile's own, by default), a turn worker from its line
+with 2 threads (it runs `dispatch_webhooks`, on the maintenance queue,
+which takes at most 500 due deliveries: tasks/webhooks.py's BATCH) and
+beat from its line (it sends the dispatch each second). The receiver runs on a thread of this process:
 
 - `asyncio` (the default): HTTP/1.1 with keep-alive on one event loop,
   answering 200 at once, as a receiver that queues events would;
@@ -37,7 +38,7 @@ receiver's `time.time()`):
   rows delivered in Postgres and their attempts (more than one: a retry);
 - every signature checked with `standardwebhooks` after the run (outside
   the timed span);
-- CPU ms per delivery of the webhook worker (its dispatches included),
+- CPU ms per delivery of the webhook worker (the dispatches run on the turn worker),
   Postgres, Redis, beat and this process (the receiver, and its polling);
 - from each delivery's `created_at` to its receipt, p50 / p99 / max: with
   every row inserted at once, mostly its place in the queue;
@@ -262,8 +263,10 @@ def main() -> None:
 
         logdir, env = info["logdir"], info["env"]
         hooks = services.Proc("webhooks", services.procfile_args("webhooks", "-c", str(args.threads)), logdir, env)
-        info["procs"].append(hooks)
+        dispatcher = services.start_worker(logdir, env, "worker", 2)
+        info["procs"] += [hooks, dispatcher]
         services.wait_for_worker(hooks)
+        services.wait_for_worker(dispatcher)
         beat = services.start_beat(logdir, env)
         info["procs"].append(beat)
         receiver = AsyncReceiver() if args.receiver == "asyncio" else StdlibReceiver()
@@ -284,8 +287,14 @@ def main() -> None:
             raise SystemExit(f"the warm-up's deliveries did not all arrive: {ended(warm)}\n{hooks.log_tail()}")
         time.sleep(1.5)  # the dispatches after the warm-up, out of the timed run
 
-        log_start = hooks.log_path.stat().st_size
-        watched = {"webhook worker": hooks, "postgres": info["postgres"], "redis": info["redis"], "beat": beat}
+        log_start = dispatcher.log_path.stat().st_size
+        watched = {
+            "webhook worker": hooks,
+            "turn worker (dispatches)": dispatcher,
+            "postgres": info["postgres"],
+            "redis": info["redis"],
+            "beat": beat,
+        }
         print(f"run: {args.deliveries} deliveries pending at once …", flush=True)
         before = cpu(watched)
         committed, started = time.time(), time.monotonic()
@@ -296,7 +305,7 @@ def main() -> None:
         spent = {name: seconds - before[name] for name, seconds in cpu(watched).items()}
         counts = ended(ids)
         time.sleep(1)  # anything sent twice arrives
-        run_log = hooks.log_path.read_text(errors="replace")[log_start:]
+        run_log = dispatcher.log_path.read_text(errors="replace")[log_start:]
 
         mine = set(ids)
         got = [r for r in receiver.received() if r[1].get("webhook-id") in mine]
@@ -315,8 +324,9 @@ def main() -> None:
         spans = postgres_spans(ids)
         runs = dispatches(run_log)
         receiver.close()
-        hooks.stop()
         beat.stop()
+        hooks.stop()
+        dispatcher.stop()
     load_after = os.getloadavg()
 
     n = args.deliveries

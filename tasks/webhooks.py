@@ -58,7 +58,9 @@ def dispatch_webhooks() -> int:
     return len(due)
 
 
-@shared_task(name=DELIVER_WEBHOOK, base=TurnstreamTask)
+# No task events (as the sweeper): Flower's list is there to show turns, and
+# the deliveries' own log is Postgres's (GET /api/webhooks/{id}/deliveries).
+@shared_task(name=DELIVER_WEBHOOK, base=TurnstreamTask, send_events=False)
 def deliver_webhook(delivery_id: str, attempts: int) -> str:
     """One attempt of one delivery that had made `attempts` when it was
     sent (a message sent again after another attempt began does nothing),

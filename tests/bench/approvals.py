@@ -72,23 +72,15 @@ from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 
-from tests import services
+from tests import bench, services
 from tests.bench.pipeline import p, tree_cpu
 from tests.bench.report import report
 
 ENV = {
-    "TURNSTREAM_ENV": "development",
-    # One key sends everything here: the system is measured, not the limits.
-    "RATE_LIMITS": "off",
-    "MAX_ACTIVE_TURNS_PER_OWNER": "1000000",
-    "MAX_RUNNING_TURNS_PER_OWNER": "1000000",
-    "MAX_STREAMS_PER_OWNER": "1000000",
-    "AUTH": "on",
+    **bench.ENV,
     "REDIS_PREFIX": "approvalsbench:",
-    "OPENAI_API_KEY": "offline",
     "OPENAI_MAX_RETRIES": "0",
     "OPENAI_TIMEOUT": "60",
-    "SECRET_KEY": "bench-" + "x" * 32,
 }
 MODEL_ARGS = ("--first-token-delay", "0.01", "--token-delay", "0.01")
 UNPAUSED = "bench [[tokens=20]] [[delay=0.01]]"

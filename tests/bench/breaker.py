@@ -63,28 +63,20 @@ import redis
 from sqlalchemy import func, select
 
 from shared.turn_states import ENDED
-from tests import services
+from tests import bench, services
 from tests.bench.pipeline import p
 from tests.bench.report import report
 from tests.proxy import Proxy
 
 ENV = {
-    "TURNSTREAM_ENV": "development",
-    # One key sends everything here: the breaker is measured, not the limits.
-    "RATE_LIMITS": "off",
-    "MAX_ACTIVE_TURNS_PER_OWNER": "1000000",
-    "MAX_RUNNING_TURNS_PER_OWNER": "1000000",
-    "MAX_STREAMS_PER_OWNER": "1000000",
-    "AUTH": "on",
+    **bench.ENV,
     "REDIS_PREFIX": "breakerbench:",
-    "OPENAI_API_KEY": "offline",
     "OPENAI_MAX_RETRIES": "3",
     "OPENAI_TIMEOUT": "60",
     "BREAKER_MIN_FAILURES": "5",
     "BREAKER_FAILURE_RATE": "0.5",
     "BREAKER_WINDOW_SECONDS": "30",
     "MODEL_WAIT_SECONDS": "300",
-    "SECRET_KEY": "bench-" + "x" * 32,
 }
 MODEL_ARGS = ("--first-token-delay", "0.05", "--token-delay", "0.01")
 MESSAGE = "breaker bench {n} [[tokens=400]] [[delay=0.05]]"

@@ -67,23 +67,15 @@ from pathlib import Path
 import httpx
 from sqlalchemy import func, select
 
-from tests import services
+from tests import bench, services
 from tests.bench.bare import PUBLISH
 from tests.bench.report import report
 
 ENV = {
-    "TURNSTREAM_ENV": "development",
-    # One key sends everything here: the system is measured, not the limits.
-    "RATE_LIMITS": "off",
-    "MAX_ACTIVE_TURNS_PER_OWNER": "1000000",
-    "MAX_RUNNING_TURNS_PER_OWNER": "1000000",
-    "MAX_STREAMS_PER_OWNER": "1000000",
-    "AUTH": "on",
+    **bench.ENV,
     "REDIS_PREFIX": "pipe:",
-    "OPENAI_API_KEY": "offline",
     "OPENAI_MAX_RETRIES": "0",
     "OPENAI_TIMEOUT": "60",
-    "SECRET_KEY": "bench-" + "x" * 32,
     # `--webhook`'s receiver is on this machine; set on both sides so that
     # the two commands differ only in the endpoint.
     "WEBHOOK_ALLOW_PRIVATE": "on",

@@ -44,21 +44,13 @@ from pathlib import Path
 
 import redis
 
-from tests import services
+from tests import bench, services
 from tests.bench.pipeline import ms, p, tree_cpu
 from tests.bench.report import report
 
 ENV = {
-    "TURNSTREAM_ENV": "development",
-    # One key sends everything here: the system is measured, not the limits.
-    "RATE_LIMITS": "off",
-    "MAX_ACTIVE_TURNS_PER_OWNER": "1000000",
-    "MAX_RUNNING_TURNS_PER_OWNER": "1000000",
-    "MAX_STREAMS_PER_OWNER": "1000000",
-    "AUTH": "on",
+    **bench.ENV,
     "REDIS_PREFIX": "relay:",
-    "OPENAI_API_KEY": "offline",
-    "SECRET_KEY": "bench-" + "x" * 32,
     # Short pings so vanished clients are found within the run; 15 s in production.
     "SSE_PING_SECONDS": "5",
     "WEB_WORKER_CONNECTIONS": "20000",

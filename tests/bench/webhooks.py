@@ -65,17 +65,13 @@ from collections import Counter
 
 from sqlalchemy import text
 
-from tests import services
+from tests import bench, services
 from tests.bench.pipeline import p, tree_cpu
 from tests.bench.report import report
 
 ENV = {
-    "TURNSTREAM_ENV": "development",
-    "RATE_LIMITS": "off",
-    "AUTH": "on",
+    **bench.ENV,
     "REDIS_PREFIX": "webhooksbench:",
-    "OPENAI_API_KEY": "offline",
-    "SECRET_KEY": "bench-" + "x" * 32,
     "WEBHOOK_ALLOW_PRIVATE": "on",  # the receiver is on this machine
 }
 WARM_UP = 100

@@ -109,10 +109,14 @@ def client(app):
 @pytest.fixture
 def owner(stack):
     """A fresh owner with an API key; returns request headers for it."""
+    return new_owner()
+
+
+def new_owner(label: str = "owner") -> dict:
+    """Request headers for a fresh owner's new API key (on the stack in use)."""
     from web.auth import create_key
 
-    key = create_key(f"owner-{uuid.uuid4().hex[:12]}")
-    return {"Authorization": f"Bearer {key}"}
+    return {"Authorization": f"Bearer {create_key(f'{label}-{uuid.uuid4().hex[:12]}')}"}
 
 
 @pytest.fixture(scope="session")

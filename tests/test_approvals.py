@@ -19,7 +19,7 @@ from shared.db import transaction
 from shared.events import EventLog
 from shared.models import ToolApproval, Turn
 from tests import services
-from tests.conftest import TEST_ENV, wait_turn
+from tests.conftest import TEST_ENV, new_owner, wait_turn
 
 THREE = " ".join(f'[[call=kit__shout {{"text": "{word}"}}]]' for word in ("one", "two", "three"))
 
@@ -206,13 +206,11 @@ def own_stack():
 def _own_worker(own_stack, name: str):
     """A client of the app on the module's own stack, an owner and a worker."""
     from web import create_app
-    from web.auth import create_key
 
-    owner = {"Authorization": f"Bearer {create_key(f'own-{uuid.uuid4().hex[:8]}')}"}
     worker = services.start_worker(own_stack["logdir"], own_stack["env"], name)
     own_stack["procs"].append(worker)
     services.wait_for_worker(worker)
-    return create_app().test_client(), owner, worker
+    return create_app().test_client(), new_owner("own"), worker
 
 
 def test_a_pause_survives_redis_losing_its_data(own_stack):

@@ -15,7 +15,7 @@ import pytest
 from shared.breakers import CLOSED, HALF_OPEN, MODEL, OPEN, Breaker, model_breaker, tool_breaker
 from shared.events import EventLog
 from tests import services
-from tests.conftest import TEST_ENV, wait_turn
+from tests.conftest import TEST_ENV, new_owner, wait_turn
 from tests.proxy import Proxy
 
 COOLDOWN = 2.0
@@ -46,10 +46,8 @@ def own_stack():
 @pytest.fixture
 def app_client(own_stack):
     from web import create_app
-    from web.auth import create_key
 
-    owner = {"Authorization": f"Bearer {create_key(f'breakers-{uuid.uuid4().hex[:8]}')}"}
-    return create_app().test_client(), owner
+    return create_app().test_client(), new_owner("breakers")
 
 
 def _workers(own_stack, count: int, **settings: str) -> list[services.Proc]:

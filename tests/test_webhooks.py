@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from shared.config import Settings
 from tests import services
-from tests.conftest import TEST_ENV, wait_turn
+from tests.conftest import TEST_ENV, new_owner, wait_turn
 from tests.receiver import Answer, Receiver
 
 pytestmark = pytest.mark.broker  # run against RabbitMQ too (deploy/test.sh)
@@ -51,10 +51,8 @@ def hooks_stack():
 @pytest.fixture
 def api(hooks_stack):
     from web import create_app
-    from web.auth import create_key
 
-    owner = {"Authorization": f"Bearer {create_key(f'hooks-{uuid.uuid4().hex[:8]}')}"}
-    return create_app().test_client(), owner
+    return create_app().test_client(), new_owner("hooks")
 
 
 def _endpoint(client, owner, receiver: Receiver, *types: str) -> tuple[dict, str]:
@@ -203,11 +201,9 @@ def test_during_a_rotation_both_secrets_sign_and_after_it_only_the_new_one(hooks
 )
 def test_private_loopback_link_local_and_metadata_addresses_are_refused(hooks_stack, url):
     from web import create_app
-    from web.auth import create_key
 
     strict = Settings.from_env({**os.environ, "WEBHOOK_ALLOW_PRIVATE": "off"})
-    client = create_app(strict).test_client()
-    owner = {"Authorization": f"Bearer {create_key(f'ssrf-{uuid.uuid4().hex[:8]}')}"}
+    client, owner = create_app(strict).test_client(), new_owner("ssrf")
     made = client.post("/api/webhooks", json={"url": url, "event_types": ["turn.completed"]}, headers=owner)
     assert made.status_code == 422, made.get_json()
     assert made.get_json()["error"]["details"] == {"field": "url"}

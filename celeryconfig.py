@@ -18,7 +18,7 @@ worker_pool = "threads"
 broker_connection_retry_on_startup = True
 # The worker's start and stop, and the task modules: imported by the worker
 # when it starts (beat's loader imports them too; never the web tier).
-include = ["tasks.worker", "tasks.turn", "tasks.replay", "tasks.sweeper", "tasks.webhooks"]
+include = ["tasks.worker", "tasks.turn", "tasks.replay", "tasks.sweeper", "tasks.webhooks", "tasks.schedules"]
 # With Redis as the broker, the one visibility timeout (there is no result
 # backend to set it on too, and beat, Flower and the web tier build the same
 # app, so all of them use it): how long an unacknowledged message waits
@@ -69,6 +69,7 @@ task_default_queue = "turns"
 task_routes = {
     "tasks.sweep_turns": {"queue": "maintenance"},
     "tasks.dispatch_webhooks": {"queue": "maintenance"},
+    "tasks.fire_schedules": {"queue": "maintenance"},
     "tasks.deliver_webhook": {"queue": "webhooks"},
 }
 timezone = "UTC"

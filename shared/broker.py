@@ -30,6 +30,7 @@ ADVANCE_REPLAY = "tasks.advance_replay"
 SWEEP_TURNS = "tasks.sweep_turns"
 DISPATCH_WEBHOOKS = "tasks.dispatch_webhooks"
 DELIVER_WEBHOOK = "tasks.deliver_webhook"
+FIRE_SCHEDULES = "tasks.fire_schedules"
 WEBHOOKS_QUEUE = "webhooks"
 # Turns, and the sweeper's own queue, which every worker also consumes: it
 # must not wait behind a long queue of turns (it is what re-sends lost ones);
@@ -68,6 +69,9 @@ def get_celery() -> Celery:
         # webhooks (a query on a partial index) and only their sending goes to
         # the webhooks process; nothing piles up where none runs.
         "dispatch-webhooks": {"task": DISPATCH_WEBHOOKS, "schedule": 1.0, "options": {"expires": 2}},
+        # The same for replay schedules: they are kept in Postgres
+        # (shared/schedules.py), so a change needs no restart of beat.
+        "fire-schedules": {"task": FIRE_SCHEDULES, "schedule": 1.0, "options": {"expires": 2}},
     }
     return app
 

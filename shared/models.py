@@ -245,6 +245,17 @@ class Replay(Base):
     succeeded: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     failed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     running: Mapped[list[str]] = mapped_column(ARRAY(Uuid(as_uuid=False)), server_default=text("'{}'"))
+    # A run of a question set (shared/question_sets.py), maybe made by a
+    # schedule; each question asked `repeats` times; how many items passed
+    # their expectations, counted when the replay finishes.
+    set_id: Mapped[str | None] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("question_sets.id", ondelete="SET NULL"), nullable=True
+    )
+    schedule_id: Mapped[str | None] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("replay_schedules.id", ondelete="SET NULL"), nullable=True
+    )
+    repeats: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    passed: Mapped[int | None] = mapped_column(Integer)
 
 
 class ReplayItem(Base):
@@ -255,8 +266,68 @@ class ReplayItem(Base):
     message: Mapped[str] = mapped_column(Text)
     session_id: Mapped[str | None] = _fk("sessions.id", ondelete="SET NULL", nullable=True)
     turn_id: Mapped[str | None] = _fk("turns.id", ondelete="SET NULL", nullable=True)
+    # Of a set's run: the question's key (how runs are matched), which of
+    # its repeats, and the expectations it is judged by, copied from the set.
+    key: Mapped[str | None]
+    repeat: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    expect: Mapped[dict[str, Any] | None]
 
     __table_args__ = (UniqueConstraint("replay_id", "index"),)
+
+
+class QuestionSet(Base):
+    """Questions stored once, to be replayed on an assistant and the runs
+    compared (shared/question_sets.py)."""
+
+    __tablename__ = "question_sets"
+    id: Mapped[str] = _id()
+    owner_id: Mapped[str] = mapped_column(Uuid(as_uuid=False), ForeignKey("owners.id", ondelete="CASCADE"))
+    name: Mapped[str]
+    description: Mapped[str] = mapped_column(Text, server_default="")
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (UniqueConstraint("owner_id", "name", name="uq_question_sets_owner_name"),)
+
+
+class SetQuestion(Base):
+    __tablename__ = "set_questions"
+    set_id: Mapped[str] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("question_sets.id", ondelete="CASCADE"), primary_key=True
+    )
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str]
+    message: Mapped[str] = mapped_column(Text)
+    expect: Mapped[dict[str, Any] | None]
+
+    __table_args__ = (UniqueConstraint("set_id", "key", name="uq_set_questions_key"),)
+
+
+class ReplaySchedule(Base):
+    """A set run on a cron expression in a time zone (shared/schedules.py)."""
+
+    __tablename__ = "replay_schedules"
+    id: Mapped[str] = _id()
+    owner_id: Mapped[str] = _fk("owners.id")
+    set_id: Mapped[str] = _fk("question_sets.id")
+    cron: Mapped[str]
+    timezone: Mapped[str]
+    # Who answers (null: the default); with no version, the latest at each run.
+    assistant_id: Mapped[str | None] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("assistants.id", ondelete="SET NULL"), nullable=True
+    )
+    assistant_version: Mapped[int | None] = mapped_column(Integer)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    repeats: Mapped[int] = mapped_column(Integer)
+    enabled: Mapped[bool] = mapped_column(server_default=text("true"))
+    next_run_at: Mapped[datetime | None]
+    last_replay_id: Mapped[str | None] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("replays.id", ondelete="SET NULL", use_alter=True), nullable=True
+    )
+    skipped: Mapped[int] = mapped_column(Integer, server_default=text("0"))  # occurrences a run under way skipped
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
 
 
 class WebhookEndpoint(Base):

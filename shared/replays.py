@@ -10,9 +10,10 @@ at the items it starts, never at the whole replay.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import ColumnElement, any_, bindparam, func, or_, select
+from sqlalchemy import ColumnElement, any_, bindparam, func, insert, or_, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 from sqlalchemy.types import Uuid
@@ -20,7 +21,8 @@ from sqlalchemy.types import Uuid
 from shared.broker import send_replay_advance
 from shared.db import after_commit
 from shared.events import EventLog
-from shared.models import ChatSession, Replay, ReplayItem, Turn
+from shared.expectations import Result, judge, passed, tool_names, total_tokens
+from shared.models import ChatSession, Replay, ReplayItem, Turn, new_id
 from shared.turn_states import ACTIVE, ENDED, SUCCEEDED
 from shared.turns import submit_turn
 
@@ -31,21 +33,37 @@ def create_replay(
     questions: list[dict[str, Any]],
     concurrency: int,
     assistant: tuple[str, int] | None = None,
+    **of_set: Any,
 ) -> Replay:
     """Record a replay and its items; the first batch starts after commit.
     Every question is answered by `assistant` (id, version) if given, else
-    by its session's (a new session's: the default)."""
+    by its session's (a new session's: the default). A question may carry a
+    `key`, an `expect` and a `repeat` (a set's run: shared/question_sets.py,
+    which passes `set_id`, `repeats` and maybe `schedule_id` as `of_set`)."""
     replay = Replay(
         owner_id=owner_id,
         concurrency=concurrency,
         assistant_id=assistant[0] if assistant else None,
         assistant_version=assistant[1] if assistant else None,
+        **of_set,
     )
     db.add(replay)
     db.flush()
-    db.add_all(
-        ReplayItem(replay_id=replay.id, index=i, message=q["message"], session_id=q.get("session_id"))
-        for i, q in enumerate(questions)
+    db.execute(
+        insert(ReplayItem),
+        [
+            {
+                "id": new_id(),
+                "replay_id": replay.id,
+                "index": i,
+                "message": q["message"],
+                "session_id": q.get("session_id"),
+                "key": q.get("key"),
+                "repeat": q.get("repeat", 0),
+                "expect": q.get("expect"),
+            }
+            for i, q in enumerate(questions)
+        ],
     )
     after_commit(db, send_replay_advance, replay.id)
     return replay
@@ -65,15 +83,50 @@ def unfinished_items(db: Session, owner_id: str) -> int:
     )
 
 
-def item_rows(db: Session, replay_id: str) -> list[tuple[ReplayItem, Turn | None]]:
-    """Every item of the replay with its turn, in order (its results)."""
+def item_rows(db: Session, replay_ids: list[str]) -> Iterator[tuple[ReplayItem, Turn | None]]:
+    """Every item of the replays with its turn, in order (their results),
+    read in batches: a run holds up to 10,000 questions."""
     query = (
         select(ReplayItem, Turn)
         .outerjoin(Turn, Turn.id == ReplayItem.turn_id)
-        .where(ReplayItem.replay_id == replay_id)
-        .order_by(ReplayItem.index)
+        .where(ReplayItem.replay_id.in_(replay_ids))
+        .order_by(ReplayItem.replay_id, ReplayItem.index)
+        .execution_options(yield_per=1000)
     )
-    return [(item, turn) for item, turn in db.execute(query)]
+    yield from db.execute(query)
+
+
+def result_line(item: ReplayItem, turn: Turn | None) -> dict[str, Any]:
+    """One question's result, judged by its expectations (shared/expectations.py)."""
+    result = Result(
+        status=turn.status if turn else "pending",
+        answer=turn.answer if turn else None,
+        tools=tool_names(turn.tools) if turn else [],
+        latency_ms=_latency_ms(turn),
+        tokens=total_tokens(turn.usage) if turn else None,
+    )
+    checks = judge(item.expect, result)
+    return {
+        "index": item.index,
+        "key": item.key if item.key is not None else str(item.index),
+        "repeat": item.repeat,
+        "message": item.message,
+        "status": result.status,
+        "answer": result.answer,
+        "error": turn.error if turn else None,
+        "turn_id": item.turn_id,
+        "latency_ms": result.latency_ms,
+        "tokens": result.tokens,
+        "tools": result.tools,
+        "passed": passed(checks) if result.status in ENDED else None,
+        "checks": checks,
+    }
+
+
+def _latency_ms(turn: Turn | None) -> int | None:
+    if turn is None or not turn.finished_at or not turn.created_at:
+        return None
+    return round((turn.finished_at - turn.created_at).total_seconds() * 1000)
 
 
 def _total(replay_id: ColumnElement | str) -> ColumnElement[int]:
@@ -99,6 +152,10 @@ def _summary(replay: Replay, total: int) -> dict[str, Any]:
         "total": total,
         "succeeded": replay.succeeded,
         "failed": replay.failed,
+        "passed": replay.passed,
+        "set_id": replay.set_id,
+        "schedule_id": replay.schedule_id,
+        "repeats": replay.repeats,
         "created_at": replay.created_at.isoformat(),
         "finished_at": replay.finished_at.isoformat() if replay.finished_at else None,
     }
@@ -154,17 +211,26 @@ def advance(db: Session, replay_id: str) -> None:
             if item.turn_id is None:  # else started by an advance of the code before this one
                 _start(db, replay, item)
             running.append(item.turn_id)
+    finished = not running  # every item started, and every turn ended
+    # Judged once, at the end (a set's run; else passing is succeeding),
+    # before the one UPDATE that finishes it: the webhook it sets off
+    # carries the count.
+    passing = (_count_passed(db, replay.id) if replay.set_id else succeeded) if finished else None
     # Written once, at the end: an earlier change would be flushed on its own
     # before the next statement.
     replay.succeeded, replay.failed, replay.running = succeeded, failed, running
-    if not running:  # every item started, and every turn ended
-        replay.finished_at = func.now()
+    if finished:
+        replay.finished_at, replay.passed = func.now(), passing
     db.flush()
     state = _summary(replay, total)
     events = EventLog("replay", replay.id)
     after_commit(db, events.append, "replay.progress", **state)
     if replay.finished_at is not None:
         after_commit(db, events.append, "replay.finished", **state)
+
+
+def _count_passed(db: Session, replay_id: str) -> int:
+    return sum(1 for item, turn in item_rows(db, [replay_id]) if result_line(item, turn)["passed"])
 
 
 def _start(db: Session, replay: Replay, item: ReplayItem) -> None:

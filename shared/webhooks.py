@@ -45,6 +45,7 @@ EVENT_TYPES = (
     "turn.interrupted",
     "turn.waiting",
     "replay.finished",
+    "schedule.run_finished",
 )
 BODY_CAP = 4096  # bytes of an answer read, at most: only its status matters
 MAX_RETRY_AFTER = 24 * 3600

@@ -50,7 +50,10 @@ def create_app(settings: Settings | None = None) -> Flask:
         metrics,
         openapi,
         page,
+        question_sets,
+        replay_cli,
         replays,
+        schedules,
         sessions,
         turns,
         webhooks,
@@ -90,7 +93,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     # owner's row, once and for all).
     app.before_request(functools.partial(run_again_while_away, auth.authenticate, writes=False))
     limits.init_app(app, settings)  # after authentication: per-key limits count the caller it found
-    modules = (approvals, assistants, auth, cli, health, metrics, openapi, page, replays, sessions, turns, webhooks)
+    modules = (
+        approvals, assistants, auth, cli, health, metrics, openapi, page,
+        question_sets, replay_cli, replays, schedules, sessions, turns, webhooks,
+    )  # fmt: skip
     for module in modules:
         app.register_blueprint(module.bp)
     headers.init_app(app, settings)

@@ -8,17 +8,16 @@ from typing import Any
 
 from flask import Blueprint, current_app, g, jsonify, request
 from sqlalchemy import exists, func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.config import DEFAULT_ENDPOINT, Settings
 from shared.db import transaction
-from shared.models import Assistant, AssistantVersion, ChatSession, Replay, Turn
+from shared.models import Assistant, AssistantVersion, ChatSession, Replay, ReplaySchedule, Turn
 from shared.turn_states import ACTIVE
 from web import schemas
 from web.errors import ApiError
 from web.openapi import operation
-from web.resources import int_arg, iso, owned, valid_id
+from web.resources import flush_named, int_arg, iso, owned, valid_id
 from web.validation import UNSTORABLE, AssistantBody, LatestVersion, parse_body
 
 bp = Blueprint("assistants", __name__)
@@ -68,7 +67,7 @@ def create_assistant(db: Session, owner_id: str, body: AssistantBody, settings: 
     columns = profile_columns(body, settings)
     assistant = Assistant(owner_id=owner_id, name=body.name, latest=1, versions=1)
     db.add(assistant)
-    _named(db, body.name)
+    flush_named(db, "an assistant", body.name)
     db.add(AssistantVersion(assistant_id=assistant.id, version=1, **columns))
     db.flush()
     return assistant
@@ -82,18 +81,9 @@ def replace_assistant(db: Session, assistant: Assistant, body: AssistantBody, se
     assistant.versions += 1
     assistant.latest = assistant.versions
     assistant.updated_at = func.now()
-    _named(db, body.name)
+    flush_named(db, "an assistant", body.name)
     db.add(AssistantVersion(assistant_id=assistant.id, version=assistant.versions, **columns))
     db.flush()
-
-
-def _named(db: Session, name: str) -> None:
-    """Flush the assistant's row: 409 if its owner has another of that name."""
-    try:
-        with db.begin_nested():
-            db.flush()
-    except IntegrityError:
-        raise ApiError(409, f"you have an assistant named {name!r} already", {"field": "name"}) from None
 
 
 def chosen(db: Session, assistant_id: str | None, version: int | None) -> tuple[str, int | None] | None:
@@ -242,6 +232,12 @@ def delete(assistant_id: str):
                 .where(model.assistant_id == assistant.id)
                 .values(assistant_id=None, assistant_version=None)
             )
+        # A schedule of it stops rather than go on with another assistant.
+        db.execute(
+            update(ReplaySchedule)
+            .where(ReplaySchedule.assistant_id == assistant.id)
+            .values(assistant_id=None, assistant_version=None, enabled=False, next_run_at=None)
+        )
         db.delete(assistant)
     return "", 204
 

@@ -1,36 +1,28 @@
 """Operator commands: `flask --app web db upgrade | keys create/list/revoke | assistants list/create/show |
-webhooks list/create/deliveries | replay | turns`."""
+webhooks list/create/deliveries | turns`; `replay` and `sets`
+are web/replay_cli.py's."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import click
 from flask import Blueprint
 from flask.cli import AppGroup
 from sqlalchemy import func, select
-from tqdm import tqdm
 
 from shared.broker import send_turn
 from shared.config import get_settings
 from shared.db import transaction
-from shared.models import ApiKey, Assistant, AssistantVersion, Owner, Replay, Turn, WebhookDelivery, WebhookEndpoint
+from shared.models import ApiKey, Assistant, AssistantVersion, Owner, Turn, WebhookDelivery, WebhookEndpoint
 from shared.recovery import alive, claimed_lately, requeue_stale_running, requeue_turn, resend_queued
-from shared.replays import create_replay, item_rows, summary
 from shared.status import describe_outage
-from shared.turn_states import ACTIVE, ENDED, QUEUED, RUNNING, STATUSES
+from shared.turn_states import ACTIVE, QUEUED, RUNNING, STATUSES
 
 bp = Blueprint("cli", __name__, cli_group=None)
-
-# `replay`'s exit codes besides 0 (2 is click's, for a bad argument or input file).
-EXIT_FAILED, EXIT_TIMEOUT = 1, 3
 
 
 class OperatorCommand(click.Command):
@@ -221,25 +213,25 @@ def assistants_show(assistant: str, owner: str, version: int | None) -> None:
     from web.assistants import assistant_json
 
     with transaction() as db:
-        found = _assistant_named(db, owner, assistant)
+        found = assistant_named(db, owner, assistant)
         shown = db.get(AssistantVersion, (found.id, version or found.latest))
         if shown is None:
             raise click.BadParameter(f"{found.name} has versions 1 to {found.versions}", param_hint="--version")
         click.echo(json.dumps(assistant_json(found, shown), indent=2))
 
 
-def _assistant_named(db, owner: str, assistant: str) -> Assistant:
+def assistant_named(db, owner: str, assistant: str) -> Assistant:
     """The owner's assistant by name or id, or a usage error."""
     query = select(Assistant).join(Owner, Owner.id == Assistant.owner_id).where(Owner.name == owner)
     found = db.scalar(query.where(Assistant.name == assistant))
-    if found is None and _is_uuid(assistant):
+    if found is None and is_uuid(assistant):
         found = db.scalar(query.where(Assistant.id == assistant))
     if found is None:
         raise click.BadParameter(f"{owner} has no assistant {assistant!r} (`assistants list` shows them)")
     return found
 
 
-def _is_uuid(text: str) -> bool:
+def is_uuid(text: str) -> bool:
     try:
         uuid.UUID(text)
     except ValueError:
@@ -297,7 +289,7 @@ def webhooks_create(url: str, owner: str, events: tuple[str, ...]) -> None:
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
 def webhooks_deliveries(endpoint_id: str, limit: int) -> None:
     """An endpoint's latest deliveries: id, event type, status, attempts, the last answer."""
-    if not _is_uuid(endpoint_id):
+    if not is_uuid(endpoint_id):
         raise click.BadParameter(f"{endpoint_id!r} is not an endpoint's id (`webhooks list` shows them)")
     with transaction() as db:
         rows = db.scalars(
@@ -309,98 +301,6 @@ def webhooks_deliveries(endpoint_id: str, limit: int) -> None:
     for d in rows:
         last = d.last_error or (f"HTTP {d.last_status}" if d.last_status else "-")
         click.echo(f"{d.id}  {d.event_type:18}  {d.status:9}  {d.attempts} attempts  {last}")
-
-
-@bp.cli.command("replay", cls=OperatorCommand)
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--owner", default="local", show_default=True, help="Owner the sessions belong to.")
-@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 100))
-@click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait for the whole batch.")
-@click.option("--assistant", metavar="NAME[@VERSION]", help="Who answers every question (default: each session's).")
-def replay(file: Path, out: Path, owner: str, concurrency: int, timeout: float, assistant: str | None) -> None:
-    """Submit one turn per line of FILE (JSON: {"message", "session_id"?}),
-    show progress, write one result line per question to --out. Exits 1 if
-    any question failed, 3 if the batch did not finish within --timeout (2
-    is a bad argument or input file)."""
-    from web.auth import get_or_create_owner
-    from web.replays import result_line
-
-    questions = _read_questions(file)
-    with transaction() as db:
-        owner_id = get_or_create_owner(db, owner).id
-        chosen = None
-        if assistant is not None:
-            name, _, version = assistant.rpartition("@") if "@" in assistant else (assistant, "", "")
-            found = _assistant_named(db, owner, name)
-            if version and not (version.isdigit() and 1 <= int(version) <= found.versions):
-                raise click.BadParameter(f"{found.name} has versions 1 to {found.versions}", param_hint="--assistant")
-            chosen = (found.id, int(version) if version else found.latest)
-        replay_id = create_replay(db, owner_id, questions, concurrency, chosen).id
-    click.echo(f"replay {replay_id}: {len(questions)} questions", err=True)
-    deadline = time.monotonic() + timeout
-    with _progress(len(questions)) as show:
-        while True:
-            with transaction() as db:
-                state = summary(db, db.get(Replay, replay_id))
-            show(state["succeeded"] + state["failed"], state["failed"])
-            if state["status"] == "finished" or time.monotonic() > deadline:
-                break
-            time.sleep(0.25)
-    with transaction() as db:
-        rows = item_rows(db, replay_id)
-    with out.open("w") as fh:
-        for item, turn in rows:
-            fh.write(json.dumps(result_line(item, turn)) + "\n")
-    unfinished = sum(1 for _item, turn in rows if turn is None or turn.status not in ENDED)
-    click.echo(f"{state['succeeded']} succeeded, {state['failed']} failed, {unfinished} unfinished -> {out}", err=True)
-    if unfinished:
-        sys.exit(EXIT_TIMEOUT)
-    if state["failed"]:
-        sys.exit(EXIT_FAILED)
-
-
-@contextmanager
-def _progress(total: int) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar on a terminal; elsewhere (a log, a pipe) a plain line
-    when the count changes, at most every 5 seconds, and at the end."""
-    if sys.stderr.isatty():
-        with tqdm(total=total, unit="q", file=sys.stderr) as bar:
-
-            def show(done: int, failed: int) -> None:
-                bar.update(done - bar.n)
-                bar.set_postfix(failed=failed)
-
-            yield show
-        return
-    last = {"done": -1, "at": 0.0}
-
-    def show(done: int, failed: int) -> None:
-        now = time.monotonic()
-        if done != last["done"] and (now - last["at"] >= 5 or done == total):
-            click.echo(f"{done}/{total} done, {failed} failed", err=True)
-            last.update(done=done, at=now)
-
-    yield show
-
-
-def _read_questions(file: Path) -> list[dict]:
-    questions = []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise click.BadParameter(f"line {n} is not JSON: {exc}", param_hint="FILE") from None
-        if isinstance(data, str):
-            data = {"message": data}
-        if not isinstance(data, dict) or not isinstance(data.get("message"), str) or not data["message"].strip():
-            raise click.BadParameter(f'line {n} needs a non-empty "message"', param_hint="FILE")
-        questions.append({"message": data["message"].strip(), "session_id": data.get("session_id")})
-    if not questions:
-        raise click.BadParameter("the file holds no questions", param_hint="FILE")
-    return questions
 
 
 @bp.cli.group("turns", cls=OperatorGroup)

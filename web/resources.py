@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
+from datetime import datetime
 from typing import Any
 
 from flask import g, request, url_for
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select, tuple_
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.models import ChatSession, Message, Turn
@@ -99,3 +102,39 @@ def turn_json(turn: Turn) -> dict[str, Any]:
         "finished_at": iso(turn.finished_at),
         "events_url": url_for("turns.turn_events", turn_id=turn.id),
     }
+
+
+def time_cursor(at: datetime, ident: str) -> str:
+    """A page's cursor: the time and id of its last row (a list in time order)."""
+    return base64.urlsafe_b64encode(f"{at.isoformat()}|{ident}".encode()).decode().rstrip("=")
+
+
+def parse_time_cursor(cursor: str | None) -> tuple[datetime, str] | None:
+    """A `time_cursor`'s time and id (a webhook delivery's `msg_…`, else a uuid), or the documented 422."""
+    if not cursor:
+        return None
+    try:
+        at, ident = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|", 1)
+        return datetime.fromisoformat(at), ident if ident.startswith("msg_") else valid_id(ident)
+    except (ValueError, ApiError):
+        raise ApiError(422, "cursor is not one this API handed out", {"field": "cursor"}) from None
+
+
+def newest_first(db: Session, query: Select, model: type, limit: int) -> tuple[list[Any], str | None]:
+    """A page of `query`'s rows, newest first (by `created_at`, then id),
+    after the request's `cursor`; and the next page's cursor, or None."""
+    after = parse_time_cursor(request.args.get("cursor"))
+    if after is not None:
+        query = query.where(tuple_(model.created_at, model.id) < after)
+    rows = db.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)).all()
+    last = rows[limit - 1] if len(rows) > limit else None
+    return list(rows[:limit]), time_cursor(last.created_at, last.id) if last else None
+
+
+def flush_named(db: Session, what: str, name: str) -> None:
+    """Flush a named object's row: 409 if its owner has another `what` of that name."""
+    try:
+        with db.begin_nested():
+            db.flush()
+    except IntegrityError:
+        raise ApiError(409, f"you have {what} named {name!r} already", {"field": "name"}) from None

@@ -117,20 +117,84 @@ class Replay(Answer):
     total: int
     succeeded: int
     failed: int
+    passed: int | None = Field(description="items that passed their expectations; counted when it finishes")
+    set_id: str | None = Field(description="the question set it runs, if it does")
+    schedule_id: str | None = Field(description="the schedule that made it, if one did")
+    repeats: int = Field(description="how many times each question is asked")
     created_at: datetime
     finished_at: datetime | None
+
+
+class ReplayPage(Answer):
+    items: list[Replay]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class Check(Answer):
+    check: str = Field(description="succeeded, or an expectation's name")
+    passed: bool
+    detail: str = Field(description="why it failed; empty when it passed")
 
 
 class ReplayResult(Answer):
     """One line of a replay's results (NDJSON)."""
 
     index: int
+    key: str = Field(description="the question's key in its set; else its index")
+    repeat: int
     message: str
     status: Literal[(*STATUSES, "pending")]  # type: ignore[valid-type]
     answer: str | None
     error: TurnError | None
     turn_id: str | None
     latency_ms: int | None
+    tokens: int | None
+    tools: list[str]
+    passed: bool | None = Field(description="its turn succeeded and every check passed; null until it ends")
+    checks: list[Check]
+
+
+class SetQuestion(Answer):
+    key: str
+    message: str
+    expect: dict[str, Any] | None
+
+
+class QuestionSet(Answer):
+    id: str
+    name: str
+    description: str
+    size: int
+    created_at: datetime
+    updated_at: datetime
+    questions: list[SetQuestion] | None = Field(None, description="one set's; not in lists")
+
+
+class QuestionSetPage(Answer):
+    items: list[QuestionSet]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class Schedule(Answer):
+    id: str
+    set_id: str
+    cron: str
+    timezone: str
+    assistant_id: str | None
+    assistant_version: int | None = Field(description="null: the assistant's latest at each run")
+    concurrency: int
+    repeats: int
+    enabled: bool
+    next_run_at: datetime | None = Field(description="when it runs next; null while disabled")
+    last_replay_id: str | None
+    skipped: int = Field(description="times it was due while its last run was still under way")
+    created_at: datetime
+    updated_at: datetime
+
+
+class SchedulePage(Answer):
+    items: list[Schedule]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
 
 
 class Approval(Answer):
@@ -257,3 +321,59 @@ class WebhookDelivery(Answer):
 class WebhookDeliveryPage(Answer):
     items: list[WebhookDelivery]
     next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last")
+
+
+class Spread(Answer):
+    sd: float
+    min: float
+    max: float
+
+
+class ComparedSide(Answer):
+    replays: list[str]
+    assistant: dict[str, Any] = Field(description="`id` and `version` of its first replay's assistant")
+    set_id: str | None
+    runs_of_set: int = Field(description="samples of the whole set: each replay's repeats")
+    questions: int = Field(description="answers judged, every repeat counted")
+    pass_rate: float | None
+    p50_latency_ms: float | None
+    p95_latency_ms: float | None
+    mean_tokens: float | None
+    total_tokens: int
+    spread: dict[str, Spread | None] = Field(description="each metric over the runs of the set; null with one")
+
+
+class MetricChange(Answer):
+    change: float | None = Field(description="candidate minus baseline")
+    ci95: list[float] | None = Field(description="95% confidence interval of the change; null with one run a side")
+    within_noise: bool | None
+
+
+class ComparedOutcome(Answer):
+    answer: str | None = Field(description="its first sample's")
+    status: str
+    checks: list[Check]
+    tools: list[str]
+    samples: int
+    pass_rate: float
+    latency_ms: float | None = Field(description="the median over its samples")
+    tokens: float | None = Field(description="the mean over its samples")
+
+
+class ComparedQuestion(Answer):
+    key: str
+    message: str
+    change: Literal["regressed", "improved", "noise", "same", "added", "removed"]
+    baseline: ComparedOutcome | None
+    candidate: ComparedOutcome | None
+    diff: list[list[str]] | None = Field(description='word diff of the answers: ["=" | "-" | "+", text] pieces')
+    pass_change: float | None
+    pass_change_ci: list[float] | None
+
+
+class Comparison(Answer):
+    baseline: ComparedSide
+    candidate: ComparedSide
+    difference: dict[str, MetricChange]
+    changes: dict[str, int]
+    questions: list[ComparedQuestion]

@@ -7,8 +7,9 @@ import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from flask import request
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
+from shared.expectations import MAX_PATTERN_CHARS, pattern_error
 from web.errors import ApiError
 
 M = TypeVar("M", bound=BaseModel)
@@ -103,14 +104,20 @@ class LatestVersion(Body):
 
 
 EventTypeName = Literal[
-    "turn.completed", "turn.failed", "turn.cancelled", "turn.interrupted", "turn.waiting", "replay.finished"
+    "turn.completed",
+    "turn.failed",
+    "turn.cancelled",
+    "turn.interrupted",
+    "turn.waiting",
+    "replay.finished",
+    "schedule.run_finished",
 ]
 WebhookUrl = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
 
 
 class WebhookCreate(Body):
     url: WebhookUrl = Field(description="https (in production), to a host with a public address")
-    event_types: Annotated[list[EventTypeName], Field(min_length=1, max_length=6)]
+    event_types: Annotated[list[EventTypeName], Field(min_length=1, max_length=7)]
     enabled: bool = True
 
 
@@ -118,7 +125,7 @@ class WebhookUpdate(Body):
     """What a PATCH changes: the fields it names, nothing else."""
 
     url: WebhookUrl | None = None
-    event_types: Annotated[list[EventTypeName], Field(min_length=1, max_length=6)] | None = None
+    event_types: Annotated[list[EventTypeName], Field(min_length=1, max_length=7)] | None = None
     enabled: bool | None = None
 
 
@@ -144,31 +151,124 @@ class ChatRequest(Body):
     stream: bool = False
 
 
+MAX_QUESTIONS = 10_000  # in one replay, however they are given (a set's times its repeats)
+MAX_REPEATS = 10
+
+Phrase = Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+Phrases = Phrase | Annotated[list[Phrase], Field(min_length=1, max_length=50)]
+ToolNames = ToolName | Annotated[list[ToolName], Field(min_length=1, max_length=50)]
+
+
+class Expect(Body):
+    """What a question expects of its answer (shared/expectations.py):
+    every check named must pass."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
+    contains: Phrases | None = Field(None, description="text the answer must hold (each of a list), case-sensitive")
+    not_contains: Phrases | None = Field(None, description="text the answer must not hold")
+    regex: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATTERN_CHARS)] | None = Field(
+        None, description="a pattern the answer must match somewhere"
+    )
+    is_json: Literal[True] | None = Field(None, alias="json", description="the answer is a JSON document")
+    tools_called: ToolNames | None = Field(None, description="tools that must be called: `server__tool` or `tool`")
+    tools_not_called: ToolNames | None = Field(None, description="tools that must not be called")
+    max_latency_ms: Annotated[int, Field(ge=1, le=86_400_000)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=100_000_000)] | None = Field(
+        None, description="prompt and completion tokens of the whole turn"
+    )
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        error = None if pattern is None else pattern_error(pattern)
+        if error:
+            raise ValueError(f"not a valid pattern: {error}")
+        return pattern
+
+    def stored(self) -> dict[str, Any] | None:
+        return self.model_dump(by_alias=True, exclude_none=True) or None
+
+
+Key = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+class SetQuestion(Body):
+    message: Text
+    key: Key | None = Field(None, description="how runs are matched (default: the question's place, from 1)")
+    expect: Expect | None = None
+
+
+class QuestionSetBody(Body):
+    """A whole set: creating one, or replacing it."""
+
+    name: Name
+    description: Annotated[str, StringConstraints(max_length=2000)] = ""
+    questions: Annotated[list[SetQuestion], Field(min_length=1, max_length=MAX_QUESTIONS)]
+
+    @model_validator(mode="after")
+    def _keys_differ(self) -> QuestionSetBody:
+        keys = [q.key or str(i + 1) for i, q in enumerate(self.questions)]
+        if len(set(keys)) < len(keys):
+            raise ValueError("two questions have the same key")
+        return self
+
+
 class ReplayQuestion(Body):
     message: Text
     session_id: str | None = None
 
 
-MAX_QUESTIONS = 10_000  # in one replay, however they are given
-
-
 def _exactly_one_source(schema: dict) -> None:
-    """ReplayCreate's schema: one of its two lists, neither null."""
-    for name in ("questions", "from_sessions"):
+    """ReplayCreate's schema: one of its sources, none null."""
+    for name in ("questions", "from_sessions", "set_id"):
         schema["properties"][name].pop("default", None)
-    schema["oneOf"] = [{"required": ["questions"]}, {"required": ["from_sessions"]}]
+    schema["oneOf"] = [{"required": ["questions"]}, {"required": ["from_sessions"]}, {"required": ["set_id"]}]
+
+
+Concurrency = Annotated[int, Field(ge=1, le=100)]
+Repeats = Annotated[int, Field(ge=1, le=MAX_REPEATS)]
 
 
 class ReplayCreate(Body):
-    """Exactly one of `questions` and `from_sessions`."""
+    """Exactly one of `questions`, `from_sessions` and `set_id`."""
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one_source)
     # Absent, or a list: None stands for absent, and null is refused.
     questions: Annotated[list[ReplayQuestion], Field(min_length=1, max_length=MAX_QUESTIONS)] = None
     from_sessions: Annotated[list[str], Field(min_length=1, max_length=1000)] = None
-    concurrency: Annotated[int, Field(ge=1, le=100)] = 4
+    set_id: str = Field(None, description="run a question set: each question judged by its expectations")
+    repeats: Repeats = Field(1, description="with `set_id`: ask each question this many times")
+    concurrency: Concurrency = 4
     assistant_id: str | None = Field(None, description="who answers every question (null: each session's)")
     assistant_version: Version | None = Field(None, description="null: the assistant's latest when it starts")
+
+
+Cron = Annotated[str, StringConstraints(strip_whitespace=True, min_length=9, max_length=200)]
+TimeZone = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class ScheduleCreate(Body):
+    set_id: str
+    cron: Cron = Field(description="minute hour day month weekday; or six fields, seconds first")
+    timezone: TimeZone = Field("UTC", description="an IANA name: the cron's hours are this zone's")
+    assistant_id: str | None = None
+    assistant_version: Version | None = Field(None, description="null: the assistant's latest at each run")
+    concurrency: Concurrency = 4
+    repeats: Repeats = 1
+    enabled: bool = True
+
+
+class ScheduleUpdate(Body):
+    """What a PATCH changes: the fields it names, nothing else (naming
+    `assistant_id` sets `assistant_version` too: null unless given)."""
+
+    cron: Cron | None = None
+    timezone: TimeZone | None = None
+    assistant_id: str | None = None
+    assistant_version: Version | None = None
+    concurrency: Concurrency | None = None
+    repeats: Repeats | None = None
+    enabled: bool | None = None
 
 
 class Login(Body):

@@ -3,8 +3,7 @@ their secrets (shown once), their deliveries' log, and a redelivery."""
 
 from __future__ import annotations
 
-import base64
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from flask import Blueprint, g, jsonify, request
@@ -17,7 +16,7 @@ from shared.webhooks import Refused, check_url, new_secret
 from web import schemas
 from web.errors import ApiError
 from web.openapi import operation
-from web.resources import int_arg, iso, owned, valid_id
+from web.resources import int_arg, iso, owned, parse_time_cursor, time_cursor
 from web.validation import SecretRotation, WebhookCreate, WebhookUpdate, parse_body
 
 bp = Blueprint("webhooks", __name__)
@@ -74,7 +73,7 @@ def create_endpoint(db: Session, owner_id: str, body: WebhookCreate) -> dict[str
 @operation("The caller's webhook endpoints, oldest first", {200: schemas.WebhookEndpointPage}, query=PAGE)
 def list_endpoints():
     limit = int_arg("limit", 50, 1, 100)
-    after = _cursor(request.args.get("cursor"))
+    after = parse_time_cursor(request.args.get("cursor"))
     query = (
         select(WebhookEndpoint)
         .where(WebhookEndpoint.owner_id == g.owner_id)
@@ -87,7 +86,7 @@ def list_endpoints():
         rows = db.scalars(query).all()
         items = [endpoint_json(e) for e in rows[:limit]]
     last = rows[limit - 1] if len(rows) > limit else None
-    return jsonify({"items": items, "next_cursor": _encode(last.created_at, last.id) if last else None})
+    return jsonify({"items": items, "next_cursor": time_cursor(last.created_at, last.id) if last else None})
 
 
 @bp.get("/api/webhooks/<webhook_id>")
@@ -160,7 +159,7 @@ def rotate_secret(webhook_id: str):
 )
 def list_deliveries(webhook_id: str):
     limit = int_arg("limit", 20, 1, 100)
-    before = _cursor(request.args.get("cursor"))
+    before = parse_time_cursor(request.args.get("cursor"))
     with transaction() as db:
         endpoint = owned(db, WebhookEndpoint, webhook_id)
         query = (
@@ -174,7 +173,7 @@ def list_deliveries(webhook_id: str):
         rows = db.scalars(query).all()
         items = [_delivery_json(db, d) for d in rows[:limit]]
     last = rows[limit - 1] if len(rows) > limit else None
-    return jsonify({"items": items, "next_cursor": _encode(last.created_at, last.id) if last else None})
+    return jsonify({"items": items, "next_cursor": time_cursor(last.created_at, last.id) if last else None})
 
 
 @bp.post("/api/webhooks/<webhook_id>/deliveries/<delivery_id>/redeliver")
@@ -225,17 +224,3 @@ def _delivery_json(db: Session, delivery: WebhookDelivery) -> dict[str, Any]:
         "created_at": iso(delivery.created_at),
         "finished_at": iso(delivery.finished_at),
     }
-
-
-def _encode(at: datetime, ident: str) -> str:
-    return base64.urlsafe_b64encode(f"{at.isoformat()}|{ident}".encode()).decode().rstrip("=")
-
-
-def _cursor(cursor: str | None) -> tuple[datetime, str] | None:
-    if not cursor:
-        return None
-    try:
-        at, ident = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|", 1)
-        return datetime.fromisoformat(at), ident if ident.startswith("msg_") else valid_id(ident)
-    except (ValueError, ApiError):
-        raise ApiError(422, "cursor is not one this API handed out", {"field": "cursor"}) from None

@@ -60,6 +60,10 @@ _REPLAY_FIELDS = (
     "total",
     "succeeded",
     "failed",
+    "passed",
+    "set_id",
+    "schedule_id",
+    "repeats",
     "created_at",
     "finished_at",
 )

@@ -37,19 +37,19 @@ _WORDS = re.compile(r"\s+|[^\s]+")
 MAX_RUNS = 20  # replays on one side
 
 
-def refusal(baseline: list[Replay], candidate: list[Replay]) -> str | None:
-    """Why these sides cannot be compared, or None."""
+def refusal(baseline: list[Replay], candidate: list[Replay]) -> tuple[int, str, dict] | None:
+    """Why these sides cannot be compared, as an API error's status,
+    message and details; or None."""
     for side, runs in zip(SIDES, (baseline, candidate), strict=True):
         if not runs:
-            return f"name at least one {side} replay"
+            return 422, f"name at least one {side} replay", {"field": side}
         if len(runs) > MAX_RUNS:
-            return f"at most {MAX_RUNS} replays a side"
+            return 422, f"at most {MAX_RUNS} replays a side", {"field": side}
         unfinished = [r.id for r in runs if r.finished_at is None]
         if unfinished:
-            return f"{side} replay {unfinished[0]} has not finished"
-    sets = {r.set_id for r in baseline + candidate}
-    if len(sets) > 1:
-        return "the replays are runs of different question sets"
+            return 409, f"{side} replay {unfinished[0]} has not finished", {"field": side}
+    if len({r.set_id for r in baseline + candidate}) > 1:
+        return 422, "the replays are runs of different question sets", {"field": "candidate"}
     return None
 
 
@@ -90,7 +90,8 @@ def _question(key: str, base: list[dict], cand: list[dict]) -> dict[str, Any]:
         out.update(change=REMOVED if base else ADDED, diff=None, pass_change=None, pass_change_ci=None)
         return out
     moved = out["candidate"]["pass_rate"] - out["baseline"]["pass_rate"]
-    ci = welch([float(s["passed"]) for s in base], [float(s["passed"]) for s in cand])
+    # `passed` is None only for an item whose turn is gone (its session deleted): not passed
+    ci = welch([float(bool(s["passed"])) for s in base], [float(bool(s["passed"])) for s in cand])
     if moved == 0:
         change = SAME
     elif ci is not None and ci[0] <= 0 <= ci[1]:
@@ -161,7 +162,7 @@ def _side(runs: list[Replay], totals: dict[str, Any]) -> dict[str, Any]:
         )
     return {
         "replays": [r.id for r in runs],
-        "assistant": [{"id": r.assistant_id, "version": r.assistant_version} for r in runs][0],
+        "assistant": {"id": runs[0].assistant_id, "version": runs[0].assistant_version},
         "set_id": runs[0].set_id,
         "runs_of_set": len(totals["runs"]),
         **totals["all"],

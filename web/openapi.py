@@ -86,6 +86,8 @@ _ID_OF = {
     schemas.Replay: "replay_id",
     schemas.Assistant: "assistant_id",
     schemas.WebhookEndpoint: "webhook_id",
+    schemas.QuestionSet: "set_id",
+    schemas.Schedule: "schedule_id",
 }
 
 

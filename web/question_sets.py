@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, g, jsonify
+from flask import Blueprint, current_app, g, jsonify
 from sqlalchemy import exists, select
 
 from shared.db import transaction
@@ -105,6 +105,16 @@ def runs(set_id: str):
 
 
 def _questions(body: QuestionSetBody) -> list[dict[str, Any]]:
-    return [
-        {"message": q.message, "key": q.key, "expect": q.expect.stored() if q.expect else None} for q in body.questions
-    ]
+    return set_questions(body, current_app.extensions["turnstream.settings"].max_message_chars)
+
+
+def set_questions(body: QuestionSetBody, max_message_chars: int) -> list[dict[str, Any]]:
+    """The body's questions as stored; a 422 for one longer than a message may be."""
+    questions = []
+    for i, q in enumerate(body.questions):
+        if len(q.message) > max_message_chars:
+            raise ApiError(
+                422, f"a question is longer than {max_message_chars} characters", {"field": f"questions.{i}.message"}
+            )
+        questions.append({"message": q.message, "key": q.key, "expect": q.expect.stored() if q.expect else None})
+    return questions

@@ -15,6 +15,7 @@ from flask import Blueprint
 from sqlalchemy import select
 from tqdm import tqdm
 
+from shared.config import get_settings
 from shared.db import transaction
 from shared.models import Owner, QuestionSet, Replay
 from shared.question_sets import run_set, set_json, store_questions
@@ -134,7 +135,7 @@ def compare_runs(baseline: str, candidate: str, html: Path | None, json_out: Pat
         sides = [_replays(db, ids) for ids in (baseline, candidate)]
         refused = refusal(*sides)
         if refused:
-            raise click.UsageError(refused)
+            raise click.UsageError(refused[1])
         data = compare(db, *sides)
     for path, render in ((json_out, to_json), (csv_out, to_csv), (html, lambda c: to_html(c)[0])):
         if path is not None:
@@ -189,6 +190,7 @@ def sets_import(name: str, file: Path, owner: str, description: str) -> None:
     as the owner's set NAME, replacing its questions if it exists."""
     from web.auth import get_or_create_owner
     from web.errors import ApiError
+    from web.question_sets import set_questions
     from web.validation import QuestionSetBody, validate
 
     lines = []
@@ -201,11 +203,9 @@ def sets_import(name: str, file: Path, owner: str, description: str) -> None:
             lines.append({"message": data} if isinstance(data, str) else data)
     try:
         body = validate(QuestionSetBody, {"name": name, "description": description, "questions": lines})
+        questions = set_questions(body, get_settings().max_message_chars)
     except ApiError as exc:
         raise click.BadParameter(str(exc), param_hint="FILE") from None
-    questions = [
-        {"message": q.message, "key": q.key, "expect": q.expect.stored() if q.expect else None} for q in body.questions
-    ]
     with transaction() as db:
         owner_id = get_or_create_owner(db, owner).id
         qset = db.scalar(select(QuestionSet).where(QuestionSet.owner_id == owner_id, QuestionSet.name == name))

@@ -116,7 +116,7 @@ def results(replay_id: str):
         "candidate": {"type": "array", "items": {"type": "string"}, "minItems": 1},
         "format": {"type": "string", "enum": ["json", "csv", "html"]},
     },
-    errors=(409,),
+    errors=(404, 409),  # a replay not the caller's
 )
 def comparison():
     fmt = request.args.get("format", "json")
@@ -126,7 +126,7 @@ def comparison():
         sides = [[owned(db, Replay, i) for i in request.args.getlist(side)] for side in SIDES]
         refused = refusal(*sides)
         if refused:
-            raise ApiError(409 if "finished" in refused else 422, refused, {"field": "baseline"})
+            raise ApiError(*refused)
         data = compare(db, *sides)
     if fmt == "csv":
         return Response(to_csv(data), mimetype="text/csv", headers=_attachment("comparison.csv"))

@@ -45,7 +45,12 @@ def schedule_json(schedule: ReplaySchedule) -> dict[str, Any]:
 
 
 @bp.post("/api/schedules")
-@operation("Run a question set on a cron expression in a time zone", {201: schemas.Schedule}, body=ScheduleCreate)
+@operation(
+    "Run a question set on a cron expression in a time zone",
+    {201: schemas.Schedule},
+    body=ScheduleCreate,
+    errors=(404,),  # a set or an assistant not the caller's
+)
 def create():
     body = parse_body(ScheduleCreate)
     with transaction() as db:

@@ -4,6 +4,7 @@ authentication on."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import time
@@ -22,6 +23,11 @@ HOSTILE = (
     '<img src=x onerror="window.pwned=1"> <script>window.pwned=2</script> '
     "[click](javascript:window.pwned=3) ![remote](https://remote.example/x.png)"
 )
+# A set's questions for the evaluations page: with the instructions "Refunds
+# take 30 days." the first passes, with others it fails; the second passes
+# whoever answers (tests/test_evaluations.py).
+REFUND = {"key": "refund", "message": f"{ECHO} How long do refunds take?", "expect": {"contains": "30 days"}}
+CALM = {"key": "calm", "message": "Hello there", "expect": {"not_contains": "sorry"}}
 
 
 @pytest.fixture(scope="module")
@@ -519,3 +525,156 @@ def test_the_queue_of_a_chat_cancels_a_question_and_sends_another_now(page: Page
     # the question taken out of the queue is no part of the conversation the model reads
     expect(turns.nth(2).locator(".msg.assistant")).to_contain_text('Before that you said: "the first".')
     expect(turns).to_have_count(3)
+
+
+def _csp_refusals(context: BrowserContext) -> list[str]:
+    """What any page of `context` is refused by its content security policy,
+    as the browser reports it (securitypolicyviolation) or logs it."""
+    context.add_init_script(
+        "document.addEventListener('securitypolicyviolation', (e) =>"
+        " console.error(`CSP refused: ${e.violatedDirective} ${e.blockedURI}`));"
+    )
+    refused: list[str] = []
+
+    def heard(message) -> None:
+        if message.type == "error" and ("CSP refused" in message.text or "Content Security Policy" in message.text):
+            refused.append(message.text)
+
+    context.on("console", heard)
+    return refused
+
+
+def _make_set(client, owner: dict, name: str, questions: list[dict]) -> dict:
+    response = client.post("/api/sets", json={"name": name, "questions": questions}, headers=owner)
+    assert response.status_code == 201, response.get_json()
+    return response.get_json()
+
+
+def _counts(run) -> list[str]:
+    return [run.locator(f"td.{name}").text_content() for name in ("total", "succeeded", "failed", "passed", "repeats")]
+
+
+def test_the_evaluations_page_runs_a_set_and_opens_the_comparison_of_two_of_its_runs(
+    context, web_server, owner, client
+):
+    refused = _csp_refusals(context)
+    desk = _make_assistant(client, owner, "Refund desk", "Refunds take 30 days.")
+    qset = _make_set(client, owner, "refunds", [REFUND, CALM])
+    # The baseline: version 1, run through the API before the page is opened.
+    made = client.post("/api/replays", json={"set_id": qset["id"], "assistant_id": desk["id"]}, headers=owner)
+    assert made.status_code == 202, made.get_json()
+    baseline = made.get_json()["id"]
+    newer = {"name": "Refund desk", "instructions": "Refunds take a while."}
+    assert client.put(f"/api/assistants/{desk['id']}", json=newer, headers=owner).status_code == 200
+
+    page = _signed_in(context, f"{web_server}/evals", owner)
+    page.locator("#sets a", has_text="refunds").click()
+    expect(page.locator("#set-name")).to_have_text("refunds")
+    expect(page.locator("#set-size")).to_have_text("2 questions")
+    runs = page.locator("#run-rows tr")
+    expect(runs).to_have_count(1)
+    assert runs.first.get_attribute("data-run") == baseline
+
+    # The candidate: run from the page, by the assistant's latest version
+    # (v2); at the top of the list, followed until it finishes.
+    page.get_by_label("Assistant").select_option(desk["id"])
+    page.get_by_role("button", name="Run now").click()
+    expect(runs).to_have_count(2)
+    candidate = runs.first.get_attribute("data-run")
+    assert candidate != baseline and runs.nth(1).get_attribute("data-run") == baseline  # newest first
+    expect(runs.first.locator("td.status")).to_have_text("running")
+    for run in (runs.first, runs.nth(1)):
+        expect(run).to_have_attribute("data-status", "finished", timeout=60_000)
+        expect(run.locator("td.status")).to_have_text("finished")
+    expect(runs.first.locator("td.assistant")).to_have_text("Refund desk v2")
+    expect(runs.nth(1).locator("td.assistant")).to_have_text("Refund desk v1")
+    assert _counts(runs.nth(1)) == ["2", "2", "0", "2", "1"]  # both passed
+    assert _counts(runs.first) == ["2", "2", "0", "1", "1"]  # refund failed
+
+    # Picked with the pointer and with the keyboard; the links follow.
+    links = page.locator("#compare a")
+    assert [link.get_attribute("href") for link in links.all()] == [None, None, None]  # nothing to compare yet
+    runs.nth(1).get_by_role("radio", name=re.compile("^Baseline")).check()
+    runs.first.get_by_role("radio", name=re.compile("^Candidate")).focus()
+    page.keyboard.press("Space")
+    query = f"/api/comparisons?baseline={baseline}&candidate={candidate}"
+    expect(page.get_by_role("link", name="Open comparison")).to_have_attribute("href", f"{query}&format=html")
+    expect(page.get_by_role("link", name="JSON")).to_have_attribute("href", f"{query}&format=json")
+    with page.expect_download() as download:
+        page.get_by_role("link", name="CSV").click()
+    with open(download.value.path(), newline="") as f:
+        assert {row["key"]: row["change"] for row in csv.DictReader(f)} == {"refund": "regressed", "calm": "same"}
+
+    with page.expect_popup() as opened:
+        page.get_by_role("link", name="Open comparison").click()
+    report = opened.value
+    report.wait_for_load_state()
+    regressed = report.locator("#questions tbody tr.regressed")
+    expect(regressed).to_have_count(1)
+    expect(regressed.locator("td").first).to_have_text("refund")
+    others = report.locator("#questions tbody tr:not(.regressed)")
+    expect(others).to_have_count(1)
+    expect(others).to_be_visible()
+    report.locator("#regressions-only").check()
+    expect(others).to_be_hidden()
+    expect(regressed).to_be_visible()
+    for chart in ("#chart-latency", "#chart-tokens"):  # drawn by Plotly, its script allowed by the report's nonce
+        expect(report.locator(f"{chart}.js-plotly-plot")).to_have_count(1)
+        expect(report.locator(f"{chart} svg.main-svg").first).to_be_visible()
+    assert refused == []
+
+
+def test_the_evaluations_page_is_linked_both_ways_shows_names_as_text_and_turns_a_schedule_off(
+    context, web_server, owner, client
+):
+    refused = _csp_refusals(context)
+    name = '<img src=x onerror="window.pwned=1">'
+    qset = _make_set(client, owner, name, [CALM])
+    body = {"set_id": qset["id"], "cron": "30 6 * * 1", "timezone": "Europe/Paris"}
+    made = client.post("/api/schedules", json=body, headers=owner)
+    assert made.status_code == 201, made.get_json()
+    schedule = made.get_json()
+
+    page = _signed_in(context, web_server, owner)  # the chat page
+    page.get_by_role("link", name="Evaluations").click()
+    expect(page).to_have_url(f"{web_server}/evals")
+    item = page.locator("#sets li")
+    expect(item).to_have_count(1)
+    expect(item.locator("a")).to_have_text(name)  # as typed, as text
+    expect(item.locator(".size")).to_have_text("1 question")
+    item.locator("a").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#set-name")).to_have_text(name)
+    expect(page.locator("#no-runs")).to_be_visible()
+    expect(page.locator("#compare-hint")).to_contain_text("Pick a finished run as the baseline")
+
+    row = page.locator(f'#schedule-rows tr[data-schedule="{schedule["id"]}"]')
+    expect(row.locator("td.cron")).to_have_text("30 6 * * 1")
+    expect(row.locator("td.timezone")).to_have_text("Europe/Paris")
+    expect(row.locator("td.assistant")).to_have_text("Default")
+    expect(row.locator("td.next-run time")).to_have_attribute("datetime", schedule["next_run_at"])
+    toggle = row.get_by_role("checkbox", name=re.compile("^Enabled"))
+    expect(toggle).to_be_checked()
+    toggle.focus()
+    page.keyboard.press("Space")
+    expect(row.locator("td.next-run")).to_have_text("—")  # a disabled schedule never runs
+    expect(toggle).not_to_be_checked()
+    expect(toggle).to_be_enabled()
+    assert client.get(f"/api/schedules/{schedule['id']}", headers=owner).get_json()["enabled"] is False
+    assert page.locator("img").count() == 0
+    assert page.evaluate("window.pwned") is None
+
+    # A login that ended: the page asks for a key again, then shows the set it was on.
+    assert page.evaluate("fetch('/api/logout', {method: 'POST'}).then((r) => r.status)") == 200
+    page.reload()
+    expect(page.locator("#api-key")).to_be_focused()
+    page.keyboard.type(owner["Authorization"].split()[1])
+    page.keyboard.press("Enter")
+    expect(page.locator("#login")).to_be_hidden()
+    expect(page.locator("#set-name")).to_have_text(name)
+    expect(page.locator("#schedule-rows tr")).to_have_count(1)
+
+    page.get_by_role("link", name="Chats").click()
+    expect(page).to_have_url(f"{web_server}/")
+    expect(page.locator("#message")).to_be_visible()
+    assert refused == []

@@ -30,8 +30,10 @@ def app_with(stack):
     use_settings(None)
 
 
-def test_the_page_runs_no_inline_script_and_cannot_be_framed(client):
-    page = client.get("/")
+@pytest.mark.parametrize("path", ["/", "/evals"])  # the chat page, the evaluations page
+def test_the_page_runs_no_inline_script_and_cannot_be_framed(client, path):
+    page = client.get(path)
+    assert page.status_code == 200  # served without a key: the page signs in itself
     policy = page.headers["Content-Security-Policy"]
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "frame-ancestors 'none'" in policy
     assert "default-src 'none'" in policy

@@ -43,6 +43,7 @@ PUBLIC_ENDPOINTS = {
     "auth.login",
     "auth.logout",
     "page.index",
+    "page.evals",  # like the chat page: no data in it, it signs in (POST /api/login)
     "page.favicon",
     "static",
     "openapi.document",

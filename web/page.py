@@ -1,4 +1,4 @@
-"""The browser chat page and the little it needs to know about the server."""
+"""The browser pages (chat, evaluations) and the little they need to know about the server."""
 
 from __future__ import annotations
 
@@ -17,6 +17,14 @@ bp = Blueprint("page", __name__)
 def index():
     settings = current_app.extensions["turnstream.settings"]
     return render_template("index.html", settings=settings)
+
+
+@bp.get("/evals")
+def evals():
+    """The evaluations page: a question set's runs, run now, compared. Like
+    the chat page it holds no data itself (public); it signs in and reads
+    the API."""
+    return render_template("evals.html")
 
 
 @bp.get("/favicon.ico")

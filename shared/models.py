@@ -139,6 +139,11 @@ class ChatSession(Base):
     # Turns accepted so far; the next turn's number. Bumped under the row lock
     # that also serialises turn submission against turn completion.
     turn_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # The leaf of the active path (shared/branches.py): a new message follows
+    # it. Its foreign key is checked at commit (submit_turn() sets it first).
+    active_turn_id: Mapped[str | None] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("turns.id", ondelete="SET NULL", use_alter=True), nullable=True
+    )
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
 
@@ -151,6 +156,11 @@ class Turn(Base):
     session_id: Mapped[str] = _fk("sessions.id")
     owner_id: Mapped[str] = _fk("owners.id")
     number: Mapped[int] = mapped_column(Integer)
+    # The turn whose answer this one follows (null: a first question); its
+    # siblings are the regenerations and edits of one place in the session.
+    parent_id: Mapped[str | None] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("turns.id", ondelete="SET NULL"), nullable=True, index=True
+    )
     status: Mapped[str] = mapped_column(server_default=SUBMIT.target)  # shared/turn_states.py: every change
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     idempotency_key: Mapped[str | None]
@@ -378,3 +388,17 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     duration_ms: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class Share(Base):
+    """A read-only link to a snapshot of a session's path (web/shares.py):
+    its id is the link's secret; deleting the row revokes it."""
+
+    __tablename__ = "shares"
+    id: Mapped[str] = mapped_column(primary_key=True)
+    session_id: Mapped[str] = _fk("sessions.id")
+    owner_id: Mapped[str] = _fk("owners.id")
+    turn_id: Mapped[str | None] = mapped_column(Uuid(as_uuid=False))  # the path's leaf when it was made
+    include_tools: Mapped[bool]
+    snapshot: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = _now()

@@ -16,10 +16,12 @@ from collections.abc import Callable
 
 from sqlalchemy import Boolean, ColumnElement, Connection, Row, bindparam, case, column, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.types import Uuid
 
 from shared import metrics
+from shared.branches import before_removal, move_ahead
 from shared.broker import send_turn
 from shared.db import after_commit
 from shared.events import LAST_WORD, STOP_INTERRUPT, STOP_ROLLBACK, EventLog, announce_turn
@@ -31,6 +33,13 @@ from shared.turn_states import ACTIVE, CANCEL, INTERRUPT, QUEUED, RUNNING, WAITI
 
 class TurnConflict(Exception):
     """The turn cannot be accepted as asked (multitask reject, key reuse)."""
+
+
+class BranchRefused(Exception):
+    """The turn a new one was to follow is not one of its session's."""
+
+
+_NOT_OF_SESSION = "22023"  # invalid_parameter_value: submit_turn()'s refusal of a parent
 
 
 # Statements run on every turn are built once, with bind parameters:
@@ -53,7 +62,8 @@ _SUBMIT = (
         + ", ".join(f"(s.turn).{c.name}" for c in Turn.__table__.c)
         + """, s.busy, s.created FROM submit_turn(
         :session_id, :owner_id, :turn_id, :message_id, :content,
-        :idempotency_key, :request_hash, :reject_if_busy, :active, :origin, :assistant_id, :assistant_version
+        :idempotency_key, :request_hash, :reject_if_busy, :active, :origin, :assistant_id, :assistant_version,
+        :branch, :parent_id
     ) AS s"""
     )
     .bindparams(bindparam("origin", type_=JSONB))
@@ -77,33 +87,42 @@ def submit_turn(
     idempotency_key: str | None = None,
     request_hash: str | None = None,
     assistant: tuple[str, int] | None = None,
+    branch: tuple[str | None] | None = None,
 ) -> tuple[Row, bool] | None:
     """Record a user message and its queued turn in the owner's session, and
     send it once that has committed (see `after_commit`). It runs with the
     session's assistant, or `assistant` (id, version) if given (a replay's).
+    It follows the session's active path, or with `branch` (a 1-tuple) the
+    turn it holds (None: a new first question), as a regeneration or an
+    edit does; BranchRefused if that is not a turn of the session.
 
     Returns None if the owner has no such session, else (the turn's row,
     created): an Idempotency-Key replay returns the original turn. Raises
     TurnConflict, having written nothing, for a multitask "reject" while
     another turn is active, or a key reused for another request.
     """
-    turn = db.execute(
-        _SUBMIT,
-        {
-            "session_id": session_id,
-            "owner_id": owner_id,
-            "turn_id": new_id(),
-            "message_id": new_id(),
-            "content": message,
-            "idempotency_key": idempotency_key,
-            "request_hash": request_hash,
-            "reject_if_busy": multitask == "reject",
-            "active": list(ACTIVE),
-            "origin": origin(),
-            "assistant_id": assistant[0] if assistant else None,
-            "assistant_version": assistant[1] if assistant else None,
-        },
-    ).one_or_none()
+    params = {
+        "session_id": session_id,
+        "owner_id": owner_id,
+        "turn_id": new_id(),
+        "message_id": new_id(),
+        "content": message,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+        "reject_if_busy": multitask == "reject",
+        "active": list(ACTIVE),
+        "origin": origin(),
+        "assistant_id": assistant[0] if assistant else None,
+        "assistant_version": assistant[1] if assistant else None,
+        "branch": branch is not None,
+        "parent_id": branch[0] if branch else None,
+    }
+    try:
+        turn = db.execute(_SUBMIT, params).one_or_none()
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == _NOT_OF_SESSION:
+            raise BranchRefused(f"turn {params['parent_id']} is not one of this session's") from None
+        raise
     if turn is None:
         return None
     if not turn.created:
@@ -206,6 +225,7 @@ def give_way(db: Session, session_id: str, owner_id: str, how: str) -> str | Non
     running = turn.status == RUNNING
     if how == STOP_ROLLBACK:
         created_at = turn.created_at.timestamp()
+        before_removal(db, turn)
         db.delete(turn)  # its messages and tool calls go with it (foreign keys)
         db.flush()
         if running:
@@ -249,6 +269,7 @@ def send_now(db: Session, turn: Turn, owner_id: str) -> None:
             .values(number=case((Turn.id == turn.id, first), else_=1 - Turn.number))
         )
         db.refresh(turn)
+        move_ahead(db, turn)
     if give_way(db, session_id, owner_id, STOP_INTERRUPT) is None:
         schedule_next(db, session_id)
 

@@ -147,15 +147,22 @@ _RUNNING = select(running_of_owner(bindparam("owner_id")))
 # The claim and the history the model is sent, in one statement (in
 # autocommit: one round trip). The history's snapshot is the claim's: every
 # earlier turn's messages committed before this turn was sent.
+# The history is the turn's path: the turn and its ancestors up to a first
+# question (a session's turns form a tree: shared/branches.py), so a branch
+# never sees another's messages.
 _claimed = _CLAIM.cte("claimed")
+_up = aliased(Turn)
+_path = select(Turn.id, Turn.parent_id).where(Turn.id == bindparam("turn_id")).cte("path", recursive=True)
+_path = _path.union_all(select(_up.id, _up.parent_id).select_from(_up).join(_path, _up.id == _path.c.parent_id))
 _past = aliased(Turn)
 _CLAIM_WITH_HISTORY = (
     select(_claimed, Message.role, Message.content)
+    .select_from(_claimed)
     .outerjoin(
         join(Message, _past, _past.id == Message.turn_id),
         and_(
             Message.session_id == _claimed.c.session_id,
-            _past.number <= _claimed.c.number,
+            _past.id.in_(select(_path.c.id)),
             # a question taken out of the queue before it ran is no part of the conversation
             or_(_past.started_at.isnot(None), _past.status != CANCELLED),
         ),

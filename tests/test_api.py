@@ -93,7 +93,8 @@ def test_a_sessions_turns_list_each_question_with_its_outcome(client, owner):
     assert [t["status"] for t in seen] == ["succeeded", "failed", "succeeded"]
     assert seen[1]["error"]["message"] and seen[1]["answer"] is None
     assert seen[0]["model"] == "turnstream-offline" and seen[0]["usage"]["completion_tokens"] > 0
-    assert seen[0] == {**client.get(f"/api/turns/{seen[0]['id']}", headers=owner).get_json(), "message": asked[0]}
+    one = client.get(f"/api/turns/{seen[0]['id']}", headers=owner).get_json()
+    assert seen[0] == {**one, "message": asked[0], "siblings": [one["id"]]}
     _error(client.get(f"/api/sessions/{sid}/turns?cursor=-1", headers=owner), 422, "validation_error")
     other = {"X-API-Key": create_key(f"other-{uuid.uuid4().hex[:8]}")}
     _error(client.get(f"/api/sessions/{sid}/turns", headers=other), 404, "not_found")

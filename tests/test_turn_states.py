@@ -75,6 +75,7 @@ def test_the_sql_functions_name_only_statuses_of_the_table():
     # Words the functions use that are not statuses: message roles, finish_turn()'s answers, error codes,
     # and the webhook triggers' payload: its keys, and the prefix of a delivery's id.
     others = {"user", "assistant", "ended", "lost", "gone", "check_violation", "foreign_key_violation"}
+    others |= {"invalid_parameter_value"}
     others |= {"msg_", "type", "timestamp", "data", "status", "code", "error_code"}
     others |= {"turn_id", "session_id", "turn_url", "session_url", "replay_id", "replay_url"}
     others |= {"schedule_id", "schedule_url", "set_id", "total", "passed"}
@@ -109,7 +110,7 @@ def _new_turn(conn) -> str:
     turn_id = str(uuid.uuid4())
     submit = text(
         "SELECT created FROM submit_turn("
-        ":s, :o, :t, gen_random_uuid(), 'q', NULL, NULL, false, :active, NULL, NULL, NULL)"
+        ":s, :o, :t, gen_random_uuid(), 'q', NULL, NULL, false, :active, NULL, NULL, NULL, false, NULL)"
     )
     assert conn.execute(submit, {"s": session, "o": owner, "t": turn_id, "active": list(ACTIVE)}).scalar()
     return turn_id

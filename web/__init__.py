@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         replays,
         schedules,
         sessions,
+        shares,
         turns,
         webhooks,
     )
@@ -95,7 +96,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     limits.init_app(app, settings)  # after authentication: per-key limits count the caller it found
     modules = (
         approvals, assistants, auth, cli, health, metrics, openapi, page,
-        question_sets, replay_cli, replays, schedules, sessions, turns, webhooks,
+        question_sets, replay_cli, replays, schedules, sessions, shares, turns, webhooks,
     )  # fmt: skip
     for module in modules:
         app.register_blueprint(module.bp)

@@ -45,6 +45,9 @@ PUBLIC_ENDPOINTS = {
     "page.index",
     "page.evals",  # like the chat page: no data in it, it signs in (POST /api/login)
     "page.favicon",
+    # a share's link is its own credential (256 random bits): anyone holding it reads that snapshot, nothing more
+    "shares.shared_json",
+    "shares.shared_page",
     "static",
     "openapi.document",
     "openapi.docs",

@@ -1,5 +1,5 @@
 """Operator commands: `flask --app web db upgrade | keys create/list/revoke | assistants list/create/show |
-webhooks list/create/deliveries | turns`; `replay` and `sets`
+webhooks list/create/deliveries | sessions export | turns`; `replay` and `sets`
 are web/replay_cli.py's."""
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ from sqlalchemy import func, select
 from shared.broker import send_turn
 from shared.config import get_settings
 from shared.db import transaction
-from shared.models import ApiKey, Assistant, AssistantVersion, Owner, Turn, WebhookDelivery, WebhookEndpoint
+from shared.models import (
+    ApiKey,
+    Assistant,
+    AssistantVersion,
+    ChatSession,
+    Owner,
+    Turn,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 from shared.recovery import alive, claimed_lately, requeue_stale_running, requeue_turn, resend_queued
 from shared.status import describe_outage
 from shared.turn_states import ACTIVE, QUEUED, RUNNING, STATUSES
@@ -301,6 +310,28 @@ def webhooks_deliveries(endpoint_id: str, limit: int) -> None:
     for d in rows:
         last = d.last_error or (f"HTTP {d.last_status}" if d.last_status else "-")
         click.echo(f"{d.id}  {d.event_type:18}  {d.status:9}  {d.attempts} attempts  {last}")
+
+
+@bp.cli.group("sessions", cls=OperatorGroup)
+def sessions_group() -> None:
+    """Sessions: write one out."""
+
+
+@sessions_group.command("export")
+@click.argument("session_id")
+@click.option("--format", "fmt", type=click.Choice(["json", "markdown"]), default="json", show_default=True)
+@click.option("--out", type=click.File("w"), default="-", help="Where to write it (default: stdout).")
+def sessions_export(session_id: str, fmt: str, out) -> None:
+    """Write SESSION_ID out: as JSON, its whole tree (every branch); as
+    Markdown, its active path. The same as GET /api/sessions/{id}/export."""
+    from web.transcripts import export, markdown
+
+    with transaction() as db:
+        chat = db.get(ChatSession, session_id) if is_uuid(session_id) else None
+        if chat is None:
+            raise click.BadParameter(f"no session {session_id!r}", param_hint="SESSION_ID")
+        data = export(db, chat)
+    out.write(markdown(data) if fmt == "markdown" else json.dumps(data, indent=2) + "\n")
 
 
 @bp.cli.group("turns", cls=OperatorGroup)

@@ -88,6 +88,7 @@ _ID_OF = {
     schemas.WebhookEndpoint: "webhook_id",
     schemas.QuestionSet: "set_id",
     schemas.Schedule: "schedule_id",
+    schemas.Share: "share_id",
 }
 
 
@@ -213,6 +214,8 @@ def _answer(status: int, answer: Any, models: dict[type[BaseModel], str]) -> dic
                 NDJSON: {"schema": {"type": "string"}, "x-line": _ref(schemas.ReplayResult, "serialization", models)}
             },
         }
+    if isinstance(answer, str):  # a document of another kind: text/csv, text/html, text/markdown
+        return {"description": f"a {answer} document", "content": {answer: {"schema": {"type": "string"}}}}
     return {
         "description": answer.__doc__ or answer.__name__,
         "content": {"application/json": {"schema": _ref(answer, "serialization", models)}},

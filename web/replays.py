@@ -110,7 +110,7 @@ def results(replay_id: str):
 @bp.get("/api/comparisons")
 @operation(
     "Compare runs of a question set, question by question: a baseline and a candidate, each one or more replays",
-    {200: schemas.Comparison},
+    {200: (schemas.Comparison, "text/csv", "text/html")},
     query={
         "baseline": {"type": "array", "items": {"type": "string"}, "minItems": 1},
         "candidate": {"type": "array", "items": {"type": "string"}, "minItems": 1},

@@ -38,9 +38,10 @@ class Session(Answer):
     metadata: dict[str, Any]
     assistant_id: str | None = Field(description="who answers its turns; null: the default assistant")
     assistant_version: int | None = Field(description="the version pinned; null: the assistant's latest")
+    active_turn_id: str | None = Field(description="the leaf of the active path: a new message follows it")
     created_at: datetime
     updated_at: datetime
-    message_count: int
+    message_count: int = Field(description="on every branch")
 
 
 class SessionPage(Answer):
@@ -74,7 +75,8 @@ class TurnError(Answer):
 class Turn(Answer):
     id: str
     session_id: str
-    number: int = Field(description="its place in its session: 1, 2, 3 …")
+    number: int = Field(description="its place in its session's run order: 1, 2, 3 …")
+    parent_id: str | None = Field(description="the turn whose answer it follows; null: a first question")
     status: TurnStatus
     model: str | None = Field(description="the model that answered (the newest attempt's)")
     assistant_id: str | None = Field(description="the assistant it runs with; null: the default assistant")
@@ -92,6 +94,7 @@ class Turn(Answer):
 
 class SessionTurn(Turn):
     message: str = Field(description="the question the turn answers")
+    siblings: list[str] = Field(description="the turns that follow the same answer, itself included, oldest first")
 
 
 class SessionTurnPage(Answer):
@@ -377,3 +380,51 @@ class Comparison(Answer):
     difference: dict[str, MetricChange]
     changes: dict[str, int]
     questions: list[ComparedQuestion]
+
+
+class Share(Answer):
+    id: str = Field(description="the link's secret: whoever has it reads the snapshot")
+    session_id: str
+    turn_id: str | None = Field(description="the leaf of the path shared")
+    include_tools: bool
+    url: str = Field(description="the page to read it (no key needed)")
+    api_url: str = Field(description="the snapshot as JSON (no key needed)")
+    created_at: datetime
+
+
+class ShareList(Answer):
+    items: list[Share]
+
+
+class SharedMessage(Answer):
+    role: Literal["user", "assistant"]
+    content: str
+    tools: list[dict[str, Any]] | None = Field(None, description="its tool calls, when the sharer included them")
+
+
+class SharedChat(Answer):
+    title: str | None
+    messages: list[SharedMessage]
+
+
+class ExportedTurn(Answer):
+    id: str
+    parent_id: str | None
+    status: TurnStatus
+    question: str
+    answer: str | None
+    error: TurnError | None
+    tools: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+    model: str | None
+    assistant_id: str | None
+    assistant_version: int | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class SessionExport(Answer):
+    format: Literal["turnstream.session/1"]
+    session: dict[str, Any]
+    active_path: list[str] = Field(description="the ids of the active path's turns, first question first")
+    turns: list[ExportedTurn] = Field(description="every turn of every branch, in the order they were accepted")

@@ -11,6 +11,7 @@ from datetime import datetime
 from flask import Blueprint, current_app, g, jsonify, request
 from sqlalchemy import and_, func, select, tuple_
 
+from shared.branches import Tree, active_leaf
 from shared.db import transaction
 from shared.events import EventLog
 from shared.models import ChatSession, Message, Turn
@@ -27,7 +28,7 @@ from web.relay.hub import Relay
 from web.relay.resume import Resume, delivered, last_event_id, parse_seq, prefixed, wait_for_message
 from web.relay.snapshots import turn_snapshot
 from web.resources import int_arg, message_count, message_json, owned, session_json, turn_json, valid_id
-from web.validation import UNSTORABLE, SessionCreate, SessionUpdate, parse_body
+from web.validation import UNSTORABLE, ActiveBranch, SessionCreate, SessionUpdate, parse_body
 
 bp = Blueprint("sessions", __name__)
 
@@ -137,28 +138,42 @@ def delete_session(session_id: str):
     return "", 204
 
 
+BRANCH = {"branch": {"enum": ["active", "all"]}}
+
+
 @bp.get("/api/sessions/<session_id>/messages")
-@operation("A session's messages, oldest first", {200: schemas.MessageList})
+@operation(
+    "A session's messages, oldest first: those of its active path, or (`branch=all`) of every branch",
+    {200: schemas.MessageList},
+    query=BRANCH,
+)
 def list_messages(session_id: str):
+    every = _every_branch()
     with transaction() as db:
         chat = owned(db, ChatSession, session_id)
-        messages = db.scalars(
+        query = (
             select(Message)
             .join(Turn, Turn.id == Message.turn_id)
             .where(Message.session_id == chat.id)
             .order_by(Turn.number, Message.role.desc())
-        ).all()
+        )
+        if not every:
+            tree = Tree.of(db, chat.id)
+            query = query.where(Turn.id.in_(tree.path(active_leaf(chat, tree))))
+        messages = db.scalars(query).all()
         return jsonify({"items": [message_json(m) for m in messages]})
 
 
 @bp.get("/api/sessions/<session_id>/turns")
 @operation(
-    "A session's turns with their questions, in the order they run: what a chat page shows; `status=queued`: its queue",
+    "A session's turns with their questions, in the order they run: those of its active path (what a chat page"
+    " shows), or (`branch=all`) of every branch; `status=queued`: its queue, whatever the branch",
     {200: schemas.SessionTurnPage},
     query={
         "limit": {"type": "integer", "minimum": 1, "maximum": 100},
         "cursor": {"type": "string"},
         "status": {"enum": list(STATUSES)},
+        **BRANCH,
     },
 )
 def list_turns(session_id: str):
@@ -167,8 +182,10 @@ def list_turns(session_id: str):
     status = request.args.get("status")
     if status is not None and status not in STATUSES:
         raise ApiError(422, f"status must be one of {', '.join(STATUSES)}", {"field": "status"})
+    every = _every_branch() or status is not None
     with transaction() as db:
         chat = owned(db, ChatSession, session_id)
+        tree = Tree.of(db, chat.id)
         query = (
             select(Turn, Message.content)
             .join(Message, and_(Message.turn_id == Turn.id, Message.role == "user"))
@@ -178,10 +195,41 @@ def list_turns(session_id: str):
         )
         if status is not None:
             query = query.where(Turn.status == status)
+        if not every:
+            query = query.where(Turn.id.in_(tree.path(active_leaf(chat, tree))))
         rows = db.execute(query).all()
-        items = [turn_json(turn) | {"message": question} for turn, question in rows[:limit]]
+        items = [
+            turn_json(turn) | {"message": question, "siblings": tree.siblings(turn.id)}
+            for turn, question in rows[:limit]
+        ]
     next_cursor = str(rows[limit - 1][0].number) if len(rows) > limit else None
     return jsonify({"items": items, "next_cursor": next_cursor})
+
+
+@bp.put("/api/sessions/<session_id>/active")
+@operation(
+    "Switch the session's active path to a turn's branch: its newest line below that turn",
+    {200: schemas.Session},
+    body=ActiveBranch,
+)
+def switch_branch(session_id: str):
+    body = parse_body(ActiveBranch)
+    with transaction() as db:
+        chat = owned(db, ChatSession, session_id, lock=True)
+        tree = Tree.of(db, chat.id)
+        if body.turn_id not in tree.nodes:
+            raise ApiError(422, "turn_id: not a turn of this session", {"field": "turn_id"})
+        chat.active_turn_id = tree.leaf_under(body.turn_id)
+        db.flush()
+        db.refresh(chat)
+        return jsonify(session_json(chat, message_count(db, chat.id)))
+
+
+def _every_branch() -> bool:
+    branch = request.args.get("branch", "active")
+    if branch not in ("active", "all"):
+        raise ApiError(422, "branch must be active or all", {"field": "branch"})
+    return branch == "all"
 
 
 @bp.get("/api/sessions/<session_id>/events")

@@ -13,10 +13,19 @@ from sqlalchemy.exc import IntegrityError
 
 from shared.db import autocommit_engine, transaction
 from shared.events import STOP_INTERRUPT, STOP_ROLLBACK, EventLog
-from shared.models import ChatSession, Turn
+from shared.models import ChatSession, Message, Turn
 from shared.overrides.gunicorn_direct_write import writable_socket
 from shared.turn_states import ENDED, QUEUED
-from shared.turns import TurnConflict, active_turns, cancel_turn, give_way, lock_session, send_now, submit_turn
+from shared.turns import (
+    BranchRefused,
+    TurnConflict,
+    active_turns,
+    cancel_turn,
+    give_way,
+    lock_session,
+    send_now,
+    submit_turn,
+)
 from web import schemas
 from web.assistants import chosen
 from web.errors import ApiError
@@ -26,7 +35,7 @@ from web.relay.frames import sse_response, synthetic
 from web.relay.resume import Resume, delivered, last_event_id, parse_seq
 from web.relay.snapshots import turn_snapshot
 from web.resources import owned, turn_json, valid_id
-from web.validation import ChatRequest, TurnCreate, parse_body
+from web.validation import ChatRequest, Regenerate, TurnCreate, parse_body
 
 bp = Blueprint("turns", __name__)
 
@@ -43,11 +52,56 @@ bp = Blueprint("turns", __name__)
 def create_turn(session_id: str):
     settings = current_app.extensions["turnstream.settings"]
     body = parse_body(TurnCreate, settings.max_message_chars)
+    return _submitted(valid_id(session_id), body.message, body.multitask, body.model_dump())
+
+
+@bp.post("/api/turns/<turn_id>/regenerate")
+@operation(
+    "Answer a turn's question again: a sibling turn (a new branch) with the same question, made the active path",
+    {202: schemas.Turn, 200: schemas.Turn},
+    body=Regenerate,
+    headers={"Idempotency-Key": {"type": "string", "maxLength": 200}},
+    errors=(409,),
+)
+@limited("rate_limit_submit")
+def regenerate(turn_id: str):
+    body = parse_body(Regenerate) if request.content_length else Regenerate()
+    with transaction() as db:
+        turn = owned(db, Turn, turn_id)
+        if turn.status not in ENDED:
+            raise ApiError(409, f"only an answer that has ended is regenerated; this turn is {turn.status}")
+        question = db.scalar(select(Message.content).where(Message.turn_id == turn.id, Message.role == "user"))
+    hashed = {"regenerate": turn.id, **body.model_dump()}
+    return _submitted(turn.session_id, question, body.multitask, hashed, branch=(turn.parent_id,))
+
+
+@bp.post("/api/turns/<turn_id>/edit")
+@operation(
+    "Ask a turn's question otherwise: a sibling turn (a new branch) with the new question, made the active path",
+    {202: schemas.Turn, 200: schemas.Turn},
+    body=TurnCreate,
+    headers={"Idempotency-Key": {"type": "string", "maxLength": 200}},
+    errors=(409,),
+)
+@limited("rate_limit_submit")
+def edit(turn_id: str):
+    settings = current_app.extensions["turnstream.settings"]
+    body = parse_body(TurnCreate, settings.max_message_chars)
+    with transaction() as db:
+        turn = owned(db, Turn, turn_id)
+    hashed = {"edit": turn.id, **body.model_dump()}
+    return _submitted(turn.session_id, body.message, body.multitask, hashed, branch=(turn.parent_id,))
+
+
+def _submitted(session_id: str, message: str, multitask: str, hashed: dict, branch: tuple | None = None):
+    """Submit a turn (following the active path, or `branch`'s turn) under
+    the request's Idempotency-Key; the answer to the POST."""
+    settings = current_app.extensions["turnstream.settings"]
     key = request.headers.get("Idempotency-Key") or None
     if key is not None and len(key) > 200:
         raise ApiError(422, "Idempotency-Key must be at most 200 characters", {"field": "Idempotency-Key"})
-    request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
-    gives_way = body.multitask in (STOP_INTERRUPT, STOP_ROLLBACK)
+    request_hash = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
+    gives_way = multitask in (STOP_INTERRUPT, STOP_ROLLBACK)
     # One statement (one round trip) in autocommit; a message that makes the
     # running turn give way does that under the same session lock.
     with transaction() if gives_way else autocommit_engine().connect() as conn:
@@ -55,14 +109,17 @@ def create_turn(session_id: str):
         try:
             submitted = submit_turn(
                 conn,
-                valid_id(session_id),
+                session_id,
                 g.owner_id,
-                body.message,
-                multitask=body.multitask,
+                message,
+                multitask=multitask,
                 idempotency_key=key,
                 request_hash=request_hash,
+                branch=branch,
             )
         except TurnConflict as exc:
+            raise ApiError(409, str(exc)) from None
+        except BranchRefused as exc:  # the turn it follows was removed meanwhile (a rollback)
             raise ApiError(409, str(exc)) from None
         except IntegrityError:
             if key is None:
@@ -72,7 +129,7 @@ def create_turn(session_id: str):
             # insert lost on the key's unique index.
             raise ApiError(409, "Idempotency-Key is in use by a request at the same moment") from None
         if gives_way and submitted is not None and submitted[1]:
-            give_way(conn, submitted[0].session_id, g.owner_id, body.multitask)
+            give_way(conn, submitted[0].session_id, g.owner_id, multitask)
     if submitted is None:
         raise ApiError(404, "no such session")
     turn, created = submitted

@@ -135,13 +135,31 @@ class SecretRotation(Body):
     )
 
 
+Multitask = Literal["enqueue", "reject", "interrupt", "rollback"]
+
+
 class TurnCreate(Body):
     message: Text
-    multitask: Literal["enqueue", "reject", "interrupt", "rollback"] = Field(
+    multitask: Multitask = Field(
         "enqueue",
         description="while another turn of the session is active: wait behind it (enqueue), refuse (reject, 409),"
         " end the running one keeping its answer so far (interrupt), or remove it and its question (rollback)",
     )
+
+
+class ActiveBranch(Body):
+    turn_id: str = Field(description="a turn of the session: its branch becomes the active path")
+
+
+class ShareCreate(Body):
+    turn_id: str | None = Field(None, description="the leaf of the path to share; default: the active path's")
+    include_tools: bool = Field(False, description="show each answer's tool calls, their arguments and outputs")
+
+
+class Regenerate(Body):
+    """The body of a regeneration, if it has one."""
+
+    multitask: Multitask = "enqueue"
 
 
 class ChatRequest(Body):

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import ColumnElement, any_, bindparam, func, insert, or_, select
+from sqlalchemy import ColumnElement, Row, any_, bindparam, func, insert, or_, select
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Bundle, Session
 from sqlalchemy.types import Uuid
 
 from shared.broker import send_replay_advance
@@ -83,20 +83,38 @@ def unfinished_items(db: Session, owner_id: str) -> int:
     )
 
 
-def item_rows(db: Session, replay_ids: list[str]) -> Iterator[tuple[ReplayItem, Turn | None]]:
-    """Every item of the replays with its turn, in order (their results),
-    read in batches: a run holds up to 10,000 questions."""
-    query = (
-        select(ReplayItem, Turn)
-        .outerjoin(Turn, Turn.id == ReplayItem.turn_id)
-        .where(ReplayItem.replay_id.in_(replay_ids))
-        .order_by(ReplayItem.replay_id, ReplayItem.index)
-        .execution_options(yield_per=1000)
-    )
-    yield from db.execute(query)
+# What a result line reads of an item and of its turn: as columns, not ORM
+# objects, a run's 10,000 rows (a comparison's 40,000) load in half the time.
+_ITEM = Bundle(
+    "item",
+    ReplayItem.replay_id,
+    ReplayItem.index,
+    ReplayItem.key,
+    ReplayItem.repeat,
+    ReplayItem.message,
+    ReplayItem.expect,
+    ReplayItem.turn_id,
+)
+_TURN = Bundle(
+    "turn", Turn.id, Turn.status, Turn.answer, Turn.error, Turn.tools, Turn.usage, Turn.created_at, Turn.finished_at
+)
+_ITEM_ROWS = (
+    select(_ITEM, _TURN)
+    .outerjoin(Turn, Turn.id == ReplayItem.turn_id)
+    .where(ReplayItem.replay_id.in_(bindparam("replay_ids", expanding=True)))
+    .order_by(ReplayItem.replay_id, ReplayItem.index)
+    .execution_options(yield_per=1000)
+)
 
 
-def result_line(item: ReplayItem, turn: Turn | None) -> dict[str, Any]:
+def item_rows(db: Session, replay_ids: list[str]) -> Iterator[tuple[Row, Row | None]]:
+    """Every item of the replays with its turn (None if it has none), in
+    order, read in batches: a run holds up to 10,000 questions."""
+    for item, turn in db.execute(_ITEM_ROWS, {"replay_ids": replay_ids}):
+        yield item, turn if turn.id is not None else None
+
+
+def result_line(item: Row, turn: Row | None) -> dict[str, Any]:
     """One question's result, judged by its expectations (shared/expectations.py)."""
     result = Result(
         status=turn.status if turn else "pending",
@@ -123,7 +141,7 @@ def result_line(item: ReplayItem, turn: Turn | None) -> dict[str, Any]:
     }
 
 
-def _latency_ms(turn: Turn | None) -> int | None:
+def _latency_ms(turn: Row | None) -> int | None:
     if turn is None or not turn.finished_at or not turn.created_at:
         return None
     return round((turn.finished_at - turn.created_at).total_seconds() * 1000)
@@ -220,7 +238,7 @@ def advance(db: Session, replay_id: str) -> None:
     # before the next statement.
     replay.succeeded, replay.failed, replay.running = succeeded, failed, running
     if finished:
-        replay.finished_at, replay.passed = func.now(), passing
+        replay.finished_at, replay.passed = func.clock_timestamp(), passing  # after the judging, not when it began
     db.flush()
     state = _summary(replay, total)
     events = EventLog("replay", replay.id)

@@ -19,15 +19,15 @@ import difflib
 import math
 import re
 import statistics
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Bundle, Session
+from sqlalchemy.orm import Session
 
-from shared.models import Replay, ReplayItem, Turn
-from shared.replays import result_line
+from shared.models import Replay
+from shared.replays import item_rows, result_line
 
 IMPROVED, REGRESSED, SAME, NOISE, ADDED, REMOVED = "improved", "regressed", "same", "noise", "added", "removed"
 CHANGES = (REGRESSED, IMPROVED, NOISE, SAME, ADDED, REMOVED)
@@ -58,7 +58,10 @@ def compare(db: Session, baseline: list[Replay], candidate: list[Replay]) -> dic
     """The comparison of two sides' runs (finished replays), as JSON."""
     samples = {side: _samples(db, runs) for side, runs in zip(SIDES, (baseline, candidate), strict=True)}
     keys = list(samples["baseline"]) + [k for k in samples["candidate"] if k not in samples["baseline"]]
-    questions = [_question(key, samples["baseline"].get(key, []), samples["candidate"].get(key, [])) for key in keys]
+    questions = []
+    for n, key in enumerate(keys):
+        questions.append(_question(key, samples["baseline"].get(key, []), samples["candidate"].get(key, [])))
+        _let_others_run(n)
     counts = {change: 0 for change in CHANGES}
     for q in questions:
         counts[q["change"]] += 1
@@ -72,38 +75,13 @@ def compare(db: Session, baseline: list[Replay], candidate: list[Replay]) -> dic
     }
 
 
-# What result_line reads of an item and of its turn. A comparison reads every
-# item of both sides with its turn (20,000 of each for two 10,000-question
-# runs): as these columns, not as ORM objects (item_rows), it takes about
-# half the time.
-_ITEM = Bundle(
-    "item",
-    ReplayItem.replay_id,
-    ReplayItem.index,
-    ReplayItem.key,
-    ReplayItem.repeat,
-    ReplayItem.message,
-    ReplayItem.expect,
-    ReplayItem.turn_id,
-)
-_TURN = Bundle(
-    "turn", Turn.id, Turn.status, Turn.answer, Turn.error, Turn.tools, Turn.usage, Turn.created_at, Turn.finished_at
-)
-
-
 def _samples(db: Session, runs: list[Replay]) -> dict[str, list[dict[str, Any]]]:
     """Each question's results over the runs, by key, in the first run's
     order; each tagged with its run (replay and repeat)."""
-    query = (
-        select(_ITEM, _TURN)
-        .outerjoin(Turn, Turn.id == ReplayItem.turn_id)
-        .where(ReplayItem.replay_id.in_([r.id for r in runs]))
-        .order_by(ReplayItem.replay_id, ReplayItem.index)
-        .execution_options(yield_per=1000)
-    )
     by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for item, turn in db.execute(query):
-        line = result_line(item, turn if turn.id is not None else None)
+    for n, (item, turn) in enumerate(item_rows(db, [r.id for r in runs])):
+        _let_others_run(n)
+        line = result_line(item, turn)
         line["run"] = (item.replay_id, item.repeat)
         by_key[line["key"]].append(line)
     return by_key
@@ -211,6 +189,14 @@ def _difference(base: dict[str, Any], cand: dict[str, Any]) -> dict[str, Any]:
             "within_noise": None if ci is None else ci[0] <= 0 <= ci[1],
         }
     return out
+
+
+def _let_others_run(n: int) -> None:
+    """Every 500 questions, yield: in the web tier (gevent) a comparison of
+    10,000 takes seconds of CPU, and the process's other requests and
+    streams go on meanwhile; elsewhere this does nothing."""
+    if n % 500 == 499:
+        time.sleep(0)  # gevent.sleep under gevent's monkey-patching
 
 
 def welch(a: Iterable[float], b: Iterable[float]) -> list[float] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request, stream_with_context
 from sqlalchemy import select
 
 from shared.db import transaction
@@ -22,7 +22,7 @@ from web.openapi import NDJSON, SSE, operation
 from web.relay.frames import sse_response
 from web.relay.resume import Resume, last_event_id, parse_seq
 from web.relay.snapshots import replay_snapshot
-from web.reports import to_csv, to_html
+from web.reports import html_pieces, to_csv
 from web.resources import owned, valid_id
 from web.validation import MAX_QUESTIONS, ReplayCreate, parse_body
 
@@ -131,8 +131,8 @@ def comparison():
     if fmt == "csv":
         return Response(to_csv(data), mimetype="text/csv", headers=_attachment("comparison.csv"))
     if fmt == "html":
-        html, nonce = to_html(data)
-        response = Response(html, mimetype="text/html")
+        pieces, nonce = html_pieces(data)
+        response = Response(stream_with_context(pieces), mimetype="text/html")
         # The report's scripts are inline, each with this nonce; what it shows (answers) runs nothing.
         response.headers["Content-Security-Policy"] = (
             f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; img-src data:;"

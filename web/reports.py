@@ -9,9 +9,10 @@ import csv
 import io
 import json
 import secrets
+from collections.abc import Iterator
 from typing import Any
 
-from flask import render_template
+from flask import current_app
 
 CSV_COLUMNS = (
     "key",
@@ -54,6 +55,14 @@ def to_csv(comparison: dict[str, Any]) -> str:
 
 def to_html(comparison: dict[str, Any]) -> tuple[str, str]:
     """The report, and the nonce its scripts carry (for a Content-Security-Policy)."""
+    pieces, nonce = html_pieces(comparison)
+    return "".join(pieces), nonce
+
+
+def html_pieces(comparison: dict[str, Any]) -> tuple[Iterator[str], str]:
+    """The report as it is rendered, in pieces (a response
+    streams them: a web process's other requests go on between them), and
+    its scripts' nonce."""
     import plotly.graph_objects as go
     from plotly.offline import get_plotlyjs
 
@@ -70,21 +79,23 @@ def to_html(comparison: dict[str, Any]) -> tuple[str, str]:
             values = [q[side][metric] for q in comparison["questions"] if q[side] and q[side][metric] is not None]
             figure.add_trace(go.Histogram(x=values, name=side, opacity=0.6))
         charts[metric] = _script_json(figure.to_json())
-    html = render_template(
-        "comparison.html",
-        c=comparison,
-        charts=charts,
-        plotly_js=get_plotlyjs(),
-        nonce=nonce,
-        fmt=_number,
-        metrics=(
-            ("pass_rate", "pass rate"),
-            ("p50_latency_ms", "p50 latency ms"),
-            ("p95_latency_ms", "p95 latency ms"),
-            ("mean_tokens", "tokens per question"),
-        ),
+    stream = current_app.jinja_env.get_template("comparison.html").stream(
+        dict(
+            c=comparison,
+            charts=charts,
+            plotly_js=get_plotlyjs(),
+            nonce=nonce,
+            fmt=_number,
+            metrics=(
+                ("pass_rate", "pass rate"),
+                ("p50_latency_ms", "p50 latency ms"),
+                ("p95_latency_ms", "p95 latency ms"),
+                ("mean_tokens", "tokens per question"),
+            ),
+        )
     )
-    return html, nonce
+    stream.enable_buffering(2000)  # template pieces sent at a time
+    return stream, nonce
 
 
 def _number(value: Any, signed: bool = False) -> str:

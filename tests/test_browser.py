@@ -678,3 +678,240 @@ def test_the_evaluations_page_is_linked_both_ways_shows_names_as_text_and_turns_
     expect(page).to_have_url(f"{web_server}/")
     expect(page.locator("#message")).to_be_visible()
     assert refused == []
+
+
+# ---- branches: versions of a question, sharing and exporting the path shown ----
+
+
+def _turn_ids(page: Page) -> list[str]:
+    return page.locator(".turn").evaluate_all("turns => turns.map((t) => t.dataset.turn)")
+
+
+def _versions(turn):
+    """A turn's "‹ 2 / 3 ›": its group of controls."""
+    return turn.get_by_role("group", name="Versions of this question")
+
+
+def _said(last: str, before: str | None, n: int) -> str:
+    """The offline model's answer to `last` with this history."""
+    earlier = f' Before that you said: "{before}".' if before else ""
+    return f'You said: "{last}".{earlier} This is message {n} of our conversation.'
+
+
+def test_a_regenerated_answer_is_a_second_version_the_arrows_step_between_and_a_reload_keeps(
+    page: Page, context: BrowserContext
+):
+    refused = _csp_refusals(context)
+    _ask(page, "hello")
+    _ended(page)
+    # The first request of this conversation fails (a 400 is not retried), a second succeeds.
+    question = f"a second question {time.monotonic_ns()} [[faults=400]]"
+    _ask(page, question)
+    failed = _ended(page, "failed")
+    first_id = failed.get_attribute("data-turn")
+    expect(_versions(failed)).to_be_hidden()  # one version: no arrows
+
+    failed.get_by_role("button", name=re.compile("^Regenerate")).click()
+    expect(page.locator(f'.turn[data-turn="{first_id}"]')).to_have_count(0)  # replaced, not added to
+    expect(page.locator(".turn")).to_have_count(2)
+    again = _ended(page)
+    second_id = again.get_attribute("data-turn")
+    assert second_id != first_id
+    expect(again.locator(".msg.user")).to_have_text(question)
+    expect(again.locator(".msg.assistant")).to_have_text(_said(question.split(" [[")[0], "hello", 2))
+    expect(_versions(again).locator(".count")).to_have_text("2 / 2")
+    expect(again.get_by_role("button", name="Next version")).to_be_disabled()
+
+    # Back to the first version with the keyboard; the focus stays on the arrows.
+    again.get_by_role("button", name="Previous version").focus()
+    page.keyboard.press("Enter")
+    shown = page.locator(".turn").last
+    expect(shown).to_have_attribute("data-turn", first_id)
+    expect(page.locator(".turn")).to_have_count(2)
+    expect(_versions(shown).locator(".count")).to_have_text("1 / 2")
+    expect(shown).to_have_attribute("data-status", "failed")
+    expect(shown.locator(".state .label")).to_contain_text("Failed: ")
+    expect(shown.get_by_role("button", name="Next version")).to_be_focused()  # Previous is disabled at 1
+
+    page.reload()  # the branch chosen is the server's: a reload shows it
+    expect(page.locator(".turn")).to_have_count(2)
+    shown = page.locator(".turn").last
+    expect(shown).to_have_attribute("data-turn", first_id)
+    expect(_versions(shown).locator(".count")).to_have_text("1 / 2")
+    shown.get_by_role("button", name="Next version").click()
+    expect(page.locator(".turn").last).to_have_attribute("data-turn", second_id)
+    expect(page.locator(".turn").last.locator(".msg.assistant")).to_contain_text("You said")
+    assert refused == []
+
+
+def test_an_edited_question_drops_the_later_turns_from_view_and_is_answered_with_its_path_only(page: Page):
+    for question in ("alpha", "beta", "gamma"):
+        _ask(page, question)
+        _ended(page)
+    old = _turn_ids(page)
+    beta = page.locator(".turn").nth(1)
+
+    # Escape leaves a question as it was.
+    first = page.locator(".turn").first
+    first.get_by_role("button", name="Edit this question").click()
+    editor = first.get_by_role("textbox", name=re.compile("^Your question, edited"))
+    expect(editor).to_be_focused()
+    expect(editor).to_have_value("alpha")
+    page.keyboard.type(" and more")
+    page.keyboard.press("Escape")
+    expect(editor).to_have_count(0)
+    expect(first.locator(".msg.user")).to_have_text("alpha")
+    expect(first.get_by_role("button", name="Edit this question")).to_be_focused()
+    expect(page.locator(".turn")).to_have_count(3)
+
+    beta.get_by_role("button", name="Edit this question").click()
+    editor = beta.get_by_role("textbox", name=re.compile("^Your question, edited"))
+    editor.fill("beta, asked again")
+    editor.press("Enter")
+    expect(page.locator(".turn")).to_have_count(2)  # gamma stays on the old version, out of view
+    edited = page.locator(f'.turn[data-turn="{_ended(page).get_attribute("data-turn")}"]')
+    assert edited.get_attribute("data-turn") not in old
+    expect(edited.locator(".msg.user")).to_have_text("beta, asked again")
+    # the model was sent this path only: alpha, then the edited question (message 2, no gamma)
+    expect(edited.locator(".msg.assistant")).to_have_text(_said("beta, asked again", "alpha", 2))
+    expect(_versions(edited).locator(".count")).to_have_text("2 / 2")
+    expect(page.locator(".turn").first).to_have_attribute("data-turn", old[0])
+    expect(_versions(page.locator(".turn").first)).to_be_hidden()
+
+    # A new message continues the path shown.
+    _ask(page, "delta")
+    expect(_ended(page).locator(".msg.assistant")).to_have_text(_said("delta", "beta, asked again", 3))
+
+    # The arrows on the question switch between the two questions' lines.
+    edited.get_by_role("button", name="Previous version").click()
+    expect(page.locator(".turn").nth(1).locator(".msg.user")).to_have_text("beta")
+    assert _turn_ids(page) == old  # the same three turns as before (delta is on the other line)
+    expect(_versions(page.locator(".turn").nth(1)).locator(".count")).to_have_text("1 / 2")
+    expect(page.locator(".turn").nth(2).locator(".msg.assistant")).to_have_text(_said("gamma", "beta", 3))
+    page.locator(".turn").nth(1).get_by_role("button", name="Next version").click()
+    expect(page.locator(".turn")).to_have_count(3)
+    expect(page.locator(".turn").nth(1).locator(".msg.user")).to_have_text("beta, asked again")
+    expect(page.locator(".turn").nth(2).locator(".msg.user")).to_have_text("delta")  # its newest line
+
+
+def test_a_second_tab_follows_a_version_chosen_or_made_in_the_first_or_elsewhere(context, web_server, owner):
+    first = _signed_in(context, web_server, owner)
+    _ask(first, "one")
+    _ended(first)
+    original = first.locator(".turn").last.get_attribute("data-turn")
+    second = context.new_page()
+    second.goto(first.url)
+    expect(second.locator(".turn")).to_have_count(1)
+
+    # A regeneration in the first tab: the second shows the new version, in
+    # the turn's place, streamed (its stream carries every branch's turns).
+    first.locator(".turn").last.get_by_role("button", name=re.compile("^Regenerate")).click()
+    made = _ended(first).get_attribute("data-turn")
+    expect(second.locator(".turn")).to_have_count(1)
+    expect(second.locator(".turn")).to_have_attribute("data-turn", made)
+    expect(second.locator(".turn")).to_have_attribute("data-status", "succeeded", timeout=20_000)
+    expect(_versions(second.locator(".turn")).locator(".count")).to_have_text("2 / 2")
+    expect(second.locator(".turn .msg.assistant")).to_have_text(_said("one", None, 1))
+
+    # A switch in the first tab: the second follows at once.
+    first.locator(".turn").get_by_role("button", name="Previous version").click()
+    expect(first.locator(".turn")).to_have_attribute("data-turn", original)
+    expect(second.locator(".turn")).to_have_attribute("data-turn", original)
+    expect(_versions(second.locator(".turn")).locator(".count")).to_have_text("1 / 2")
+    expect(second.locator(".turn")).to_have_count(1)
+
+    # A version made elsewhere (another device: only the session's stream
+    # tells these tabs) is shown in the turn's place, not after it.
+    session_id = first.url.rsplit("#", 1)[1]
+    third = httpx.post(f"{web_server}/api/turns/{original}/regenerate", json={}, headers=owner)
+    assert third.status_code == 202, third.text
+    for tab in (first, second):
+        expect(tab.locator(".turn")).to_have_attribute("data-turn", third.json()["id"])
+        expect(tab.locator(".turn")).to_have_attribute("data-status", "succeeded", timeout=20_000)
+        expect(_versions(tab.locator(".turn")).locator(".count")).to_have_text("3 / 3")
+        expect(tab.locator(".turn")).to_have_count(1)
+    listed = httpx.get(f"{web_server}/api/sessions/{session_id}/turns", headers=owner).json()["items"]
+    assert [t["id"] for t in listed] == [third.json()["id"]]
+
+
+def test_a_share_link_shows_the_path_without_tool_calls_to_anyone_until_revoked(
+    browser: Browser, context: BrowserContext, page: Page, client, owner
+):
+    refused = _csp_refusals(context)
+    _ask(page, "list tables")  # the offline model calls the SQL tool
+    expect(_ended(page).locator(".tool")).to_have_count(1)
+    _ask(page, "beta")
+    _ended(page)
+    page.locator(".turn").last.get_by_role("button", name="Edit this question").click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("beta, edited")
+    page.keyboard.press("Enter")
+    expect(page.locator(".turn").last.locator(".msg.user")).to_have_text("beta, edited")
+    _ended(page)
+    session_id = page.url.rsplit("#", 1)[1]
+    path = client.get(f"/api/sessions/{session_id}/turns", headers=owner).get_json()["items"]
+    assert [t["message"] for t in path] == ["list tables", "beta, edited"]
+
+    page.get_by_role("button", name="Share…").click()
+    dialog = page.get_by_role("dialog", name="Share this chat")
+    expect(dialog).to_be_visible()
+    expect(dialog.locator("#no-shares")).to_be_visible()
+    tools = dialog.get_by_role("checkbox", name="Include tool calls")
+    expect(tools).not_to_be_checked()  # off unless chosen
+    dialog.get_by_role("button", name="Create link").click()
+    link = dialog.get_by_role("textbox", name="The new link")
+    expect(link).to_be_focused()
+    url = link.input_value()
+    assert url.startswith(page.url.split("#")[0].rstrip("/") + "/shared/"), url
+    expect(dialog.locator("#shares li")).to_have_count(1)
+    expect(dialog.locator("#shares li")).to_contain_text("without tool calls")
+
+    anyone = browser.new_context()  # no key, no login
+    try:
+        shared = anyone.new_page()
+        assert shared.goto(url).status == 200
+        expect(shared.locator(".message.user .content")).to_have_text(["list tables", "beta, edited"])
+        assert shared.locator(".message.assistant .content").all_text_contents() == [t["answer"] for t in path]
+        expect(shared.locator(".tool")).to_have_count(0)  # made without tool calls
+
+        dialog.get_by_role("button", name=re.compile("^Revoke the link made")).click()
+        expect(dialog.locator("#shares li")).to_have_count(0)
+        expect(dialog.locator("#no-shares")).to_be_visible()
+        expect(link).to_be_hidden()
+        assert shared.goto(url).status == 404
+    finally:
+        anyone.close()
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+    assert refused == []
+
+
+def test_the_export_links_download_the_tree_with_the_path_shown_and_its_markdown(page: Page):
+    for question in ("alpha", "beta"):
+        _ask(page, question)
+        _ended(page)
+    beta = page.locator(".turn").last
+    beta.get_by_role("button", name="Edit this question").click()
+    beta.get_by_role("textbox", name=re.compile("^Your question, edited")).fill("beta, edited")
+    beta.get_by_role("button", name="Send").click()
+    expect(page.locator(".turn").last.locator(".msg.user")).to_have_text("beta, edited")
+    _ended(page)
+    page.locator(".turn").last.get_by_role("button", name="Previous version").click()  # back to "beta"
+    expect(page.locator(".turn").last.locator(".msg.user")).to_have_text("beta")
+    shown = _turn_ids(page)
+
+    with page.expect_download() as download:
+        page.get_by_role("link", name="JSON").click()
+    assert download.value.suggested_filename.endswith(".json")
+    with open(download.value.path()) as f:
+        data = json.load(f)
+    assert data["active_path"] == shown
+    assert sorted(t["question"] for t in data["turns"]) == ["alpha", "beta", "beta, edited"]  # the whole tree
+
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Markdown").click()
+    assert download.value.suggested_filename.endswith(".md")
+    with open(download.value.path()) as f:
+        text = f.read()
+    assert "**You:**\n\nalpha\n" in text and "**You:**\n\nbeta\n" in text
+    assert "beta, edited" not in text  # another version, not the path shown

@@ -254,7 +254,9 @@ if (tabs) {
       loadSessions().then(checkOpen).catch(() => {});
       loadAssistants().catch(() => {});
     }
-    if (data.kind === "turn" && current && current.id === data.session) current.catchUp();
+    // A turn sent, or the path switched (a version chosen, an answer
+    // regenerated, a question edited): the path is drawn again.
+    if ((data.kind === "turn" || data.kind === "branch") && current && current.id === data.session) current.catchUp();
   };
 }
 
@@ -317,11 +319,21 @@ async function openSession(id, session = null) {
 
 // ---- a session's turns ----
 
+// The page shows the session's active path (GET …/turns): its first
+// question down to its leaf, which the server keeps (sessions.active_turn_id),
+// so a reload shows the same branch. The session's stream carries the turns
+// of every branch: a turn the page has not drawn is placed only where the
+// path says, never simply appended.
 class Conversation {
   constructor(id) {
     this.id = id;
     this.session = null; // the Session, once read: who answers it
-    this.views = new Map(); // turn id -> TurnView, in the page in turn order
+    // turn id -> TurnView, for every turn heard of, on the path or not: a
+    // turn of another branch keeps its state for when it is shown again
+    this.views = new Map();
+    this.path = []; // the turn ids shown, in order
+    this.syncing = null; // a read of the path under way
+    this.syncAgain = false; // the path changed meanwhile: that read is stale
     this.stream = null;
     this.position = null; // where the stream was opened
     this.lastId = null; // the last event id seen: where a reconnect resumes
@@ -332,10 +344,10 @@ class Conversation {
   // Every turn so far, then the stream from the first that has not ended
   // (from its first event), or from after the last.
   async load() {
-    const turns = await this.turns(0);
+    await this.sync(); // as any read of the path: one sent meanwhile is not lost to it
     if (this.closed) return;
-    turns.forEach((t) => this.show(t));
-    const open = turns.find((t) => !ENDED.has(t.status));
+    const turns = this.shown();
+    const open = turns.find((t) => !t.ended);
     const last = turns[turns.length - 1];
     this.connect(open ? `${open.id}:0` : last ? `${last.id}:${LAST_SEQ}` : null);
     $("messages").scrollTop = $("messages").scrollHeight;
@@ -362,46 +374,112 @@ class Conversation {
     return items;
   }
 
-  // Turns this page has not drawn yet, or drew from the stream before it
-  // knew their question (sent from another tab or device).
-  async catchUp() {
-    const known = [...this.views.values()].filter((v) => v.message !== null).map((v) => v.number);
-    const turns = await this.turns(known.length ? Math.max(...known) : 0).catch(() => []);
-    if (!this.closed) turns.forEach((t) => this.show(t));
+  // The path as the server has it now: after a turn sent or a branch chosen
+  // elsewhere, a turn of the stream not drawn yet, or the page looked at
+  // again. Reads under way at once make one more read, whose answer is drawn.
+  catchUp() { return this.sync().catch(() => {}); }
+
+  sync() {
+    if (this.syncing) {
+      this.syncAgain = true;
+      return this.syncing;
+    }
+    this.syncing = (async () => {
+      try {
+        do {
+          this.syncAgain = false;
+          const turns = await this.turns(0);
+          if (this.closed) return;
+          if (!this.syncAgain) this.drawPath(turns);
+        } while (this.syncAgain);
+      } finally {
+        this.syncing = null;
+      }
+    })();
+    return this.syncing;
   }
 
-  show(turn) {
-    if (this.closed) return null; // another session is open now: this one draws nothing
+  // Draw the path the API listed: its turns in order, each with its
+  // versions; the turns of other branches leave the page.
+  drawPath(turns) {
+    if (this.closed) return;
+    for (const t of turns) this.view(t.id).fill(t);
+    this.path = turns.map((t) => t.id);
+    this.layout();
+    // A turn of the path that runs, never heard of on the stream (it ran on
+    // a branch not shown, or began before the stream reached it): its
+    // events from the first, so its text has no gap. One turn of a session
+    // runs at a time, so no earlier one is skipped.
+    const open = this.shown().find((v) => !v.ended);
+    if (open && !open.seen && open.status !== "queued" && this.stream) this.restart(`${open.id}:0`);
+  }
+
+  // A turn just accepted (sent, regenerated, edited): it follows its
+  // parent, so the path is the one to its parent, then it. If its parent
+  // is not shown, the path is read instead.
+  adopt(turn) {
+    if (this.closed) return null;
     const view = this.view(turn.id);
     view.fill(turn);
-    this.place(view);
-    controls();
+    const at = turn.parent_id === null ? -1 : this.path.indexOf(turn.parent_id);
+    if (turn.parent_id !== null && at === -1) {
+      this.catchUp();
+      return view;
+    }
+    if (this.syncing) this.syncAgain = true; // a read begun before this turn may not hold it
+    this.path = [...this.path.slice(0, at + 1), turn.id];
+    this.layout();
     return view;
   }
+
+  // The views of the path, in order.
+  shown() { return this.path.map((id) => this.views.get(id)).filter(Boolean); }
 
   view(turnId) {
     let view = this.views.get(turnId);
     if (!view) {
       view = new TurnView(this, turnId);
       this.views.set(turnId, view);
-      this.place(view);
     }
     return view;
   }
 
-  // In turn order; a turn the stream named before its number is known goes last.
-  place(view) {
+  // The page holds the path's turns, in order, and nothing else; a turn
+  // already in its place is not moved (a control in it keeps the focus).
+  layout() {
     const box = $("messages");
     const follow = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
-    let later = null;
-    if (view.number !== null) {
-      for (const v of this.views.values()) {
-        if (v.number !== null && v.number > view.number && (later === null || v.number < later.number)) later = v;
-      }
-    }
-    if (later) box.insertBefore(view.root, later.root);
-    else if (view.root.parentNode !== box) box.append(view.root);
+    const roots = this.shown().map((v) => v.root);
+    roots.forEach((root, i) => {
+      if (box.children[i] !== root) box.insertBefore(root, box.children[i] || null);
+    });
+    while (box.children.length > roots.length) box.lastElementChild.remove();
+    for (const v of this.shown()) if (v.ended && !v.detailed) v.details(); // it ended while not shown
+    for (const v of this.views.values()) v.drawState();
+    controls();
     if (follow) box.scrollTop = box.scrollHeight;
+  }
+
+  // Another version of a turn (a sibling): the path goes through it, down
+  // its newest line, here and in the other tabs.
+  async switchTo(view, sibling, direction) {
+    try {
+      await api(`/api/sessions/${this.id}/active`, { method: "PUT", body: JSON.stringify({ turn_id: sibling }) });
+      tell({ kind: "branch", session: this.id });
+      await this.sync();
+    } catch (err) { showError(err); return; }
+    const shown = this.views.get(sibling);
+    if (!shown || !shown.root.isConnected) return;
+    announce(`Version ${shown.siblings.indexOf(sibling) + 1} of ${shown.siblings.length}.`);
+    const [first, other] = direction === "next" ? [shown.next, shown.previous] : [shown.previous, shown.next];
+    (first && !first.disabled ? first : other)?.focus();
+  }
+
+  // A regeneration or an edit made this turn: the path now ends with it.
+  branched(turn) {
+    this.adopt(turn);
+    tell({ kind: "branch", session: this.id });
+    $("message").focus();
   }
 
   connect(after) {
@@ -452,16 +530,18 @@ class Conversation {
     const data = JSON.parse(e.data);
     const known = this.views.has(data.turn_id);
     const view = this.view(data.turn_id);
-    if (!known) this.catchUp(); // a turn sent elsewhere: fetch its question
+    // A turn sent elsewhere, on this branch or another: the path says
+    // whether and where it is shown.
+    if (!known) this.catchUp();
     view.apply(type, data);
     controls();
     const box = $("messages");
     if (box.scrollHeight - box.scrollTop - box.clientHeight < 120) box.scrollTop = box.scrollHeight;
   }
 
-  // The turn Stop cancels: the running one, else the first waiting.
+  // The turn Stop cancels: the path's running one, else its first waiting.
   active() {
-    const open = [...this.views.values()].filter((v) => !v.ended).sort((a, b) => a.number - b.number);
+    const open = this.shown().filter((v) => !v.ended);
     return open.find((v) => v.status === "running") || open[0] || null;
   }
 
@@ -495,16 +575,32 @@ class TurnView {
     this.model = null;
     this.usage = null;
     this.error = null;
+    this.detailed = false; // its model and tokens read since it ended
+    this.siblings = [id]; // the versions of this turn (regenerated, edited), oldest first
+    this.editor = null; // the question being edited
+    this.regenerating = false;
     this.root = el("article", "turn");
     this.root.dataset.turn = id;
     this.question = el("div", "msg user", "…");
+    // Under the question: its versions ("‹ 2 / 3 ›") and Edit.
+    this.bar = el("div", "ask-bar");
+    this.versions = el("div", "versions");
+    this.versions.setAttribute("role", "group");
+    this.versions.setAttribute("aria-label", "Versions of this question");
+    this.previous = button("‹", "Previous version", () => this.step(-1), "previous");
+    this.next = button("›", "Next version", () => this.step(1), "next");
+    this.count = el("span", "count");
+    this.versions.append(this.previous, this.count, this.next);
+    this.editButton = button("Edit", "Edit this question", () => this.startEdit(), "edit");
+    this.bar.append(this.versions, this.editButton);
     this.tools = el("div", "tools");
     this.notes = el("div", "notes");
     this.answer = el("div", "msg assistant");
     this.answer.setAttribute("aria-busy", "true");
     this.state = el("p", "state");
-    this.root.append(this.question, this.tools, this.notes, this.answer, this.state);
+    this.root.append(this.question, this.bar, this.tools, this.notes, this.answer, this.state);
     this.draw = renderer(this.answer);
+    this.drawVersions();
     this.drawState();
   }
 
@@ -515,10 +611,14 @@ class TurnView {
       this.message = turn.message;
       this.question.textContent = turn.message;
     }
+    if (turn.siblings) this.siblings = turn.siblings;
+    this.drawVersions();
     if (turn.model) this.model = turn.model;
     if (turn.usage && turn.usage.completion_tokens) this.usage = turn.usage;
-    if (ENDED.has(turn.status)) this.end(turn.status, turn.answer, turn.error, turn.tools);
-    else if (!this.seen && !this.ended) this.status = turn.status;
+    if (ENDED.has(turn.status)) {
+      this.end(turn.status, turn.answer, turn.error, turn.tools);
+      this.detailed = true; // the list says who answered and what it cost
+    } else if (!this.seen && !this.ended) this.status = turn.status;
     if (this.status === "waiting") this.loadApprovals();
     this.drawState();
   }
@@ -540,6 +640,91 @@ class TurnView {
     const card = approvalCard(this, d);
     this.asks.set(d.request_id, card);
     this.tools.append(card.root);
+  }
+
+  // "‹ 2 / 3 ›" when the turn has other versions; Edit once its question is known.
+  drawVersions() {
+    const n = this.siblings.length;
+    const at = this.siblings.indexOf(this.id);
+    this.versions.hidden = n < 2;
+    this.count.textContent = `${at + 1} / ${n}`;
+    this.previous.disabled = at <= 0;
+    this.next.disabled = at >= n - 1;
+    this.editButton.hidden = this.message === null;
+    this.bar.hidden = this.editor !== null || (this.versions.hidden && this.editButton.hidden);
+  }
+
+  // The version before or after this one: the path goes through it.
+  step(by) {
+    const sibling = this.siblings[this.siblings.indexOf(this.id) + by];
+    if (sibling) this.conversation.switchTo(this, sibling, by > 0 ? "next" : "previous");
+  }
+
+  // The question in an editor: Send asks it in this turn's place (a new
+  // version; what followed stays on the old one), Cancel leaves it as it was.
+  // Enter sends and Shift+Enter starts a new line, as in the composer;
+  // Escape cancels.
+  startEdit() {
+    if (this.editor) { this.editor.querySelector("textarea").focus(); return; }
+    const form = el("form", "edit");
+    const area = el("textarea");
+    area.value = this.message;
+    area.rows = Math.min(8, this.message.split("\n").length + 1);
+    area.required = true;
+    area.setAttribute("aria-label", "Your question, edited (Enter sends, Escape cancels)");
+    const send = el("button", "send-edit", "Send");
+    send.type = "submit";
+    send.title = "Ask this instead: a new version of the question";
+    form.append(area, send, button("Cancel", "Keep the question as it was", () => this.stopEdit(), "cancel-edit"));
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      const message = area.value.trim();
+      if (message) this.sendEdit(message, form);
+    });
+    area.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); form.requestSubmit(); }
+      if (e.key === "Escape") { e.preventDefault(); e.stopPropagation(); this.stopEdit(); }
+    });
+    this.editor = form;
+    this.question.hidden = true;
+    this.question.after(form);
+    this.drawVersions();
+    area.focus();
+    area.setSelectionRange(area.value.length, area.value.length);
+  }
+
+  stopEdit(focus = true) {
+    if (!this.editor) return;
+    this.editor.remove();
+    this.editor = null;
+    this.question.hidden = false;
+    this.drawVersions();
+    if (focus) this.editButton.focus();
+  }
+
+  async sendEdit(message, form) {
+    for (const control of form.elements) control.disabled = true;
+    $("composer-error").textContent = "";
+    try {
+      const turn = await api(`/api/turns/${this.id}/edit`, { method: "POST", body: JSON.stringify({ message }) });
+      this.stopEdit(false);
+      this.conversation.branched({ ...turn, message, siblings: [...this.siblings, turn.id] });
+    } catch (err) {
+      for (const control of form.elements) control.disabled = false;
+      showError(err);
+    }
+  }
+
+  // The same question answered again, in this turn's place.
+  async regenerate() {
+    if (this.regenerating) return; // one new version per click, however many clicks
+    this.regenerating = true;
+    $("composer-error").textContent = "";
+    try {
+      const turn = await api(`/api/turns/${this.id}/regenerate`, { method: "POST" });
+      this.conversation.branched({ ...turn, message: this.message, siblings: [...this.siblings, turn.id] });
+    } catch (err) { showError(err); }
+    this.regenerating = false;
   }
 
   // One event of the turn's stream. After its end, a replayed log or a
@@ -619,7 +804,8 @@ class TurnView {
         this.remove();
         return;
     }
-    if (this.ended) {
+    // Said only of a turn shown: the stream also carries other branches'.
+    if (this.ended && this.root.isConnected) {
       announce({
         succeeded: "Answer complete.",
         failed: `The answer failed: ${this.errorText()}`,
@@ -656,6 +842,7 @@ class TurnView {
     this.ended = true;
     this.root.remove();
     this.conversation.views.delete(this.id);
+    this.conversation.path = this.conversation.path.filter((id) => id !== this.id);
     for (const v of this.conversation.views.values()) v.drawState();
     announce("The earlier question was taken back.");
   }
@@ -679,6 +866,7 @@ class TurnView {
 
   // Which model answered and what it cost: from the turn, once it ended.
   async details() {
+    this.detailed = true;
     try {
       const turn = await api(`/api/turns/${this.id}`);
       this.model = turn.model;
@@ -689,10 +877,13 @@ class TurnView {
 
   drawState() {
     const parts = [];
-    const waiting = [...this.conversation.views.values()].some((v) => v !== this && !v.ended && v.number !== null && v.number < this.number);
+    // One turn of a session runs at a time, whatever its branch.
+    const ahead = [...this.conversation.views.values()].filter((v) => v !== this && !v.ended && v.number !== null && v.number < this.number);
+    const waiting = ahead.length > 0;
     const line = {
       queued: this.delay ? delayText(this.delay)
-        : waiting ? "Queued behind the turn before it…" : "Queued…",
+        : ahead.some((v) => v.root.isConnected) ? "Queued behind the turn before it…"
+          : waiting ? "Queued behind a turn of another version of this chat…" : "Queued…",
       running: this.text ? "Answering…" : "Thinking…",
       waiting: "Waiting for your approval…",
       failed: `Failed: ${this.errorText()}`,
@@ -714,6 +905,10 @@ class TurnView {
     }
     if ((this.status === "failed" || this.status === "cancelled") && this.message !== null) {
       parts.push(button("Retry", "Ask this again", () => send(this.message), "retry"));
+    }
+    if (this.ended && this.message !== null) {
+      parts.push(button("Regenerate", "Regenerate this answer: the question answered again, as a new version",
+        () => this.regenerate(), "regenerate"));
     }
     this.state.replaceChildren(...parts);
     this.state.className = `state ${this.status}`;
@@ -780,6 +975,7 @@ async function loadAssistants() {
 function showAssistant() {
   $("assistant-pick").hidden = current !== null;
   $("assistant-shown").hidden = current === null;
+  showSessionActions();
   if (current === null) return;
   const session = current.session;
   $("assistant-name").textContent = session && assistants ? assistantName(session) : "…";
@@ -882,6 +1078,100 @@ function askForAttention(gesture = false) {
   }
 }
 
+// ---- share and export the open session ----
+
+// Share and Export are the open session's: its downloads are plain links
+// (the login cookie goes with them), named by the server.
+function showSessionActions() {
+  $("session-actions").hidden = current === null;
+  if (current === null) {
+    if ($("share-dialog").open) $("share-dialog").close();
+    return;
+  }
+  $("export-json").href = `/api/sessions/${current.id}/export?format=json`;
+  $("export-json").title = "Download this chat as JSON: every version of every question";
+  $("export-markdown").href = `/api/sessions/${current.id}/export?format=markdown`;
+  $("export-markdown").title = "Download this chat as Markdown: the conversation shown";
+}
+
+function shareUrl(share) { return new URL(share.url, location.origin).href; }
+
+$("share").onclick = () => {
+  if (!current) return;
+  $("share-made").hidden = true;
+  $("share-error").textContent = "";
+  $("share-tools").checked = false; // tool calls are shared only when chosen, each time
+  $("shares").replaceChildren();
+  $("no-shares").hidden = true;
+  $("share-dialog").showModal();
+  loadShares().catch((err) => { $("share-error").textContent = err.message; });
+};
+
+$("share-close").onclick = () => $("share-dialog").close();
+
+async function loadShares() {
+  const conversation = current;
+  const { items } = await api(`/api/sessions/${conversation.id}/shares`);
+  if (current !== conversation) return;
+  $("shares").replaceChildren(...items.map(shareItem));
+  $("no-shares").hidden = items.length > 0;
+}
+
+function shareItem(share) {
+  const li = el("li");
+  li.dataset.share = share.id;
+  const made = new Date(share.created_at).toLocaleString();
+  const link = el("a", "link", shareUrl(share));
+  link.href = shareUrl(share);
+  link.target = "_blank";
+  link.rel = "noopener noreferrer";
+  const about = el("span", "muted", `made ${made}, ${share.include_tools ? "with" : "without"} tool calls`);
+  li.append(link, about, button("Revoke", `Revoke the link made ${made}: it stops working`, () => revokeShare(share, li), "revoke"));
+  return li;
+}
+
+// A link to a copy of the path this page shows (its last turn named, so
+// a version chosen meanwhile in another tab is not the one shared).
+$("share-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  if (!current) return;
+  const body = { include_tools: $("share-tools").checked };
+  const leaf = current.path[current.path.length - 1];
+  if (leaf) body.turn_id = leaf;
+  $("share-create").disabled = true;
+  $("share-error").textContent = "";
+  try {
+    const share = await api(`/api/sessions/${current.id}/shares`, { method: "POST", body: JSON.stringify(body) });
+    $("share-link").value = shareUrl(share);
+    $("share-link").dataset.share = share.id;
+    $("share-made").hidden = false;
+    $("share-link").focus();
+    $("share-link").select();
+    announce("Link created.");
+    await loadShares();
+  } catch (err) { $("share-error").textContent = err.message; }
+  $("share-create").disabled = false;
+});
+
+$("share-copy").onclick = () => copyText($("share-link").value).then(
+  () => { $("share-copy").textContent = "Copied"; setTimeout(() => { $("share-copy").textContent = "Copy"; }, 1500); },
+  (err) => { $("share-error").textContent = err.message; },
+);
+
+async function revokeShare(share, li) {
+  $("share-error").textContent = "";
+  try {
+    await api(`/api/shares/${share.id}`, { method: "DELETE" });
+  } catch (err) { if (err.status !== 404) { $("share-error").textContent = err.message; return; } }
+  if ($("share-link").dataset.share === share.id) $("share-made").hidden = true;
+  // the focus goes on to the next link's Revoke, or back to Create link
+  const next = li.nextElementSibling || li.previousElementSibling;
+  li.remove();
+  $("no-shares").hidden = $("shares").children.length > 0;
+  (next ? next.querySelector("button.revoke") : $("share-create")).focus();
+  announce("Link revoked: it no longer opens.");
+}
+
 // ---- the composer ----
 
 function controls() {
@@ -927,7 +1217,7 @@ async function sendNow(message) {
     }
     const conversation = current;
     const turn = await api(`/api/sessions/${conversation.id}/turns`, { method: "POST", body: JSON.stringify({ message }) });
-    conversation.show({ ...turn, message });
+    conversation.adopt({ ...turn, message });
     // A stream that has carried nothing yet began "from now", which may
     // have been after this turn was accepted, or even answered: follow it
     // from its first event instead.

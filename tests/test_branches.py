@@ -234,5 +234,8 @@ def test_the_export_holds_the_whole_tree_and_its_markdown_is_the_active_path(cli
     import json
 
     assert json.loads(as_json.output)["turns"] == data["turns"]
+    older = client.get(f"/api/sessions/{sid}/export?format=markdown&turn_id={second['id']}", headers=owner)
+    assert older.text == markdown(data, second["id"]) and "**You:**\n\nsecond\n" in older.text
     assert client.get(f"/api/sessions/{sid}/export?format=pdf", headers=owner).status_code == 422
+    assert client.get(f"/api/sessions/{sid}/export?turn_id={uuid.uuid4()}", headers=owner).status_code == 422
     assert client.get(f"/api/sessions/{sid}/export", headers=new_owner("x")).status_code == 404

@@ -109,19 +109,24 @@ def _shared(token: str) -> Share:
 @operation(
     "Export a session: `format=json` its whole tree (every branch), `markdown` its active path",
     {200: (schemas.SessionExport, "text/markdown")},
-    query={"format": {"enum": ["json", "markdown"]}},
+    query={"format": {"enum": ["json", "markdown"]}, "turn_id": {"type": "string"}},
 )
 def export_session(session_id: str):
+    """`turn_id` (Markdown): the path to that turn instead of the active one,
+    as a page that shows another branch than the server's asks."""
     fmt = request.args.get("format", "json")
     if fmt not in ("json", "markdown"):
         raise ApiError(422, "format is json or markdown", {"field": "format"})
+    leaf = request.args.get("turn_id")
     with transaction() as db:
         chat = owned(db, ChatSession, session_id)
         data = export(db, chat)
+    if leaf is not None and leaf not in {t["id"] for t in data["turns"]}:
+        raise ApiError(422, "turn_id: not a turn of this session", {"field": "turn_id"})
     name = f"session-{chat.id}"
     if fmt == "markdown":
         headers = {"Content-Disposition": f'attachment; filename="{name}.md"'}
-        return Response(markdown(data), mimetype="text/markdown", headers=headers)
+        return Response(markdown(data, leaf), mimetype="text/markdown", headers=headers)
     response = jsonify(data)
     response.headers["Content-Disposition"] = f'attachment; filename="{name}.json"'
     return response

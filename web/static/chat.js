@@ -1094,6 +1094,15 @@ function showSessionActions() {
   $("export-markdown").title = "Download this chat as Markdown: the conversation shown";
 }
 
+// The Markdown is of the path this tab shows (its last turn named), even if
+// another tab has switched the session's active path since.
+$("export-markdown").addEventListener("click", () => {
+  if (!current) return;
+  const leaf = current.path[current.path.length - 1];
+  const query = leaf ? `&turn_id=${encodeURIComponent(leaf)}` : "";
+  $("export-markdown").href = `/api/sessions/${current.id}/export?format=markdown${query}`;
+});
+
 function shareUrl(share) { return new URL(share.url, location.origin).href; }
 
 $("share").onclick = () => {

@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from datetime import datetime
 
 from flask import Blueprint, current_app, g, jsonify, request
-from sqlalchemy import and_, func, select, tuple_
+from sqlalchemy import ColumnElement, and_, any_, bindparam, func, select, tuple_
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.types import Uuid
 
 from shared.branches import Tree, active_leaf
 from shared.db import transaction
@@ -159,7 +161,7 @@ def list_messages(session_id: str):
         )
         if not every:
             tree = Tree.of(db, chat.id)
-            query = query.where(Turn.id.in_(tree.path(active_leaf(chat, tree))))
+            query = query.where(_on_path(tree.path(active_leaf(chat, tree))))
         messages = db.scalars(query).all()
         return jsonify({"items": [message_json(m) for m in messages]})
 
@@ -196,7 +198,7 @@ def list_turns(session_id: str):
         if status is not None:
             query = query.where(Turn.status == status)
         if not every:
-            query = query.where(Turn.id.in_(tree.path(active_leaf(chat, tree))))
+            query = query.where(_on_path(tree.path(active_leaf(chat, tree))))
         rows = db.execute(query).all()
         items = [
             turn_json(turn) | {"message": question, "siblings": tree.siblings(turn.id)}
@@ -223,6 +225,12 @@ def switch_branch(session_id: str):
         db.flush()
         db.refresh(chat)
         return jsonify(session_json(chat, message_count(db, chat.id)))
+
+
+def _on_path(path: list[str]) -> ColumnElement[bool]:
+    """A turn is on `path`: one array parameter, however long the path (a
+    list of them makes the driver parse a new statement per length)."""
+    return Turn.id == any_(bindparam("path", path, type_=ARRAY(Uuid(as_uuid=False))))
 
 
 def _every_branch() -> bool:

@@ -140,10 +140,8 @@ class ChatSession(Base):
     # that also serialises turn submission against turn completion.
     turn_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     # The leaf of the active path (shared/branches.py): a new message follows
-    # it. Its foreign key is checked at commit (submit_turn() sets it first).
-    active_turn_id: Mapped[str | None] = mapped_column(
-        Uuid(as_uuid=False), ForeignKey("turns.id", ondelete="SET NULL", use_alter=True), nullable=True
-    )
+    # it. No foreign key (migration 0017 says why).
+    active_turn_id: Mapped[str | None] = mapped_column(Uuid(as_uuid=False))
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
 

@@ -72,7 +72,7 @@ def create():
                 f"this key's replays would hold {waiting + count} unfinished questions, more than"
                 f" {settings.max_replay_items} (MAX_REPLAY_ITEMS_PER_OWNER); wait for some to end"
             )
-        assistant = fixed_version(db, chosen(db, body.assistant_id, body.assistant_version))
+        assistant = _fixed_version(db, chosen(db, body.assistant_id, body.assistant_version))
         if qset is not None:
             replay = run_set(db, qset, body.concurrency, assistant, body.repeats)
         else:
@@ -83,7 +83,7 @@ def create():
     return jsonify(data), 202
 
 
-def fixed_version(db, assistant: tuple[str, int | None] | None) -> tuple[str, int] | None:
+def _fixed_version(db, assistant: tuple[str, int | None] | None) -> tuple[str, int] | None:
     """One version answers a whole replay: the one chosen, else the latest now."""
     if assistant is not None and assistant[1] is None:
         return assistant[0], db.get(Assistant, assistant[0]).latest

@@ -30,19 +30,10 @@ def upgrade() -> None:
     op.add_column("turns", sa.Column("parent_id", sa.Uuid(), nullable=True))
     op.create_foreign_key("fk_turns_parent", "turns", "turns", ["parent_id"], ["id"], ondelete="SET NULL")
     op.create_index("ix_turns_parent_id", "turns", ["parent_id"])
-    # Set by submit_turn() before the turn it names is inserted, in the same
-    # statement: checked at the transaction's end.
+    # No foreign key: its check would cost every submission a lookup and a
+    # lock at commit, and a leaf that is gone (a rollback moves it to the
+    # parent first) reads as the session's newest turn (shared/branches.py).
     op.add_column("sessions", sa.Column("active_turn_id", sa.Uuid(), nullable=True))
-    op.create_foreign_key(
-        "fk_sessions_active_turn",
-        "sessions",
-        "turns",
-        ["active_turn_id"],
-        ["id"],
-        ondelete="SET NULL",
-        deferrable=True,
-        initially="DEFERRED",
-    )
     op.execute(
         "UPDATE turns t SET parent_id = p.before FROM ("
         " SELECT id, lag(id) OVER (PARTITION BY session_id ORDER BY number) AS before FROM turns) p"
@@ -59,7 +50,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute(f"DROP FUNCTION {_V5}")
     op.execute(function_sql("submit_turn", 4))
-    op.drop_constraint("fk_sessions_active_turn", "sessions", type_="foreignkey")
     op.drop_column("sessions", "active_turn_id")
     op.drop_index("ix_turns_parent_id", "turns")
     op.drop_constraint("fk_turns_parent", "turns", type_="foreignkey")

@@ -331,6 +331,11 @@ class Conversation {
     // turn id -> TurnView, for every turn heard of, on the path or not: a
     // turn of another branch keeps its state for when it is shown again
     this.views = new Map();
+    // The views whose turn has not ended: the only ones whose state line
+    // depends on the other turns (what they wait behind). Kept apart so
+    // that drawing a state looks at these few, not at every turn, and a
+    // long session draws in time linear in its turns.
+    this.unended = new Set();
     this.path = []; // the turn ids shown, in order
     this.syncing = null; // a read of the path under way
     this.syncAgain = false; // the path changed meanwhile: that read is stale
@@ -440,12 +445,16 @@ class Conversation {
     if (!view) {
       view = new TurnView(this, turnId);
       this.views.set(turnId, view);
+      this.unended.add(view);
     }
     return view;
   }
 
   // The page holds the path's turns, in order, and nothing else; a turn
   // already in its place is not moved (a control in it keeps the focus).
+  // Layout is read once before and the scroll set once after, whatever
+  // the path's length: reading it per turn would lay the page out again
+  // for each (quadratic in the path).
   layout() {
     const box = $("messages");
     const follow = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
@@ -455,7 +464,9 @@ class Conversation {
     });
     while (box.children.length > roots.length) box.lastElementChild.remove();
     for (const v of this.shown()) if (v.ended && !v.detailed) v.details(); // it ended while not shown
-    for (const v of this.views.values()) v.drawState();
+    // What is shown changed what a waiting turn waits behind ("the turn
+    // before it" or another version's); an ended turn's line is its own.
+    for (const v of this.unended) v.drawState();
     controls();
     if (follow) box.scrollTop = box.scrollHeight;
   }
@@ -842,14 +853,16 @@ class TurnView {
     this.ended = true;
     this.root.remove();
     this.conversation.views.delete(this.id);
+    this.conversation.unended.delete(this);
     this.conversation.path = this.conversation.path.filter((id) => id !== this.id);
-    for (const v of this.conversation.views.values()) v.drawState();
+    for (const v of this.conversation.unended) v.drawState();
     announce("The earlier question was taken back.");
   }
 
   end(status, answer, error, tools) {
     if (this.ended) return;
     this.ended = true;
+    this.conversation.unended.delete(this);
     this.status = status;
     this.error = error || null;
     if (answer !== null && answer !== undefined) this.text = answer;
@@ -860,8 +873,10 @@ class TurnView {
     }
     this.answer.setAttribute("aria-busy", "false");
     this.drawState();
-    // the next turn's "queued behind" line changes now
-    for (const v of this.conversation.views.values()) if (v !== this) v.drawState();
+    // The "queued behind" lines of the turns still to end change now; only
+    // theirs (were every turn redrawn here, drawing a session of n ended
+    // turns would redraw n turns n times).
+    for (const v of this.conversation.unended) v.drawState();
   }
 
   // Which model answered and what it cost: from the turn, once it ended.
@@ -878,7 +893,7 @@ class TurnView {
   drawState() {
     const parts = [];
     // One turn of a session runs at a time, whatever its branch.
-    const ahead = [...this.conversation.views.values()].filter((v) => v !== this && !v.ended && v.number !== null && v.number < this.number);
+    const ahead = [...this.conversation.unended].filter((v) => v !== this && v.number !== null && v.number < this.number);
     const waiting = ahead.length > 0;
     const line = {
       queued: this.delay ? delayText(this.delay)

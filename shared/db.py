@@ -45,10 +45,12 @@ def get_engine() -> Engine:
         # A failing statement's error (and so the log) leaves out its
         # parameters: they hold users' messages.
         hide_parameters=True,
-        # Connections kept open; as many more may open under load, and close
-        # when returned. A worker thread holds one only between model calls.
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_pool_size,
+        # Up to twice DB_POOL_SIZE, opened as load needs them and kept: an
+        # overflow connection closed on its return is opened again at the
+        # next burst (a process start, a login and, managed, a TLS handshake
+        # each time). A worker thread holds one only between model calls.
+        pool_size=2 * settings.db_pool_size,
+        max_overflow=0,
         # Wait this long for a free connection: a reconnect storm of thousands
         # of SSE clients queues here for a while, and should not fail.
         pool_timeout=30,

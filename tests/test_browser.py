@@ -149,7 +149,7 @@ def test_a_turn_sent_while_one_runs_says_it_waits_then_runs(page: Page):
     expect(second.locator(".msg.assistant")).to_contain_text('Before that you said: "the first".')
 
 
-def test_a_failed_turn_says_why_and_retry_asks_again(page: Page, stack):
+def test_a_failed_turn_says_why_and_retry_answers_it_again_in_its_place(page: Page, stack):
     control = f"http://127.0.0.1:{stack['model_port']}/control"
     before = httpx.post(control, json={}).json()
     try:
@@ -160,11 +160,15 @@ def test_a_failed_turn_says_why_and_retry_asks_again(page: Page, stack):
         httpx.post(control, json={"fault_rate": before["fault_rate"], "faults": before["faults"]})
     expect(failed.locator(".state")).to_contain_text("Failed: ")
     assert len(failed.locator(".state .label").text_content()) > len("Failed: ") + 5  # with its reason
+    expect(failed.locator("button.regenerate")).to_have_count(0)  # one button for the one action
+    failed_id = failed.get_attribute("data-turn")
     failed.locator("button.retry").click()
+    expect(page.locator(f'.turn[data-turn="{failed_id}"]')).to_have_count(0)  # a new version in its place
+    expect(page.locator(".turn")).to_have_count(1)
     retried = _ended(page)
-    expect(page.locator(".turn")).to_have_count(2)
     assert retried.locator(".msg.user").text_content() == "try this [[tokens=4]]"
     expect(retried.locator(".msg.assistant")).to_contain_text('You said: "try this".')
+    expect(_versions(retried).locator(".count")).to_have_text("2 / 2")
 
 
 def test_a_turn_whose_model_endpoint_fails_says_it_waits_in_the_queue_and_until_when(page: Page, stack):
@@ -711,7 +715,7 @@ def test_a_regenerated_answer_is_a_second_version_the_arrows_step_between_and_a_
     first_id = failed.get_attribute("data-turn")
     expect(_versions(failed)).to_be_hidden()  # one version: no arrows
 
-    failed.get_by_role("button", name=re.compile("^Regenerate")).click()
+    failed.get_by_role("button", name=re.compile("^Retry")).click()
     expect(page.locator(f'.turn[data-turn="{first_id}"]')).to_have_count(0)  # replaced, not added to
     expect(page.locator(".turn")).to_have_count(2)
     again = _ended(page)

@@ -918,12 +918,11 @@ class TurnView {
         button("Cancel", "Take this question out of the queue", () => this.cancel(), "cancel"),
       );
     }
-    if ((this.status === "failed" || this.status === "cancelled") && this.message !== null) {
-      parts.push(button("Retry", "Ask this again", () => send(this.message), "retry"));
-    }
-    if (this.ended && this.message !== null) {
-      parts.push(button("Regenerate", "Regenerate this answer: the question answered again, as a new version",
-        () => this.regenerate(), "regenerate"));
+    if (this.ended && this.message !== null) { // one action: the question answered again, in its place
+      parts.push(this.status === "failed" || this.status === "cancelled"
+        ? button("Retry", "Retry: the question answered again, as a new version", () => this.regenerate(), "retry")
+        : button("Regenerate", "Regenerate this answer: the question answered again, as a new version",
+          () => this.regenerate(), "regenerate"));
     }
     this.state.replaceChildren(...parts);
     this.state.className = `state ${this.status}`;

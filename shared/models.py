@@ -142,10 +142,21 @@ class ChatSession(Base):
     # The leaf of the active path (shared/branches.py): a new message follows
     # it. No foreign key (migration 0017 says why).
     active_turn_id: Mapped[str | None] = mapped_column(Uuid(as_uuid=False))
+    # The replay that made it for one of its questions (shared/replays.py);
+    # null: a chat. Not the metadata's replay_id, which the owner may rewrite.
+    replay_id: Mapped[str | None] = mapped_column(
+        Uuid(as_uuid=False), ForeignKey("replays.id", ondelete="SET NULL", name="fk_sessions_replay")
+    )
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
 
-    __table_args__ = (Index("ix_sessions_owner_created", "owner_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_sessions_owner_created", "owner_id", "created_at", "id"),
+        # The chat list (origin=chat): an owner's sessions of no replay, newest
+        # first, however many replay sessions are newer (migration 0019).
+        Index("ix_sessions_owner_chats", "owner_id", "created_at", "id", postgresql_where=text("replay_id IS NULL")),
+        Index("ix_sessions_replay", "replay_id", "created_at", "id", postgresql_where=text("replay_id IS NOT NULL")),
+    )
 
 
 class Turn(Base):

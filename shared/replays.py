@@ -261,7 +261,8 @@ def _start(db: Session, replay: Replay, item: ReplayItem) -> None:
         chat = ChatSession(
             owner_id=replay.owner_id,
             title=item.message[:80],
-            meta={"replay_id": replay.id},
+            meta={"replay_id": replay.id},  # as before the column, for clients that read it
+            replay_id=replay.id,
             assistant_id=replay.assistant_id,
             assistant_version=replay.assistant_version,
         )

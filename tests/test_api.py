@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -202,6 +203,61 @@ def _owner_id(owner: dict) -> str:
         return db.scalar(select(ApiKey.owner_id).where(ApiKey.key_hash == hash_key(owner["Authorization"].split()[1])))
 
 
+def _finished(client, owner: dict, replay_id: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while (replay := client.get(f"/api/replays/{replay_id}", headers=owner).get_json())["status"] != "finished":
+        assert time.monotonic() < deadline, replay
+        time.sleep(0.05)
+    return replay
+
+
+def _listed(client, owner: dict, **query) -> list[str]:
+    """Every session of the list with these arguments, page by page, newest first."""
+    seen, cursor = [], None
+    while True:
+        after = {"cursor": cursor} if cursor else {}
+        page = client.get("/api/sessions", query_string={"limit": 2, **query, **after}, headers=owner)
+        assert page.status_code == 200, page.get_json()
+        seen += [s["id"] for s in page.get_json()["items"]]
+        if (cursor := page.get_json()["next_cursor"]) is None:
+            return seen
+
+
+def test_a_replays_sessions_are_kept_out_of_the_chat_list_and_listed_as_the_replays(client, owner):
+    chats = [client.post("/api/sessions", json={"title": f"chat {i}"}, headers=owner).get_json()["id"] for i in (0, 1)]
+    # A question may name a session of the owner's: asked there, it leaves it a chat.
+    questions = [{"message": "in my chat", "session_id": chats[0]}] + [{"message": f"q{i}"} for i in range(3)]
+    replay = client.post("/api/replays", json={"questions": questions}, headers=owner).get_json()
+    other = client.post("/api/replays", json={"questions": [{"message": "elsewhere"}]}, headers=owner).get_json()
+    _finished(client, owner, replay["id"]), _finished(client, owner, other["id"])
+    results = client.get(f"/api/replays/{replay['id']}/results", headers=owner).get_data(as_text=True)
+    by_turn = [
+        client.get(f"/api/turns/{json.loads(line)['turn_id']}", headers=owner).get_json()["session_id"]
+        for line in results.splitlines()
+    ]
+    assert by_turn[0] == chats[0]
+    made = by_turn[1:]
+    # Labelled with a replay's id in its metadata, a chat is still a chat.
+    client.patch(f"/api/sessions/{chats[1]}", json={"metadata": {"replay_id": replay["id"]}}, headers=owner)
+    chat = client.post("/api/chat", json={"message": "hello"}, headers=owner).get_json()["session_id"]
+
+    assert _listed(client, owner, origin="chat") == [chat, chats[1], chats[0]]
+    replays = _listed(client, owner, origin="replay")
+    assert set(replays) == set(made) | set(_listed(client, owner, replay_id=other["id"])) and len(replays) == 4
+    # (made in one transaction, at one time: in the order of their ids)
+    assert sorted(_listed(client, owner, origin="replay", replay_id=replay["id"])) == sorted(made)
+    assert sorted(_listed(client, owner, replay_id=replay["id"].upper())) == sorted(made)
+    assert _listed(client, owner, origin="chat", replay_id=replay["id"]) == []
+    assert _listed(client, owner) == _listed(client, owner, origin="all")  # the default: every session, as before
+    assert set(_listed(client, owner)) == {chat, *chats, *replays}
+    # Opened by its id, a replay's session is what it was, its metadata too.
+    opened = client.get(f"/api/sessions/{made[0]}", headers=owner).get_json()
+    assert opened["metadata"] == {"replay_id": replay["id"]} and opened["message_count"] == 2
+    assert client.get(f"/api/sessions/{made[0]}/turns", headers=owner).get_json()["items"][0]["message"] == "q0"
+    # Another owner's replay lists nothing of this owner's.
+    assert _listed(client, {"X-API-Key": create_key(f"other-{uuid.uuid4().hex[:8]}")}, replay_id=replay["id"]) == []
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "code"),
     [
@@ -245,6 +301,17 @@ def test_bad_query_values_are_422(client, owner):
     _error(client.get("/api/sessions?limit=0", headers=owner), 422, "validation_error")
     _error(client.get("/api/sessions?limit=abc", headers=owner), 422, "validation_error")
     _error(client.get("/api/sessions?cursor=garbage", headers=owner), 422, "validation_error")
+    for query, field in [
+        ("origin=chats", "origin"),
+        ("origin=", "origin"),
+        ("origin=CHAT", "origin"),
+        ("replay_id=not-a-uuid", "replay_id"),
+        ("replay_id=", "replay_id"),
+        (f"replay_id={uuid.uuid4().hex}", "replay_id"),  # a spelling the document's format: uuid refuses
+        (f"origin=chat&replay_id={{{uuid.uuid4()}}}", "replay_id"),
+    ]:
+        error = _error(client.get(f"/api/sessions?{query}", headers=owner), 422, "validation_error")
+        assert error["details"] == {"field": field}, query
     sid = client.post("/api/sessions", json={}, headers=owner).get_json()["id"]
     turn = client.post(f"/api/sessions/{sid}/turns", json={"message": "x"}, headers=owner).get_json()
     _error(client.get(f"{turn['events_url']}?after=-1", headers=owner), 422, "validation_error")

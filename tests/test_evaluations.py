@@ -103,6 +103,11 @@ def test_a_run_of_a_set_judges_each_answer_and_counts_what_passed(client, owner)
     assert all(line["tokens"] > 0 and line["latency_ms"] >= 0 for line in lines)
     runs = client.get(f"/api/sets/{qset['id']}/runs", headers=owner).get_json()["items"]
     assert [r["id"] for r in runs] == [replay["id"]]
+    # Its sessions, one per question asked, are the run's, not in the chat list.
+    sessions = {client.get(f"/api/turns/{line['turn_id']}", headers=owner).get_json()["session_id"] for line in lines}
+    listed = client.get("/api/sessions", query_string={"origin": "replay", "replay_id": replay["id"]}, headers=owner)
+    assert len(sessions) == 6 and {s["id"] for s in listed.get_json()["items"]} == sessions
+    assert client.get("/api/sessions?origin=chat", headers=owner).get_json()["items"] == []
 
 
 def _two_runs(client, owner) -> tuple[str, str, dict]:

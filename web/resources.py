@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from datetime import datetime
 from typing import Any
@@ -47,6 +48,22 @@ def int_arg(name: str, default: int, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ApiError(422, f"{name} must be between {lo} and {hi}", {"field": name})
     return value
+
+
+# A UUID as the document's `format: uuid` has it: not every spelling
+# uuid.UUID takes (braces, a `urn:uuid:` prefix, no hyphens).
+_UUID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def uuid_arg(name: str) -> str | None:
+    """An id as a query argument, a filter: malformed is the documented 422
+    (a path's id is a resource, and 404s: `valid_id`)."""
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    if not _UUID.fullmatch(raw):
+        raise ApiError(422, f"{name} must be a UUID", {"field": name})
+    return raw.lower()
 
 
 def iso(value) -> str | None:

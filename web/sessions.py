@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from datetime import datetime
 
 from flask import Blueprint, current_app, g, jsonify, request
-from sqlalchemy import ColumnElement, and_, any_, bindparam, func, select, tuple_
+from sqlalchemy import ColumnElement, Select, and_, any_, bindparam, func, select, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.types import Uuid
 
@@ -29,7 +29,16 @@ from web.relay.frames import RETRY, sse_response
 from web.relay.hub import Relay
 from web.relay.resume import Resume, delivered, last_event_id, parse_seq, prefixed, wait_for_message
 from web.relay.snapshots import turn_snapshot
-from web.resources import int_arg, message_count, message_json, owned, session_json, turn_json, valid_id
+from web.resources import (
+    int_arg,
+    message_count,
+    message_json,
+    owned,
+    session_json,
+    turn_json,
+    uuid_arg,
+    valid_id,
+)
 from web.validation import UNSTORABLE, ActiveBranch, SessionCreate, SessionUpdate, parse_body
 
 bp = Blueprint("sessions", __name__)
@@ -60,14 +69,22 @@ def create_session():
     return jsonify(data), 201
 
 
+# Which sessions a list holds: those a person made (no replay), those
+# replays made for their questions, or both.
+ORIGINS = ("chat", "replay", "all")
+
+
 @bp.get("/api/sessions")
 @operation(
-    "The caller's sessions, newest first; `q` keeps those whose title holds it (any case)",
+    "The caller's sessions, newest first; `q` keeps those whose title holds it (any case); `origin=chat` those"
+    " of no replay (a chat list), `origin=replay` those replays made, `replay_id` one replay's",
     {200: schemas.SessionPage},
     query={
         "limit": {"type": "integer", "minimum": 1, "maximum": 100},
         "cursor": {"type": "string"},
         "q": {"type": "string", "maxLength": 200},
+        "origin": {"enum": list(ORIGINS)},
+        "replay_id": {"type": "string", "format": "uuid"},
     },
 )
 def list_sessions():
@@ -76,22 +93,50 @@ def list_sessions():
     search = request.args.get("q", "")
     if len(search) > 200 or UNSTORABLE.search(search):
         raise ApiError(422, "q must be at most 200 characters of text", {"field": "q"})
-    counts = select(func.count()).select_from(Message).where(Message.session_id == ChatSession.id).scalar_subquery()
-    query = (
-        select(ChatSession, counts)
-        .where(ChatSession.owner_id == g.owner_id)
-        .order_by(ChatSession.created_at.desc(), ChatSession.id.desc())
-        .limit(limit + 1)
-    )
-    if cursor is not None:
-        query = query.where(tuple_(ChatSession.created_at, ChatSession.id) < cursor)
-    if search:
-        query = query.where(ChatSession.title.icontains(search, autoescape=True))
+    origin = request.args.get("origin", "all")
+    if origin not in ORIGINS:
+        raise ApiError(422, f"origin must be one of {', '.join(ORIGINS)}", {"field": "origin"})
+    replay_id = uuid_arg("replay_id")
+    query = session_page(g.owner_id, limit, origin=origin, replay_id=replay_id, cursor=cursor, search=search)
     with transaction() as db:
         rows = db.execute(query).all()
     items = [session_json(chat, count) for chat, count in rows[:limit]]
     next_cursor = _encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
     return jsonify({"items": items, "next_cursor": next_cursor})
+
+
+def session_page(
+    owner_id: str,
+    limit: int,
+    *,
+    origin: str = "all",
+    replay_id: str | None = None,
+    cursor: tuple[datetime, str] | None = None,
+    search: str = "",
+) -> Select:
+    """A page of the owner's sessions with their message counts, newest
+    first, and one row more if another page follows."""
+    counts = select(func.count()).select_from(Message).where(Message.session_id == ChatSession.id).scalar_subquery()
+    query = (
+        select(ChatSession, counts)
+        .where(ChatSession.owner_id == owner_id)
+        .order_by(ChatSession.created_at.desc(), ChatSession.id.desc())
+        .limit(limit + 1)
+    )
+    # `replay_id IS NULL` is the predicate of the partial index
+    # ix_sessions_owner_chats: the chat list reads its page from it however
+    # many replay sessions are newer (tests/test_session_plans.py).
+    if origin == "chat":
+        query = query.where(ChatSession.replay_id.is_(None))
+    elif origin == "replay":
+        query = query.where(ChatSession.replay_id.is_not(None))
+    if replay_id is not None:
+        query = query.where(ChatSession.replay_id == replay_id)
+    if cursor is not None:
+        query = query.where(tuple_(ChatSession.created_at, ChatSession.id) < cursor)
+    if search:
+        query = query.where(ChatSession.title.icontains(search, autoescape=True))
+    return query
 
 
 @bp.get("/api/sessions/<session_id>")

@@ -268,7 +268,15 @@ def test_two_tabs_on_one_session_see_each_others_turns_and_list_changes(context,
     expect(first.locator(".turn")).to_have_count(0)  # the open session went with it
 
 
-def test_sessions_are_searched_by_title(page: Page):
+def test_sessions_are_searched_by_title_and_a_replays_session_is_not_listed_but_opens_by_address(
+    page: Page, client, owner
+):
+    # A replay's question, its session made before the chats: not one of them.
+    replay = client.post("/api/replays", json={"questions": [{"message": "replayed invoices"}]}, headers=owner)
+    deadline = time.monotonic() + 30
+    while client.get(f"/api/replays/{replay.get_json()['id']}", headers=owner).get_json()["status"] != "finished":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     for question in ("about invoices [[tokens=2]]", "about holidays [[tokens=2]]", "more INVOICES [[tokens=2]]"):
         page.locator("#new-session").click()
         _ask(page, question)
@@ -284,6 +292,13 @@ def test_sessions_are_searched_by_title(page: Page):
     expect(page.locator("#notices p")).to_have_count(0)
     page.locator("#sessions li a", has_text="holidays").click()
     expect(page.locator(".turn .msg.user")).to_have_text(["about holidays [[tokens=2]]"])
+    # Its address opens the replay's session, still out of the list.
+    replayed = client.get(f"/api/sessions?origin=replay&replay_id={replay.get_json()['id']}", headers=owner)
+    page.goto(f"{page.url.split('#')[0]}#{replayed.get_json()['items'][0]['id']}")
+    expect(page.locator(".turn .msg.user")).to_have_text(["replayed invoices"])
+    expect(_last_turn(page)).to_have_attribute("data-status", "succeeded")
+    expect(page.locator("#sessions li")).to_have_count(3)
+    expect(page.locator("#sessions li.active")).to_have_count(0)
 
 
 def test_a_new_chat_is_answered_by_the_assistant_chosen_and_its_session_says_which(context, web_server, owner, client):

@@ -161,7 +161,10 @@ function renderer(target) {
 
 // ---- the sessions list ----
 
-// The newest chats, and as many pages more as were shown already.
+// The newest chats, and as many pages more as were shown already. Only
+// chats (origin=chat): the sessions replays and evaluation runs make, one
+// per question, are theirs, not the person's; each still opens by its
+// address (#id).
 let shownPages = 1;
 
 async function loadSessions() {
@@ -169,7 +172,7 @@ async function loadSessions() {
   const items = [];
   let cursor = null;
   for (let page = 0; page < shownPages; page++) {
-    const body = await api(`/api/sessions?limit=50${q}` + (cursor ? `&cursor=${cursor}` : ""));
+    const body = await api(`/api/sessions?origin=chat&limit=50${q}` + (cursor ? `&cursor=${cursor}` : ""));
     items.push(...body.items);
     cursor = body.next_cursor;
     if (!cursor) break;

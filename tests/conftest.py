@@ -7,6 +7,7 @@ the worker (another process) sees committed rows and no test sees another's.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -110,6 +111,25 @@ def client(app):
 def owner(stack):
     """A fresh owner with an API key; returns request headers for it."""
     return new_owner()
+
+
+@pytest.fixture
+def fresh_database(stack, request):
+    """A database of its own on the stack's Postgres, at no revision, named
+    after the test: (its URL for psycopg, the environment naming it)."""
+    import psycopg
+
+    name = "fresh_" + re.sub(r"\W", "_", request.node.name.lower())[:50]
+    base = f"postgresql://turnstream@127.0.0.1:{stack['db_port']}"
+    with psycopg.connect(f"{base}/turnstream", autocommit=True) as db:
+        db.execute(f"DROP DATABASE IF EXISTS {name}")
+        db.execute(f"CREATE DATABASE {name}")
+    yield (
+        f"{base}/{name}",
+        {**stack["env"], "DATABASE_URL": f"postgres://turnstream@127.0.0.1:{stack['db_port']}/{name}"},
+    )
+    with psycopg.connect(f"{base}/turnstream", autocommit=True) as db:
+        db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def new_owner(label: str = "owner") -> dict:

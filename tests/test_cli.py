@@ -7,7 +7,6 @@ import json
 import subprocess
 import uuid
 
-import psycopg
 import pytest
 
 from tests import services
@@ -41,12 +40,8 @@ def test_an_unreachable_redis_is_one_line_naming_host_and_setting(stack):
     assert result.stderr.startswith(f"Error: could not reach Redis at 127.0.0.1:{port} (REDIS_URL): ")
 
 
-def test_a_new_database_is_migrated_and_its_empty_lists_say_so(stack):
-    name = "cli_fresh"
-    with psycopg.connect(f"postgresql://turnstream@127.0.0.1:{stack['db_port']}/turnstream", autocommit=True) as db:
-        db.execute(f"DROP DATABASE IF EXISTS {name}")
-        db.execute(f"CREATE DATABASE {name}")
-    env = {**stack["env"], "DATABASE_URL": f"postgres://turnstream@127.0.0.1:{stack['db_port']}/{name}"}
+def test_a_new_database_is_migrated_and_its_empty_lists_say_so(fresh_database):
+    _url, env = fresh_database
     assert _flask(env, "db", "upgrade").stdout.strip() == "database at head"
     assert _flask(env, "turns", "list").stdout.strip() == "no queued, running or waiting turns"
     assert _flask(env, "turns", "list", "--status", "failed").stdout.strip() == "no failed turns"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 
 import psycopg
-import pytest
 
 from tests import services
 
@@ -28,24 +27,8 @@ def _alembic(env: dict[str, str], command: str, revision: str) -> None:
     assert run.returncode == 0, run.stderr
 
 
-@pytest.fixture
-def database(stack):
-    """A database of its own, at no revision: (its URL for psycopg, the environment naming it)."""
-    name = "migrations_backfill"
-    base = f"postgresql://turnstream@127.0.0.1:{stack['db_port']}"
-    with psycopg.connect(f"{base}/turnstream", autocommit=True) as db:
-        db.execute(f"DROP DATABASE IF EXISTS {name}")
-        db.execute(f"CREATE DATABASE {name}")
-    yield (
-        f"{base}/{name}",
-        {**stack["env"], "DATABASE_URL": f"postgres://turnstream@127.0.0.1:{stack['db_port']}/{name}"},
-    )
-    with psycopg.connect(f"{base}/turnstream", autocommit=True) as db:
-        db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def test_0019_gives_a_replays_sessions_their_replay_and_leaves_chats_labelled_so_chats(database):
-    url, env = database
+def test_0019_gives_a_replays_sessions_their_replay_and_leaves_chats_labelled_so_chats(fresh_database):
+    url, env = fresh_database
     _alembic(env, "upgrade", "0018")
     with psycopg.connect(url, autocommit=True) as db:
         owner, stranger = (
